@@ -1,0 +1,215 @@
+"""Coverage audit: which student tokens does the teacher see one-to-one, and which loss to use.
+
+GOLD and H-KL split the vocabularies into a common set (trained with KL) and the rest (sorted-L1).
+That split is only sound if the tokens that matter are in the common set. Llama-3.2 packs numbers
+into 1,100 multi-digit tokens ("00".."999"); Qwen3 splits every number into digits, so none of them
+is common: GOLD's common-KL term then pushes all of them down (METHOD.md Proposition 1) and P-KL,
+which has no partition, is the loss to use. o200k (Phi-4-mini) has all 1,100: H-KL is sound.
+
+For each category of student tokens the audit counts: in the strict common set (exact pass),
+added by the H-KL set (top W weight >= threshold), mapped only through several teacher pieces,
+unmapped. Then it recommends pkl or hkl from the critical category's coverage (METHOD.md sec. 3).
+
+    python audit.py --student pkg:llama-3.2 --teacher pkg:qwen3
+    python audit.py --student S --teacher T --projection W.pt --json audit.json --show 201 " the"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+CATEGORIES = (
+    "digits_1",
+    "digits_2",
+    "digits_3",
+    "punct_ascii",
+    "alpha",
+    "whitespace",
+    "non_ascii",
+    "utf8_fragment",
+    "special",
+)
+CRITICAL = ("digits_2", "digits_3")  # multi-digit numerals
+PUNCT = re.escape("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+PATTERNS = {
+    "digits_1": re.compile(rb"^ ?[0-9]$"),
+    "digits_2": re.compile(rb"^ ?[0-9]{2}$"),
+    "digits_3": re.compile(rb"^ ?[0-9]{3}$"),
+    "punct_ascii": re.compile(rb"^ ?[" + PUNCT.encode() + rb"]+$"),
+    "alpha": re.compile(rb"^ ?[A-Za-z]+$"),
+    "whitespace": re.compile(rb"^\s+$"),
+}
+
+
+def categorize(b: bytes | None) -> str:
+    """The category of one student token's bytes ("other" for mixed ASCII such as "_ptr")."""
+    if b is None:
+        return "special"
+    for name, pattern in PATTERNS.items():
+        if pattern.match(b):
+            return name
+    try:
+        text = b.decode("utf-8")
+    except UnicodeDecodeError:
+        return "utf8_fragment"
+    return "other" if text.isascii() else "non_ascii"
+
+
+def audit(
+    student_tok,
+    projection: dict,
+    *,
+    threshold: float = 0.6,
+    critical: tuple[str, ...] = CRITICAL,
+    min_coverage: float = 0.9,
+) -> dict:
+    """Coverage per category and the recommended loss; the dict that --json writes."""
+    import torch
+    from losses import hkl_pairs
+
+    from tokens import token_bytes
+
+    W, exact = projection["W"].coalesce(), projection["exact_pairs"]
+    n_rows = W.shape[0]
+    common = torch.zeros(n_rows, dtype=torch.bool)
+    common[exact[:, 0]] = True
+    hkl = torch.zeros(n_rows, dtype=torch.bool)
+    hkl[hkl_pairs(W, exact, threshold=threshold)[:, 0]] = True
+    mapped = torch.zeros(n_rows, dtype=torch.bool)
+    mapped[W.indices()[0]] = True
+    # disjoint: common, else hkl_added, else multi_piece (other non-empty rows), else unmapped
+    status = torch.where(common, 0, torch.where(hkl, 1, torch.where(mapped, 2, 3))).tolist()
+    keys = ("common", "hkl_added", "multi_piece", "unmapped")
+
+    counts = {name: dict.fromkeys(("total", *keys), 0) for name in (*CATEGORIES, "other")}
+    for b, s in zip(token_bytes(student_tok), status):
+        row = counts[categorize(b)]
+        row["total"] += 1
+        row[keys[s]] += 1
+
+    total = sum(counts[c]["total"] for c in critical)
+    covered = sum(counts[c]["common"] for c in critical)
+    coverage = covered / total if total else 1.0
+    names = "+".join(critical)
+    if coverage >= min_coverage:
+        recommended = "hkl"
+        reason = (
+            f"{covered}/{total} {names} tokens are in the strict common set "
+            f"({coverage:.0%} >= {min_coverage:.0%}): the partition is sound, use H-KL"
+        )
+    else:
+        recommended = "pkl"
+        reason = (
+            f"only {covered}/{total} {names} tokens are in the strict common set "
+            f"({coverage:.0%} < {min_coverage:.0%}): GOLD/H-KL would suppress the rest, use P-KL"
+        )
+    other = counts.pop("other")
+    return {
+        "categories": counts,
+        "other": other,
+        "recommended": recommended,
+        "reason": reason,
+        "student": projection["student"],
+        "teacher": projection["teacher"],
+        "threshold": threshold,
+    }
+
+
+def format_table(report: dict) -> str:
+    keys = ("total", "common", "hkl_added", "multi_piece", "unmapped")
+    lines = [f"{'category':<14}" + "".join(f"{k:>12}" for k in keys)]
+    rows = {**report["categories"], "other": report["other"]}
+    for name, row in rows.items():
+        lines.append(f"{name:<14}" + "".join(f"{row[k]:>12,}" for k in keys))
+    lines.append(f"recommended loss: {report['recommended']} ({report['reason']})")
+    return "\n".join(lines)
+
+
+def show_rows(student_tok, teacher_tok, projection: dict, tokens: list[str]) -> str:
+    """W's rows for student tokens given as text (" the", "201") or as ids."""
+    W = projection["W"].coalesce()
+    indices, values = W.indices(), W.values()
+    lines = []
+    for token in tokens:
+        ids = student_tok.encode(token, add_special_tokens=False)
+        if len(ids) != 1 and token.removeprefix("id:").isdigit():  # "128000" is an id, "201" text
+            ids = [int(token.removeprefix("id:"))]
+        if len(ids) != 1 or not 0 <= ids[0] < W.shape[0]:
+            pieces = student_tok.convert_ids_to_tokens(ids)
+            lines.append(f"{token!r}: not one student token (it encodes as {pieces}); pass id:N")
+            continue
+        s = ids[0]
+        mask = indices[0] == s
+        entries = sorted(zip(values[mask].tolist(), indices[1][mask].tolist()), reverse=True)
+        shown = ", ".join(
+            f"{teacher_tok.convert_ids_to_tokens(t)!r} ({t}) {w:.4f}" for w, t in entries
+        )
+        name = student_tok.convert_ids_to_tokens(s)
+        lines.append(f"{name!r} ({s}) -> {shown or 'nothing (empty row)'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from build_projection import build_projection, load_projection, model_vocab_size
+    from tokens import atomic_write, load_tokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--student", required=True, help="hub name, directory, tokenizer file, pkg:NAME"
+    )
+    parser.add_argument(
+        "--teacher", required=True, help="hub name, directory, tokenizer file, pkg:NAME"
+    )
+    parser.add_argument(
+        "--projection", help="a W file from build_projection.py (default: build it)"
+    )
+    parser.add_argument("--json", help="write the report as JSON to this file")
+    parser.add_argument(
+        "--show", nargs="+", metavar="TOKEN", help="print W's rows for these tokens"
+    )
+    parser.add_argument("--threshold", type=float, default=0.6, help="H-KL top-weight threshold")
+    parser.add_argument("--critical", default=",".join(CRITICAL), help="critical categories")
+    parser.add_argument("--min-coverage", type=float, default=0.9, help="hkl at or above this")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        critical = tuple(args.critical.split(","))
+        unknown = set(critical) - set(CATEGORIES)
+        if unknown:
+            raise ValueError(f"unknown category {sorted(unknown)}; choose from {CATEGORIES}")
+        student = load_tokenizer(args.student, trust_remote_code=args.trust_remote_code)
+        teacher = load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
+        if args.projection:
+            projection = load_projection(args.projection, student, teacher)
+        else:
+            projection = build_projection(
+                student,
+                teacher,
+                student_vocab_size=model_vocab_size(args.student),
+                teacher_vocab_size=model_vocab_size(args.teacher),
+            )
+        report = audit(
+            student,
+            projection,
+            threshold=args.threshold,
+            critical=critical,
+            min_coverage=args.min_coverage,
+        )
+        if args.json:
+            text = json.dumps(report, indent=2) + "\n"
+            atomic_write(args.json, lambda f: f.write(text.encode()))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"student {args.student}  teacher {args.teacher}")
+    print(format_table(report))
+    if args.show:
+        print(show_rows(student, teacher, projection, args.show))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
