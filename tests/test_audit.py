@@ -1,0 +1,85 @@
+"""audit.py on the real tokenizers: the paper's Table 8 and the loss it recommends."""
+
+from __future__ import annotations
+
+import json
+
+import audit
+from audit import CATEGORIES, categorize
+
+
+def test_llama_vs_qwen3_has_no_multi_digit_numeral_in_common_and_recommends_pkl(
+    llama, W_llama_qwen
+):
+    report = audit.audit(llama, W_llama_qwen)
+    digits = report["categories"]
+    # the paper's Table 8: 2-digit 0/100, 3-digit 0/1000 for Qwen3-4B
+    assert (digits["digits_2"]["total"], digits["digits_2"]["common"]) == (100, 0)
+    assert (digits["digits_3"]["total"], digits["digits_3"]["common"]) == (1000, 0)
+    # Qwen splits digits: every numeral maps through several teacher pieces
+    assert digits["digits_3"]["multi_piece"] == 1000
+    assert digits["digits_1"]["common"] == digits["digits_1"]["total"] == 10
+    assert report["recommended"] == "pkl"
+    assert "0/1100" in report["reason"]
+
+
+def test_llama_vs_o200k_has_every_numeral_in_common_and_recommends_hkl(llama, W_llama_o200k):
+    report = audit.audit(llama, W_llama_o200k)
+    digits = report["categories"]
+    assert (digits["digits_2"]["total"], digits["digits_2"]["common"]) == (100, 100)
+    assert (digits["digits_3"]["total"], digits["digits_3"]["common"]) == (1000, 1000)
+    assert report["recommended"] == "hkl"
+
+
+def test_category_counts_partition_the_vocabulary(llama, W_llama_qwen):
+    report = audit.audit(llama, W_llama_qwen)
+    rows = {**report["categories"], "other": report["other"]}
+    assert sum(r["total"] for r in rows.values()) == len(llama)
+    for name, r in rows.items():
+        parts = r["common"] + r["hkl_added"] + r["multi_piece"] + r["unmapped"]
+        assert parts == r["total"], name
+    # every ASCII punctuation character is a token of both
+    assert rows["punct_ascii"]["common"] >= 32
+    assert rows["utf8_fragment"]["unmapped"] == 0
+
+
+def test_categorize_follows_the_definitions():
+    assert categorize(b"7") == "digits_1" and categorize(b" 42") == "digits_2"
+    assert categorize(b"201") == "digits_3" and categorize(b"2010") != "digits_3"
+    assert categorize(b" the") == "alpha" and categorize(b"\n\n") == "whitespace"
+    assert categorize(b"...") == "punct_ascii" and categorize("é".encode()) == "non_ascii"
+    assert categorize(b"\xe4\xb8") == "utf8_fragment" and categorize(None) == "special"
+
+
+def test_cli_writes_the_json_schema_and_shows_rows(tmp_path, capsys):
+    out = tmp_path / "audit.json"
+    code = audit.main(
+        ["--student", "pkg:llama-3.2", "--teacher", "pkg:qwen3", "--json", str(out),
+         "--show", "201", " the"]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert set(CATEGORIES) <= report["categories"].keys()
+    for row in report["categories"].values():
+        assert set(row) == {"total", "common", "hkl_added", "multi_piece", "unmapped"}
+    assert report["recommended"] == "pkl" and report["reason"]
+    assert "recommended loss: pkl" in printed
+    assert "'201' (679) -> '2' (17) 0.9009, '0' (15) 0.0901, '1' (16) 0.0090" in printed
+    assert "'Ġthe' (279) -> 'Ġthe' (279) 1.0000" in printed
+
+
+def test_cli_uses_a_W_file_and_rejects_one_from_another_pair(tmp_path, capsys, W_llama_qwen):
+    from build_projection import save_projection
+
+    path = str(tmp_path / "W.pt")
+    save_projection(W_llama_qwen, path)
+    code = audit.main(
+        ["--student", "pkg:llama-3.2", "--teacher", "pkg:qwen3", "--projection", path]
+    )
+    assert code == 0 and "recommended loss: pkl" in capsys.readouterr().out
+    code = audit.main(
+        ["--student", "pkg:llama-3.2", "--teacher", "pkg:mistral-v1", "--projection", path]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "another teacher tokenizer" in err and err.count("\n") == 1

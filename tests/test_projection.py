@@ -1,0 +1,258 @@
+"""build_projection.py on the real tokenizers: METHOD.md section 2, checked from its definitions."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, get_projection, get_tokenizer
+
+import build_projection
+from build_projection import build_projection as build
+from build_projection import load_projection, save_projection
+from tokens import token_bytes, tokenizer_hash
+
+
+def row(projection: dict, student_id: int) -> dict[int, float]:
+    """{teacher_id: weight} of one student row."""
+    W = projection["W"].coalesce()
+    mask = W.indices()[0] == student_id
+    return dict(zip(W.indices()[1][mask].tolist(), W.values()[mask].tolist()))
+
+
+def single_id(tok, text: str) -> int:
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) == 1, f"{text!r} is not one token: {ids}"
+    return ids[0]
+
+
+def test_201_maps_to_three_qwen_digits(llama, qwen, W_llama_qwen):
+    # METHOD.md 2.2: piece i weighs 0.9 * 0.1**i, then the row is normalized
+    raw = [0.9 * 0.1**i for i in range(3)]
+    expected = {
+        single_id(qwen, d): w / sum(raw) for d, w in zip("201", raw)
+    }  # "2" .9009, "0" .0901, "1" .0090
+    got = row(W_llama_qwen, single_id(llama, "201"))
+    assert got.keys() == expected.keys()
+    for t, w in expected.items():
+        assert got[t] == pytest.approx(w, abs=1e-6)
+    assert got[single_id(qwen, "2")] == pytest.approx(0.9009, abs=1e-4)
+
+
+def test_exact_pairs_have_identical_bytes_and_one_hot_rows(llama, qwen, W_llama_qwen):
+    s_bytes, t_bytes = token_bytes(llama), token_bytes(qwen)
+    pairs = W_llama_qwen["exact_pairs"].tolist()
+    assert len(pairs) > 100_000  # both are byte-level BPEs trained on similar text
+    text_pairs = [(s, t) for s, t in pairs if s_bytes[s] is not None]
+    assert all(s_bytes[s] == t_bytes[t] for s, t in text_pairs)
+    the = single_id(llama, " the")
+    assert row(W_llama_qwen, the) == {single_id(qwen, " the"): 1.0}
+    # 1-to-1 on both sides
+    assert len({s for s, _ in pairs}) == len(pairs) == len({t for _, t in pairs})
+
+
+def test_utf8_fragments_map_to_teacher_tokens_covering_the_same_bytes(llama, qwen, W_llama_qwen):
+    s_bytes, t_bytes = token_bytes(llama), token_bytes(qwen)
+    replacement = set(qwen.encode("\ufffd", add_special_tokens=False))
+    fragments = []
+    for s, b in enumerate(s_bytes):
+        if b is None:
+            continue
+        try:
+            b.decode("utf-8")
+        except UnicodeDecodeError:
+            fragments.append(s)
+    assert 1300 < len(fragments) < 1400  # METHOD.md: about 1,361 Llama-3 tokens
+    for s in fragments:
+        entries = row(W_llama_qwen, s)
+        assert entries, f"fragment {s_bytes[s]!r} has an empty row"
+        assert not replacement & entries.keys(), f"{s_bytes[s]!r} maps through U+FFFD"
+        # the heaviest piece starts the fragment and every piece is part of it (a repeated
+        # piece such as b"\xac" twice is one entry, so the pieces need not concatenate to it)
+        ordered = [t for t, _ in sorted(entries.items(), key=lambda e: -e[1])]
+        assert s_bytes[s].startswith(t_bytes[ordered[0]])
+        assert all(t_bytes[t] in s_bytes[s] for t in ordered)
+
+
+def test_rows_sum_to_one_or_are_empty(W_llama_qwen, W_llama_o200k):
+    for projection in (W_llama_qwen, W_llama_o200k):
+        W = projection["W"]
+        assert W.is_sparse and W.dtype == torch.float32
+        sums = torch.zeros(W.shape[0]).index_add_(0, W.indices()[0], W.values())
+        nonempty = sums > 0
+        assert torch.allclose(sums[nonempty], torch.ones(int(nonempty.sum())), atol=1e-6)
+        counts = torch.bincount(W.indices()[0], minlength=W.shape[0])
+        assert int(counts.max()) <= 4  # top-4
+
+
+def test_special_tokens_map_by_role(llama, qwen, W_llama_qwen):
+    # Llama's BOS has no Qwen counterpart (Qwen3 declares no BOS): empty row
+    assert row(W_llama_qwen, llama.bos_token_id) == {}
+    assert row(W_llama_qwen, llama.eos_token_id) == {qwen.eos_token_id: 1.0}
+    assert row(W_llama_qwen, llama.pad_token_id) == {qwen.pad_token_id: 1.0}
+    reserved = llama.convert_tokens_to_ids("<|reserved_special_token_10|>")
+    assert row(W_llama_qwen, reserved) == {}
+
+
+def test_sentencepiece_and_byte_level_match_through_bytes(llama, mistral):
+    sp_to_bl = get_projection("mistral-v1", "llama-3.2")
+    assert row(sp_to_bl, mistral.convert_tokens_to_ids("▁the")) == {
+        llama.convert_tokens_to_ids("Ġthe"): 1.0
+    }
+    # byte-fallback pieces are bytes: <0x41> is "A", <0xE4> is Llama's single-byte token 0xE4
+    byte_e4 = [i for i, b in enumerate(token_bytes(llama)) if b == b"\xe4"]
+    assert row(sp_to_bl, mistral.convert_tokens_to_ids("<0x41>")) == {single_id(llama, "A"): 1.0}
+    assert row(sp_to_bl, mistral.convert_tokens_to_ids("<0xE4>")) == {byte_e4[0]: 1.0}
+    bl_to_sp = get_projection("llama-3.2", "mistral-v1")
+    assert row(bl_to_sp, llama.convert_tokens_to_ids("Ġthe")) == {
+        mistral.convert_tokens_to_ids("▁the"): 1.0
+    }
+    # re-encoding adds no prefix space: " cats" -> ("▁c", "ats")-style pieces covering " cats" only
+    m_bytes = token_bytes(mistral)
+    for text in ("201", "ing", "Hello"):
+        entries = row(bl_to_sp, single_id(llama, text))
+        pieces = b"".join(m_bytes[t] for t, _ in sorted(entries.items(), key=lambda e: -e[1]))
+        assert pieces == text.encode(), (text, pieces)
+
+
+def test_sentencepiece_byte_fallback_prefers_the_regular_piece(llama, mistral):
+    # Llama's "A" could match Mistral's "A" or its <0x41> byte piece: the regular piece wins
+    bl_to_sp = get_projection("llama-3.2", "mistral-v1")
+    assert row(bl_to_sp, single_id(llama, "A")) == {mistral.convert_tokens_to_ids("A"): 1.0}
+
+
+def test_W_is_shaped_to_model_vocab_sizes_with_empty_padding(llama, qwen):
+    projection = build(llama, qwen, student_vocab_size=128_300, teacher_vocab_size=151_936)
+    W = projection["W"]
+    assert tuple(W.shape) == (128_300, 151_936)
+    assert int(W.indices()[0].max()) < len(llama)  # padding rows empty
+    assert int(W.indices()[1].max()) < len(qwen)  # padding columns unused
+    assert projection["student"]["vocab_size"] == 128_300
+    assert projection["teacher"]["tokenizer_size"] == len(qwen)
+
+
+def test_vocab_size_smaller_than_tokenizer_is_an_error(llama, qwen):
+    with pytest.raises(ValueError, match="smaller than its tokenizer"):
+        build(llama, qwen, teacher_vocab_size=1000)
+
+
+def test_reverse_pass_is_off_by_default_and_adds_links(mistral):
+    # The mistral-v1 pair is small (32k x 32k) so that the reverse pass stays quick.
+    v3 = get_tokenizer("mistral-v3")
+    forward = build(mistral, v3)
+    assert forward["params"]["reverse"] is False
+    both = build(mistral, v3, reverse=True)
+    assert both["params"]["reverse"] is True
+    assert both["W"]._nnz() > forward["W"]._nnz()
+
+
+def test_file_loads_with_weights_only_and_has_the_documented_keys(tmp_path, llama, qwen):
+    path = str(tmp_path / "W.pt")
+    save_projection(get_projection("llama-3.2", "qwen3"), path)
+    loaded = torch.load(path, weights_only=True)
+    assert {"W", "exact_pairs", "student", "teacher", "params", "version"} <= loaded.keys()
+    assert loaded["W"].is_sparse and loaded["W"].dtype == torch.float32
+    assert loaded["exact_pairs"].dtype == torch.long and loaded["exact_pairs"].shape[1] == 2
+    assert loaded["student"]["sha256"] == tokenizer_hash(llama)
+    assert loaded["teacher"]["sha256"] == tokenizer_hash(qwen)
+    assert load_projection(path, llama, qwen)["version"] == loaded["version"]
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "W.pt"
+    path.write_bytes(b"previous")
+
+    def crash(obj, f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_projection({"W": None}, str(path))
+    assert path.read_bytes() == b"previous"
+    assert os.listdir(tmp_path) == ["W.pt"]  # no temp file left behind
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    code = build_projection.main(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_unknown_tokenizer_path_is_a_one_line_error(tmp_path, capsys):
+    code, err = run_cli(
+        ["--student", "./no/such/dir", "--teacher", "pkg:qwen3", "--out", str(tmp_path / "W.pt")],
+        capsys,
+    )
+    assert code == 2 and "does not exist" in err and err.count("\n") == 1
+
+
+def test_a_file_that_is_not_a_tokenizer_is_a_one_line_error(tmp_path, capsys):
+    bogus = tmp_path / "tokenizer.json"
+    bogus.write_text('{"hello": 1}')
+    code, err = run_cli(
+        ["--student", str(bogus), "--teacher", "pkg:qwen3", "--out", str(tmp_path / "W.pt")],
+        capsys,
+    )
+    assert code == 2 and "not a tokenizer" in err and err.count("\n") == 1
+
+
+def test_unwritable_output_directory_is_a_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where a directory should be
+    out = str(blocker / "sub" / "W.pt")
+    code, err = run_cli(
+        ["--student", "pkg:mistral-v1", "--teacher", "pkg:mistral-v3", "--out", out], capsys
+    )
+    assert code == 2 and "cannot write" in err and err.count("\n") == 1
+
+
+def test_corrupt_and_truncated_W_files_are_clear_errors(tmp_path, llama, qwen):
+    good = tmp_path / "W.pt"
+    save_projection(get_projection("llama-3.2", "qwen3"), str(good))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a torch file" * 10)
+    for path in (truncated, garbage):
+        with pytest.raises(ValueError, match="corrupt or truncated"):
+            load_projection(str(path), llama, qwen)
+
+
+def test_W_from_another_tokenizer_pair_names_both_hashes(tmp_path, llama, qwen, o200k):
+    path = str(tmp_path / "W.pt")
+    save_projection(get_projection("llama-3.2", "qwen3"), path)
+    with pytest.raises(ValueError) as info:
+        load_projection(path, llama, o200k)
+    message = str(info.value)
+    assert tokenizer_hash(qwen)[:16] in message and tokenizer_hash(o200k)[:16] in message
+
+
+def test_W_of_an_unknown_version_is_a_clear_error(tmp_path):
+    projection = dict(get_projection("llama-3.2", "qwen3"), version=99)
+    path = str(tmp_path / "W.pt")
+    save_projection(projection, path)
+    with pytest.raises(ValueError, match="version 99"):
+        load_projection(path)
+
+
+def test_cli_builds_a_loadable_file_in_a_fresh_process(tmp_path):
+    out = tmp_path / "W.pt"
+    result = subprocess.run(
+        [sys.executable, "build_projection.py", "--student", "pkg:llama-3.2", "--teacher",
+         "pkg:qwen3", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "exact pairs" in result.stdout
+    loaded = torch.load(out, weights_only=True)
+    assert tuple(loaded["W"].shape) == (
+        len(get_tokenizer("llama-3.2")),
+        len(get_tokenizer("qwen3")),
+    )

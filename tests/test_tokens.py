@@ -1,0 +1,114 @@
+"""tokens.py: loading every tokenizer format offline, and the canonical bytes of tokens."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import get_tokenizer
+
+from tokens import (
+    PACKAGED,
+    atomic_write,
+    byte_level_alphabet,
+    encode_bytes,
+    load_tokenizer,
+    packaged_tokenizer,
+    token_bytes,
+    tokenizer_hash,
+)
+
+
+def test_every_packaged_tokenizer_loads_with_its_real_size():
+    sizes = {name: len(get_tokenizer(name)) for name in PACKAGED}
+    # Llama-3.2 here is the 128,256-id tokenizer plus <|image|>; Qwen3 151,669 ids
+    assert sizes["llama-3.2"] == 128_257
+    assert sizes["qwen3"] == 151_669
+    assert sizes["o200k"] == 200_019  # o200k_base ranks + <|endoftext|> + <|endofprompt|>
+    assert sizes["mistral-v1"] == 32_000
+    assert sizes["mistral-v3"] == 32_768
+
+
+def test_special_token_conventions(llama, qwen):
+    assert llama("hi").input_ids[0] == llama.bos_token_id == 128000  # Llama adds BOS
+    assert qwen("hi").input_ids == qwen.encode("hi", add_special_tokens=False)  # Qwen adds none
+    assert qwen.bos_token_id is None
+
+
+def test_a_directory_and_its_tokenizer_json_load_the_same(tmp_path):
+    path = packaged_tokenizer("qwen3")
+    from_file = load_tokenizer(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(path.replace("tokenizer.json", name), tmp_path / name)
+    from_dir = load_tokenizer(str(tmp_path))
+    assert tokenizer_hash(from_file) == tokenizer_hash(from_dir)
+    assert from_dir.eos_token == "<|im_end|>"
+
+
+def test_hash_is_stable_and_tells_tokenizers_apart(llama, qwen):
+    again = load_tokenizer("pkg:llama-3.2")
+    assert tokenizer_hash(again) == tokenizer_hash(llama) != tokenizer_hash(qwen)
+
+
+def test_byte_level_alphabet_covers_all_256_bytes_once():
+    table = byte_level_alphabet()
+    assert sorted(table.values()) == list(range(256))
+    assert table["Ġ"] == ord(" ") and table["Ċ"] == ord("\n") and table["A"] == ord("A")
+
+
+def test_token_bytes_concatenate_to_the_text(llama, qwen, o200k, mistral):
+    text = "The 201 cats\tsat  on\r\nthe mat — 猫が好き 😀 naïve café"
+    for tok in (llama, qwen, o200k):
+        table = token_bytes(tok)
+        ids = tok.encode(text, add_special_tokens=False)
+        assert b"".join(table[i] for i in ids) == text.encode()
+    table = token_bytes(mistral)  # SentencePiece adds its prefix space "▁" at the start
+    ids = mistral.encode(text, add_special_tokens=False)
+    assert b"".join(table[i] for i in ids) == b" " + text.encode()
+
+
+def test_special_tokens_have_no_bytes(llama, qwen):
+    assert token_bytes(llama)[llama.bos_token_id] is None
+    assert token_bytes(qwen)[qwen.convert_tokens_to_ids("<|im_start|>")] is None
+
+
+def test_encode_bytes_adds_no_prefix_space_and_handles_fragments(qwen, mistral):
+    q_bytes, m_bytes = token_bytes(qwen), token_bytes(mistral)
+    cjk = "中".encode()  # 3 bytes: split it inside the character
+    for tok, table in ((qwen, q_bytes), (mistral, m_bytes)):
+        for piece in (b"hello", b" world", cjk[:2], cjk[2:], b"\xf0\x9f"):
+            ids = encode_bytes(tok, [piece])[0]
+            assert b"".join(table[i] for i in ids) == piece, (tok.name_or_path, piece)
+
+
+def test_unknown_packaged_name_and_non_tokenizer_file_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown packaged tokenizer"):
+        load_tokenizer("pkg:gpt-17")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match="not a tokenizer file"):
+        load_tokenizer(str(text))
+    bogus = tmp_path / "tokenizer.model"
+    bogus.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(ValueError, match="not a SentencePiece model"):
+        load_tokenizer(str(bogus))
+
+
+def test_unreachable_hub_name_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="cannot load tokenizer"):
+        load_tokenizer("no-such-org/no-such-model")
+
+
+def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "f.txt"
+    atomic_write(str(path), lambda f: f.write(b"one"))
+    assert path.read_bytes() == b"one"
+
+    def fail(f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(str(path), fail)
+    assert path.read_bytes() == b"one" and len(list(tmp_path.iterdir())) == 1
