@@ -1,0 +1,501 @@
+r"""Evaluate checkpoints on the paper's five benchmarks with lm-evaluation-harness and set the
+numbers beside the paper's table (X-Token, arXiv:2605.21699).
+
+    python evaluate.py --model base=meta-llama/Llama-3.2-1B --model pkl=out/qwen-pkl/step_30000 \
+        --paper-row base=base --paper-row pkl=pkl-qwen
+    python evaluate.py --paper        # the paper's table alone
+
+--out-dir (default out/) receives results.md (also printed), results.csv, results.png,
+raw/LABEL.json (lm-eval's own output per model) and cache/ (one file per model x task, so a rerun
+resumes where an interrupted one stopped and never redoes a finished task).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import functools
+import gc
+import hashlib
+import importlib.metadata
+import importlib.util
+import io
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # heavy imports stay lazy so --paper and input errors answer at once
+    from lm_eval.api.model import LM
+    from lm_eval.tasks import TaskManager
+    from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# The paper's numbers (shared/reference/PAPER_RESULTS.md): Llama-3.2-1B student, 3-shot, percent.
+
+# fmt: off
+PAPER_COLUMNS = ("MMLU", "GSM8k", "MATH", "Winogrande", "HellaSwag")
+PAPER_SCORES = {  # row id (for --paper-row): the five columns, then Avg as printed
+    "base":         (32.05,  5.69, 5.48, 61.48, 65.08, 33.96),
+    "cpt":          (40.50, 10.25, 6.90, 61.60, 63.90, 36.63),
+    "kl-llama3b":   (43.83, 12.89, 8.16, 62.70, 64.42, 38.40),
+    "gold-qwen":    (42.56,  2.56, 4.50, 62.95, 62.59, 35.03),
+    "pkl-qwen":     (44.67, 15.54, 7.96, 63.46, 62.63, 38.85),
+    "gold-phi":     (43.50, 16.50, 7.80, 62.60, 62.92, 38.66),
+    "hkl-phi":      (43.93, 19.11, 8.32, 61.87, 62.67, 39.18),
+    "two-teachers": (46.32, 20.39, 9.02, 63.30, 63.38, 40.48),
+}
+PAPER_SETTINGS = {  # row id: (setting, teacher, loss)
+    "base":         ("Base model, no training", "-", "-"),
+    "cpt":          ("Continued pre-training", "-", "CE only"),
+    "kl-llama3b":   ("Same tokenizer", "Llama-3.2-3B", "KL"),
+    "gold-qwen":    ("Cross-tokenizer", "Qwen3-4B", "GOLD"),
+    "pkl-qwen":     ("Cross-tokenizer", "Qwen3-4B", "P-KL (learned W)"),
+    "gold-phi":     ("Cross-tokenizer", "Phi-4-mini", "GOLD"),
+    "hkl-phi":      ("Cross-tokenizer", "Phi-4-mini", "H-KL"),
+    "two-teachers": ("Two teachers", "Phi-4-mini (H-KL, 0.8) + Llama-3.2-3B (KL, 0.2)", "-"),
+}
+PAPER_AVG_ONLY = [  # ablations reported only as averages: (experiment, setting, Avg)
+    ("ULD alone", "Qwen3-4B", "36.77"),
+    ("Loss swap", "Qwen3-4B with H-KL", "35.30"),
+    ("Loss swap", "Phi-4-mini with P-KL", "37.50"),
+    ("Fixed vs learned W", "Qwen3-4B, P-KL, W fixed", "38.37"),
+    ("Fixed vs learned W", "Qwen3-4B, P-KL, W learned", "38.85"),
+    ("Loss weighting", "dynamic sg(CE/KD) scaling", "36.39"),
+    ("Loss weighting", "best of three static weightings", "35.92-36.27"),
+    ("Teacher weighting", "static (Llama-3B 0.2, Phi-4-mini 0.8)", "40.48"),
+    ("Teacher weighting", "adaptive (CE / entropy / max-prob)", "40.16-40.21"),
+    ("Teacher pairing", "Phi-4-mini + Qwen3-4B", "38.49"),
+]
+
+# Which lm-eval 0.4.13 task, and which key of its results ("metric,filter"), fills each column.
+TASK_METRICS = {
+    # group of 57 subjects; lm-eval's aggregate weights each subject by its size
+    "mmlu":         ("MMLU", "acc,none"),
+    # base models rarely end with "#### N" (strict-match); flexible-extract takes the last number
+    "gsm8k":        ("GSM8k", "exact_match,flexible-extract"),
+    # Minerva prompt with worked solutions; answers normalized (\boxed{}), 7 subjects size-weighted
+    "minerva_math": ("MATH", "exact_match,none"),
+    # both fillings are scored on the same suffix, so plain acc is the standard figure
+    "winogrande":   ("Winogrande", "acc,none"),
+    # endings differ in length; acc_norm (log-likelihood per byte) is the figure papers report
+    "hellaswag":    ("HellaSwag", "acc_norm,none"),
+}
+# fmt: on
+DEFAULT_TASKS = ",".join(TASK_METRICS)
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+LABEL = re.compile(r"[A-Za-z0-9][\w.-]*")  # labels name files under --out-dir
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2, no traceback."""
+
+
+# -----------------------------------------------------------------------------
+# Input checks, cheapest first, so a typo fails in a second rather than after the model loads.
+
+
+def parse_pairs(values: list[str], flag: str) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        label, _, rest = value.partition("=")
+        if not rest:
+            raise UsageError(f"{flag} takes LABEL=VALUE, got {value!r}")
+        if not LABEL.fullmatch(label) or label in pairs:
+            raise UsageError(f"{flag} label {label!r} must be unique and use only [A-Za-z0-9._-]")
+        pairs[label] = rest
+    return pairs
+
+
+def check_model(label: str, path: str) -> None:
+    p, where = Path(path).expanduser(), f"--model {label}={path}"
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UsageError(f"{where}: not a model (no config.json); give a save_pretrained dir")
+        if not any((p / name).is_file() for name in TOKENIZER_FILES):
+            raise UsageError(f"{where}: no tokenizer in it; add one with tokenizer.save_pretrained")
+        if not (any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin"))):
+            raise UsageError(f"{where}: config.json but no weights (*.safetensors) in it")
+    # A hub id is org/name; "out/step_1" where out/ exists here is a mistyped local path.
+    elif p.exists() or not HUB_ID.fullmatch(path) or Path(path.split("/")[0]).is_dir():
+        raise UsageError(f"{where}: not a model: no such directory and not a hub id like org/name")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    # Look without creating anything, so a run that fails a later check leaves no trace.
+    parent = out_dir.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to --out-dir {out_dir} ({parent} is not a writable dir)")
+
+
+def check_backend(backend: str, tasks: list[str]) -> None:
+    # Say so now rather than as a "failed" cell after hours of MMLU.
+    need = {"hf": "accelerate", "vllm": "vllm"}[backend]
+    if importlib.util.find_spec(need) is None:
+        raise UsageError(f"the {backend} backend needs {need}: pip install 'lm-eval[{backend}]'")
+    wants_math = any(t.startswith("minerva_math") for t in tasks)
+    if wants_math and importlib.util.find_spec("math_verify") is None:
+        raise UsageError("minerva_math needs math_verify: pip install 'lm-eval[math]' (or drop it)")
+
+
+@functools.cache
+def task_manager(include_paths: tuple[str, ...]) -> TaskManager:
+    from lm_eval.tasks import TaskManager
+
+    # Indexing every task YAML takes seconds: once per process (the tests call main() often).
+    return TaskManager(include_path=list(include_paths) or None)
+
+
+def check_tasks(tasks: list[str], include_paths: list[str]) -> None:
+    for path in include_paths:
+        if not Path(path).is_dir():
+            raise UsageError(f"--include-path {path} is not a directory of lm-eval task YAMLs")
+    if not tasks:
+        raise UsageError(f"--tasks is empty; the paper's are {DEFAULT_TASKS}")
+    known = task_manager(tuple(include_paths)).all_tasks
+    for task in tasks:
+        if task not in known:
+            close = difflib.get_close_matches(task, known, n=5)
+            hint = "close matches: " + ", ".join(close) if close else "list them: lm-eval ls tasks"
+            raise UsageError(f"unknown task {task!r}; {hint}")
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: one simple_evaluate call per model x task, so each result is cached on its own.
+
+
+def model_fingerprint(model: str) -> str:
+    """Changes when any file of a checkpoint directory is rewritten (name, size, mtime)."""
+    p = Path(model)
+    if not p.is_dir():
+        return f"hub:{model}"  # no local files to look at: the id is all we know
+    files = [f for f in p.iterdir() if f.is_file()]
+    stats = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
+def cache_path(model: str, task: str, args: argparse.Namespace) -> tuple[dict, Path]:
+    key = {
+        "model": str(Path(model).resolve()) if Path(model).is_dir() else model,
+        "fingerprint": model_fingerprint(model),
+        "task": task,
+        "num_fewshot": args.num_fewshot,
+        "limit": args.limit,
+        "backend": args.backend,
+        "dtype": args.dtype,
+        "lm_eval": importlib.metadata.version("lm_eval"),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return key, Path(args.out_dir) / "cache" / f"{task}-{digest}.json"
+
+
+def load_lm(model: str, args: argparse.Namespace) -> LM:
+    import torch
+    from lm_eval.api.registry import get_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    batch_size = args.batch_size or ("auto" if device.startswith("cuda") else 8)
+    extra = {"batch_size": batch_size, "device": device if args.backend == "hf" else None}
+    return get_model(args.backend).create_from_arg_obj(
+        {"pretrained": model, "dtype": args.dtype}, extra
+    )
+
+
+def one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:240]
+
+
+def evaluate_model(
+    label: str, model: str, tasks: list[str], args: argparse.Namespace, pbar: tqdm
+) -> dict[str, dict]:
+    """lm-eval's output per task, from the cache where there; {"error": why} where it failed."""
+    import lm_eval
+    from lm_eval.utils import handle_non_serializable
+
+    raw, todo = {}, {}
+    for task in tasks:
+        key, cached = cache_path(model, task, args)
+        if cached.is_file():
+            raw[task] = json.loads(cached.read_text())["raw"]
+            pbar.write(f"{label} / {task}: cached")
+            pbar.update(1)
+        else:
+            todo[task] = (key, cached)
+
+    lm, load_error = None, None
+    if todo:  # load the model once, and only when some task is not cached yet
+        try:
+            lm = load_lm(model, args)
+        except Exception as e:
+            load_error = f"model did not load: {one_line(e)}"
+    for task, (key, cached) in todo.items():
+        pbar.set_postfix_str(f"{label}: {task}")
+        try:
+            if lm is None:
+                raise RuntimeError(load_error)
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[task],
+                num_fewshot=args.num_fewshot,
+                limit=args.limit,
+                task_manager=task_manager(tuple(args.include_path)),
+                log_samples=False,  # per-sample logs of MMLU alone run to hundreds of MB
+            )
+            raw[task] = json.loads(json.dumps(out, default=handle_non_serializable))
+            write_atomic(cached, json.dumps({"key": key, "raw": raw[task]}))
+        except Exception as e:  # one broken task must not cost the rest of the table
+            raw[task] = {"error": load_error or one_line(e)}  # not cached: the next run retries
+            pbar.write(f"{label} / {task}: failed: {raw[task]['error']}")
+        pbar.update(1)
+    if lm is not None:
+        del lm  # free the card before the next model loads
+        gc.collect()
+        import torch
+
+        torch.cuda.empty_cache()
+
+    raw = {task: raw[task] for task in tasks}
+    record = {"label": label, "model": model, "num_fewshot": args.num_fewshot, "limit": args.limit}
+    write_atomic(Path(args.out_dir) / "raw" / f"{label}.json", json.dumps(record | {"tasks": raw}))
+    return raw
+
+
+def score(task: str, raw: dict) -> tuple[float | str, str]:
+    """(accuracy in percent, the metric read), or ("failed", why)."""
+    if "error" in raw:
+        return "failed", raw["error"]
+    metrics = raw["results"].get(task, {})
+    if task in TASK_METRICS:
+        metric = TASK_METRICS[task][1]
+    else:  # a local task: the first metric it reports, in its YAML's order
+        metric = next((k for k in metrics if "," in k and "_stderr" not in k), "?")
+    if not isinstance(metrics.get(metric), (int, float)):
+        return "failed", f"lm-eval reported no {metric} for {task}"
+    return 100.0 * metrics[metric], metric
+
+
+# -----------------------------------------------------------------------------
+# Output. A table is {row label: {column: percent, or "failed", or "-" where the paper has none}}.
+
+
+def column_of(task: str) -> str:
+    return TASK_METRICS[task][0] if task in TASK_METRICS else task
+
+
+def row_avg(cells: dict[str, float | str]) -> tuple[float | None, str]:
+    """Plain mean of the numeric cells; the text adds "(n/m)" when only n of m are numbers."""
+    values = [v for v in cells.values() if isinstance(v, float)]
+    if not values:
+        return None, "-"
+    avg = sum(values) / len(values)
+    partial = f" ({len(values)}/{len(cells)})" if len(values) < len(cells) else ""
+    return avg, f"{avg:.2f}{partial}"
+
+
+def fmt(v: float | str) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else v
+
+
+def render_markdown(table: dict[str, dict], columns: list[str], notes: list[str]) -> str:
+    lines = ["| Model | " + " | ".join(columns) + " | Avg |", "|---" * (len(columns) + 2) + "|"]
+    for label, cells in table.items():
+        row = [label, *(fmt(cells[c]) for c in columns), row_avg(cells)[1]]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(["# Results", "", *lines, "", *notes]) + "\n"
+
+
+def render_csv(table: dict[str, dict], columns: list[str], paths: dict[str, str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["model", "path", *columns, "Avg", "avg_over"])
+    for label, cells in table.items():
+        avg, _ = row_avg(cells)
+        n = sum(isinstance(v, float) for v in cells.values())
+        cols = [fmt(cells[c]) for c in columns]
+        avg_cols = ["" if avg is None else f"{avg:.2f}", f"{n}/{len(cells)}"]
+        writer.writerow([label, paths.get(label, "arXiv:2605.21699"), *cols, *avg_cols])
+    return buf.getvalue()
+
+
+def render_chart(table: dict[str, dict], columns: list[str], title: str) -> bytes | None:
+    """Grouped bars, one group per column plus Avg; the paper's rows hatched beside ours."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    groups = [*columns, "Avg"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    width, color = 0.8 / len(table), -1
+    for i, (label, cells) in enumerate(table.items()):
+        values = [cells[c] if isinstance(cells[c], float) else math.nan for c in columns]
+        avg = row_avg(cells)[0]
+        values.append(math.nan if avg is None else avg)
+        xs = [g + (i - (len(table) - 1) / 2) * width for g in range(len(groups))]
+        paper = label.startswith("paper: ")  # the model's colour, hatched: read as a pair
+        color += 0 if paper else 1
+        style = {"hatch": "//", "alpha": 0.5} if paper else {}
+        ax.bar(xs, values, width, label=label, color=f"C{color % 10}", **style)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def paper_markdown() -> str:
+    lines = ["| Row | Setting | Teacher | Loss | " + " | ".join(PAPER_COLUMNS) + " | Avg |"]
+    lines.append("|---" * 10 + "|")
+    for row_id, scores in PAPER_SCORES.items():
+        row = [row_id, *PAPER_SETTINGS[row_id], *(f"{s:.2f}" for s in scores)]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Averages only:", "", "| Experiment | Setting | Avg |", "|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in PAPER_AVG_ONLY]
+    head = "X-Token (arXiv:2605.21699): Llama-3.2-1B student, 3-shot, accuracy in percent."
+    return f"{head}\n\n" + "\n".join(lines)
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Temp file in the same directory, then rename: an interrupted run never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# -----------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    models = parse_pairs(args.model, "--model")
+    if not models:
+        raise UsageError("give at least one --model LABEL=PATH (or --paper for the paper's table)")
+    for label, path in models.items():
+        check_model(label, path)
+    paper_rows = parse_pairs(args.paper_row, "--paper-row")
+    for label, row_id in paper_rows.items():
+        if label not in models or row_id not in PAPER_SCORES:
+            rows = ", ".join(PAPER_SCORES)
+            raise UsageError(
+                f"--paper-row {label}={row_id}: need a --model label and a row: {rows}"
+            )
+    if args.limit is not None and args.limit >= 1:
+        args.limit = int(args.limit)  # lm-eval reads < 1 as a fraction, >= 1 as a count
+    out_dir = Path(args.out_dir)
+    check_out_dir(out_dir)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    check_backend(args.backend, tasks)
+    check_tasks(tasks, args.include_path)
+
+    from tqdm import tqdm
+
+    (out_dir / "cache").mkdir(parents=True, exist_ok=True)
+    (out_dir / "raw").mkdir(exist_ok=True)
+    start, raws = time.time(), {}
+    with tqdm(total=len(models) * len(tasks), desc="models x tasks", unit="task") as pbar:
+        for label, model in models.items():
+            raws[label] = evaluate_model(label, model, tasks, args, pbar)
+
+    columns = [column_of(t) for t in tasks]
+    table, metric_of, failures = {}, {}, []
+    for label in models:
+        table[label] = {}
+        for task in tasks:
+            value, info = score(task, raws[label][task])
+            table[label][column_of(task)] = value
+            if value == "failed":
+                failures.append(f"- {label} / {task}: failed: {info}")
+            else:
+                metric_of[task] = info
+        if label in paper_rows:  # the paper's row right under ours
+            paper = dict(zip(PAPER_COLUMNS, PAPER_SCORES[paper_rows[label]][:5], strict=True))
+            table[f"paper: {paper_rows[label]}"] = {c: paper.get(c, "-") for c in columns}
+
+    limit = f", limit={args.limit}" if args.limit else ""
+    subsample = " (a subsample: not comparable to the paper)" if limit else ""
+    version = importlib.metadata.version("lm_eval")
+    notes = [
+        f"{args.num_fewshot}-shot{limit}{subsample}; lm-eval {version}, {args.backend} backend, "
+        f"dtype {args.dtype}. Accuracy in percent; Avg is the plain mean of the numbers in the "
+        "row, (n/m) when only n of its m cells are numbers.",
+        "",
+        *[f"- {column_of(t)}: lm-eval task `{t}`, metric `{m}`" for t, m in metric_of.items()],
+        *[f"- {label}: `{path}`" for label, path in models.items()],
+        *[f"- paper: {r}: {' / '.join(PAPER_SETTINGS[r])}" for r in paper_rows.values()],
+        *(["", *failures] if failures else []),
+    ]
+    markdown = render_markdown(table, columns, notes)
+    write_atomic(out_dir / "results.md", markdown)
+    write_atomic(out_dir / "results.csv", render_csv(table, columns, models))
+    chart = render_chart(table, columns, f"{args.num_fewshot}-shot accuracy{limit}")
+    if chart is None:
+        print("matplotlib is not installed: no chart (pip install matplotlib)", file=sys.stderr)
+    else:
+        write_atomic(out_dir / "results.png", chart)
+    print(markdown)
+    written = "results.md, results.csv" + (", results.png" if chart else "") + ", raw/"
+    print(f"wrote {written} to {out_dir}/ in {time.time() - start:.0f}s")
+    return 1 if failures else 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    # fmt: off
+    p.add_argument("--model", action="append", default=[], metavar="LABEL=PATH",
+                   help="checkpoint dir (save_pretrained + tokenizer) or hub id; repeatable")
+    p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated lm-eval task names")
+    p.add_argument("--num-fewshot", type=int, default=3)
+    p.add_argument("--limit", type=float, default=None,
+                   help="examples per task (a fraction if < 1): quick checks only")
+    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="extra directory of lm-eval task YAMLs; repeatable")
+    p.add_argument("--out-dir", default="out")
+    p.add_argument("--paper-row", action="append", default=[], metavar="LABEL=ROW",
+                   help=f"show the paper's ROW beside model LABEL; rows: {', '.join(PAPER_SCORES)}")
+    p.add_argument("--paper", action="store_true", help="print the paper's table and exit")
+    p.add_argument("--backend", choices=("hf", "vllm"), default="hf")
+    p.add_argument("--dtype", default="auto", help="auto: the checkpoint's own (bf16 for Llama)")
+    p.add_argument("--batch-size", type=lambda s: s if s.startswith("auto") else int(s),
+                   help="default: auto on GPU, 8 on CPU")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    # fmt: on
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.paper:
+        print(paper_markdown())
+        return 0
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

