@@ -1,0 +1,766 @@
+"""Cross-tokenizer knowledge distillation: one student, one or more teachers, one training loop.
+
+    torchrun --nproc_per_node=8 train.py --teacher Qwen/Qwen3-4B --loss pkl
+    torchrun --nproc_per_node=8 train.py --teacher microsoft/Phi-4-mini-instruct --loss hkl \\
+        --teacher meta-llama/Llama-3.2-3B --loss kl --teacher-weight 0.8 --teacher-weight 0.2
+    python train.py --loss ce                                      # continued pre-training baseline
+    torchrun --nproc_per_node=2 train.py --preset tiny --max-steps 20   # CPU, gloo, no downloads
+
+Reads top to bottom: settings, DDP, tokenizers and models, one KD loss per teacher (METHOD.md 5),
+data, optimizer, the loop, checkpoints. Each teacher sees the same text as the student, tokenized
+its own way; data.py aligns the two token streams into chunks and the losses compare chunks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import losses
+from tokens import load_tokenizer, tokenizer_hash
+
+# Run settings that must match to --resume a run (the rest, e.g. --max-steps, may change).
+RESUME_KEYS = (
+    "student",
+    "teacher",
+    "loss",
+    "teacher_weight",
+    "learn_projection",
+    "seq_len",
+    "batch_size",
+    "grad_accum",
+    "chunk_merge",
+    "kd_scaling",
+    "preset",
+    "data",
+    "seed",
+    "vocab_topk",
+    "uld_topk",
+    "hkl_threshold",
+    "temperature",
+    "lr",
+)
+# --preset tiny: small random models sized to the REAL tokenizers' vocabularies (no downloads).
+PRESETS = {
+    "tiny": dict(
+        student="pkg:llama-3.2",
+        teacher=["pkg:qwen3"],
+        seq_len=64,
+        batch_size=2,
+        grad_accum=1,
+        max_steps=20,
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup_steps=2,
+        log_every=1,
+        save_every=10,
+        num_workers=1,
+        teacher_cap=None,
+    ),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--student", default="meta-llama/Llama-3.2-1B")
+    p.add_argument("--teacher", action="append", help="repeat for several teachers")
+    p.add_argument(
+        "--loss",
+        action="append",
+        choices=["auto", "pkl", "hkl", "gold", "uld", "kl", "ce"],
+        help="per teacher, in --teacher order (one value applies to all); auto = audit.py",
+    )
+    p.add_argument(
+        "--teacher-weight", action="append", type=float, help="static alpha_m per teacher"
+    )
+    p.add_argument(
+        "--projection", action="append", help="W file per teacher (default: cached build)"
+    )
+    p.add_argument("--projection-cache", default=os.path.expanduser("~/.cache/xtoken"))
+    p.add_argument("--learn-projection", action="store_true", help="learn W's weights (P-KL only)")
+    p.add_argument("--kd-scaling", choices=["dynamic", "static"], default="dynamic")
+    p.add_argument("--kd-weight", type=float, default=1.0)
+    p.add_argument("--ce-weight", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--vocab-topk", type=int, default=8192)
+    p.add_argument("--uld-topk", type=int, default=8192)
+    p.add_argument("--hkl-threshold", type=float, default=0.6)
+    p.add_argument("--chunk-merge", choices=["mean", "first"], default="mean")
+    # data: raw text; the official nvidia/Nemotron-ClimbMix release is GPT-2 token ids, not text
+    p.add_argument("--data", default="OptimalScale/ClimbMix")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--teacher-cap", type=int, default=None, help="max teacher tokens per window")
+    p.add_argument("--num-workers", type=int, default=2)
+    # optimizer: the public reference config (the paper states none)
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per rank per micro-step")
+    p.add_argument("--grad-accum", type=int, default=3)
+    p.add_argument("--max-steps", type=int, default=30_000)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--min-lr", type=float, default=5e-6)
+    p.add_argument("--warmup-steps", type=int, default=300)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--projection-lr", type=float, default=1e-2)
+    p.add_argument("--max-bad-steps", type=int, default=5, help="non-finite steps in a row")
+    # run
+    p.add_argument("--out-dir", default="out/run")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="discard a previous run in --out-dir")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--save-every", type=int, default=1000)
+    p.add_argument("--keep-last", type=int, default=3)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--wandb", action="store_true")
+    p.add_argument("--tensorboard", action="store_true")
+    if argv is None:
+        argv = sys.argv[1:]
+    preset = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--preset"), None)
+    preset = preset or next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), None)
+    if preset is not None and preset not in PRESETS:
+        p.error(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    if preset:
+        p.set_defaults(**{k: v for k, v in PRESETS[preset].items() if k != "teacher"})
+    args = p.parse_args(argv)
+    if preset and args.teacher is None and args.loss != ["ce"]:
+        args.teacher = PRESETS[preset]["teacher"]
+    return args
+
+
+def per_teacher(values: list | None, n: int, default, name: str) -> list:
+    """One value per teacher: none -> default, one -> repeated, n -> as given."""
+    if not values:
+        return [default] * n
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise ValueError(f"{len(values)} values of --{name} for {n} teachers: give 1 or {n}")
+    return values
+
+
+def tiny_model(arch: str, vocab_size: int, seq_len: int):
+    """A small random Llama/Qwen3 sized to a real vocabulary: the output layer dominates."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    shape = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max(4 * seq_len, 512),
+        tie_word_embeddings=True,
+    )
+    if arch == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(head_dim=16, **shape))
+    return LlamaForCausalLM(LlamaConfig(**shape))
+
+
+def load_model(name: str, tok, args, dtype: torch.dtype):
+    """A checkpoint directory or hub model; a random tiny model for pkg: names with --preset."""
+    from transformers import AutoModelForCausalLM
+
+    if name.startswith("pkg:") and not os.path.isdir(name):
+        if not args.preset:
+            raise ValueError(f"{name} is a tokenizer, not a model: use it with --preset tiny")
+        vocab = -(-len(tok) // 64) * 64  # pad to a multiple of 64, as real models do
+        return tiny_model("qwen3" if "qwen" in name else "llama", vocab, args.seq_len)
+    return AutoModelForCausalLM.from_pretrained(
+        name, dtype=dtype, trust_remote_code=args.trust_remote_code
+    )
+
+
+def first_positions_only(chunk: torch.Tensor) -> torch.Tensor:
+    """--chunk-merge first (METHOD.md 5.1): keep each chunk's first predictor position only."""
+    previous = torch.nn.functional.pad(chunk[:, :-1], (1, 0), value=-1)
+    return torch.where(chunk != previous, chunk, -1)
+
+
+def valid_chunk_fraction(s_chunk: torch.Tensor, t_chunk: torch.Tensor) -> float:
+    """Share of chunks that have a position on both sides (the others carry no KD signal)."""
+    valid = total = 0
+    for s, t in zip(s_chunk, t_chunk):
+        s_ids, t_ids = set(s[s >= 0].tolist()), set(t[t >= 0].tolist())
+        valid, total = valid + len(s_ids & t_ids), total + len(s_ids | t_ids)
+    return valid / max(total, 1)
+
+
+def checkpoints(out_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints, oldest first (step_N exists only after its atomic rename)."""
+    found = [
+        (int(p.rsplit("_", 1)[1]), p)
+        for p in glob.glob(os.path.join(out_dir, "step_*"))
+        if p.rsplit("_", 1)[1].isdigit()
+    ]
+    return sorted(found)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+
+    # ---- DDP: torchrun sets RANK/WORLD_SIZE; nccl on GPUs, gloo on CPU -------------------------
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    cuda = torch.cuda.is_available()
+    if ddp:
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        rank, world_size, local_rank = 0, 1, 0
+    master = rank == 0
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    teacher_dtype = torch.bfloat16 if cuda else torch.float32
+
+    def fail(message: str) -> None:
+        if master:
+            print(f"error: {message}", file=sys.stderr)
+        if ddp:
+            dist.destroy_process_group()
+        sys.exit(2)
+
+    try:
+        setup = set_up_run(args, rank, world_size, device, teacher_dtype, ddp)
+    except ValueError as e:
+        fail(str(e))
+    student, student_tok, teachers, projections, out_dir, start_step, resume_state = setup
+    if master:
+        n_params = sum(p.numel() for p in student.parameters())
+        tokens_per_step = args.batch_size * args.grad_accum * world_size * args.seq_len
+        print(
+            f"student {args.student}: {n_params / 1e6:.1f}M parameters; {world_size} rank(s); "
+            f"{tokens_per_step:,} student tokens per step"
+        )
+        for t in teachers:
+            print(f"teacher {t['name']}: loss {t['loss']}, weight {t['weight']}")
+
+    # ---- data: tokenization and alignment run in DataLoader workers ---------------------------
+    from data import AlignedWindows, advance_state, collate, issue_counts, make_tiny_corpus
+
+    data_source = args.data
+    if args.preset and args.data == "OptimalScale/ClimbMix":
+        data_source = os.path.join(out_dir, "tiny_corpus")
+        if master and not os.path.exists(data_source):
+            make_tiny_corpus(data_source, n_docs=400, seed=0)
+        if ddp:
+            dist.barrier()
+    try:
+        dataset = AlignedWindows(
+            data_source,
+            student_tok,
+            [t["tok"] for t in teachers],
+            args.seq_len,
+            text_field=args.text_field,
+            rank=rank,
+            world_size=world_size,
+            start=resume_state.get("data_state"),
+            teacher_cap=args.teacher_cap,
+            repeat=True,
+        )
+    except ValueError as e:
+        fail(str(e))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        collate_fn=lambda batch: collate(batch, dataset.pad_ids),
+    )
+    batches = iter(loader)
+
+    # ---- optimizer: AdamW, warm-up then cosine; W's weights get their own group ---------------
+    decay = [p for p in student.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in student.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": args.weight_decay, "base_lr": args.lr},
+        {"params": no_decay, "weight_decay": 0.0, "base_lr": args.lr},
+    ]
+    w_params = [p for proj in projections for p in proj.parameters()]
+    if w_params:  # lr 1e-2, no weight decay, no clipping (METHOD.md 5.2)
+        groups.append({"params": w_params, "weight_decay": 0.0, "base_lr": args.projection_lr})
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), fused=cuda)
+    if "optimizer" in resume_state:
+        optimizer.load_state_dict(resume_state["optimizer"])
+
+    def lr_scale(step: int) -> float:
+        """Linear warm-up to 1, then cosine down to min_lr/lr at max_steps."""
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+        floor = args.min_lr / args.lr
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    model = student
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if cuda else None
+        )
+    logger = Logger(args, out_dir, master, start_step)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    step, bad_in_a_row, skipped = start_step, 0, resume_state.get("skipped", 0)
+    data_state = resume_state.get("data_state")
+    progress = None
+    if master:
+        from tqdm import tqdm
+
+        progress = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True)
+    while step < args.max_steps:
+        started = time.perf_counter()
+        scale = lr_scale(step)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * scale
+        totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "kd_scale": 0.0, "valid_chunks": 0.0}
+        per_kd = [0.0] * len(teachers)
+        n_tokens = 0
+        for micro in range(args.grad_accum):
+            batch = next(batches)
+            data_state = advance_state(data_state, batch)  # where to resume after this batch
+            batch = {
+                k: v.to(device, non_blocking=True)
+                for k, v in batch.items()
+                if k not in ("position", "issues")
+            }
+            if ddp:  # sync gradients on the last micro-step only
+                model.require_backward_grad_sync = micro == args.grad_accum - 1
+            with autocast:
+                s_logits = model(
+                    input_ids=batch["student_ids"], attention_mask=batch["student_mask"]
+                ).logits
+            ce = losses.ce_loss(s_logits, batch["labels"])
+            kd_terms = []
+            for i, t in enumerate(teachers):
+                s_chunk, t_chunk = batch[f"student_chunk_{i}"], batch[f"teacher_chunk_{i}"]
+                if args.chunk_merge == "first":
+                    s_chunk, t_chunk = first_positions_only(s_chunk), first_positions_only(t_chunk)
+                with torch.no_grad(), autocast:
+                    t_logits = t["model"](
+                        input_ids=batch[f"teacher_ids_{i}"],
+                        attention_mask=batch[f"teacher_mask_{i}"],
+                    ).logits
+                try:
+                    kd = kd_loss(t, s_logits, t_logits, s_chunk, t_chunk, batch, args)
+                except ValueError as e:
+                    raise SystemExit(f"error: teacher {t['name']}: {e}") from None
+                kd_terms.append(kd)
+                per_kd[i] += kd.item() / args.grad_accum
+                totals["valid_chunks"] += valid_chunk_fraction(s_chunk, t_chunk) / (
+                    args.grad_accum * len(teachers)
+                )
+            loss = losses.combine(
+                ce,
+                kd_terms,
+                [t["weight"] for t in teachers],
+                dynamic=args.kd_scaling == "dynamic",
+                kd_weight=args.kd_weight,
+                ce_weight=args.ce_weight,
+            )
+            (loss / args.grad_accum).backward()
+            kd_sum = sum(t["weight"] * k.item() for t, k in zip(teachers, kd_terms))
+            totals["loss"] += loss.item() / args.grad_accum
+            totals["ce"] += ce.item() / args.grad_accum
+            totals["kd"] += kd_sum / args.grad_accum
+            if args.kd_scaling == "dynamic" and kd_sum > 0:
+                totals["kd_scale"] += ce.item() / kd_sum / args.grad_accum
+            n_tokens += int(batch["student_mask"].sum())
+        if ddp and w_params:  # W's weights live outside DDP: average their gradients by hand
+            for p in w_params:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        # a non-finite loss on any rank: every rank skips the update (they must stay identical)
+        bad = torch.tensor(float(not math.isfinite(totals["loss"])), device=device)
+        if ddp:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        grad_norm = float("nan")
+        if bad.item() == 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip))
+            optimizer.step()
+            bad_in_a_row = 0
+        else:
+            skipped += 1
+            bad_in_a_row += 1
+            if master:
+                print(
+                    f"warning: non-finite loss at step {step + 1}, update skipped", file=sys.stderr
+                )
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        # ---- log and save ----------------------------------------------------------------------
+        if ddp:
+            counted = torch.tensor(float(n_tokens), device=device)
+            dist.all_reduce(counted)
+            n_tokens = int(counted.item())
+        record = {
+            "step": step,
+            "lr": args.lr * scale,
+            **totals,
+            "grad_norm": grad_norm,
+            "tokens_per_s": n_tokens / (time.perf_counter() - started),
+            "skipped": skipped,
+        }
+        for t, value in zip(teachers, per_kd):
+            record[f"kd/{t['name']}"] = value
+        record["data_issues"] = dict(issue_counts(data_state))  # skipped/split docs, by reason
+        stopping = bad_in_a_row > args.max_bad_steps
+        if step % args.log_every == 0 or step == args.max_steps or stopping:
+            logger.log(record)
+        if stopping:
+            fail(
+                f"{bad_in_a_row} non-finite steps in a row (last at step {step}): lower --lr, "
+                "check the data, or resume from an earlier checkpoint"
+            )
+        if progress:
+            progress.update(1)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", ce=f"{record['ce']:.3f}")
+        if step % args.save_every == 0 or step == args.max_steps:
+            save_checkpoint(
+                out_dir,
+                step,
+                student,
+                student_tok,
+                optimizer,
+                projections,
+                data_state,
+                skipped,
+                args,
+                rank,
+                world_size,
+                ddp,
+            )
+    if progress:
+        progress.close()
+    logger.close()
+    if ddp:
+        dist.destroy_process_group()
+
+
+def kd_loss(t: dict, s_logits, t_logits, s_chunk, t_chunk, batch, args) -> torch.Tensor:
+    """The KD term of one teacher, by its loss (METHOD.md 5.2-5.4)."""
+    if t["loss"] == "kl":  # same tokenizer: position p of both models predicts the same token
+        return losses.kl_loss(
+            s_logits,
+            t_logits,
+            batch["labels"] != -100,
+            vocab_topk=args.vocab_topk,
+            temperature=args.temperature,
+        )
+    if t["loss"] == "pkl":
+        return losses.pkl_loss(
+            s_logits,
+            t_logits,
+            s_chunk,
+            t_chunk,
+            t["W"],
+            vocab_topk=args.vocab_topk,
+            temperature=args.temperature,
+        )
+    if t["loss"] == "uld":
+        return losses.uld_loss(
+            s_logits,
+            t_logits,
+            s_chunk,
+            t_chunk,
+            uld_topk=args.uld_topk,
+            temperature=args.temperature,
+        )
+    return losses.gold_loss(
+        s_logits,
+        t_logits,
+        s_chunk,
+        t_chunk,
+        t["pairs"],
+        uld_topk=args.uld_topk,
+        temperature=args.temperature,
+    )
+
+
+def set_up_run(args, rank: int, world_size: int, device, teacher_dtype, ddp: bool):
+    """Check the run directory, load tokenizers and models, prepare each teacher's loss."""
+    from safetensors.torch import load_file
+
+    from build_projection import build_projection, load_projection, save_projection
+
+    master = rank == 0
+    out_dir = args.out_dir
+    teachers_names = args.teacher or []
+    loss_names = per_teacher(args.loss, len(teachers_names), "auto", "loss")
+    if not teachers_names:
+        if args.loss not in (None, ["ce"]):
+            raise ValueError("--loss other than ce needs a --teacher")
+        loss_names = []
+    elif "ce" in loss_names:
+        raise ValueError("--loss ce is the no-teacher baseline: drop --teacher or pick a KD loss")
+    weights = per_teacher(
+        args.teacher_weight,
+        len(teachers_names),
+        1.0 / max(1, len(teachers_names)),
+        "teacher-weight",
+    )
+    projection_files = per_teacher(args.projection, len(teachers_names), None, "projection")
+    if args.learn_projection and not loss_names.count("pkl") and "auto" not in loss_names:
+        raise ValueError("--learn-projection learns W for P-KL: use it with --loss pkl")
+    if args.grad_accum < 1 or args.batch_size < 1:
+        raise ValueError("--batch-size and --grad-accum must be at least 1")
+
+    # The run directory: one configuration per directory.
+    config = {k: getattr(args, k) for k in RESUME_KEYS}
+    config_path = os.path.join(out_dir, "run_config.json")
+    previous = checkpoints(out_dir)
+    if os.path.exists(config_path) and not args.overwrite:
+        with open(config_path) as f:
+            saved = json.load(f)
+        changed = sorted(
+            k for k in RESUME_KEYS if json.dumps(saved.get(k)) != json.dumps(config[k])
+        )
+        if changed:
+            raise ValueError(
+                f"{out_dir} holds a run with another configuration ({', '.join(changed)} "
+                "differ): pick another --out-dir, or pass --overwrite"
+            )
+        if previous and not args.resume:
+            raise ValueError(
+                f"{out_dir} holds a run (step {previous[-1][0]}): pass --resume to "
+                "continue it or --overwrite to start over"
+            )
+    if ddp:
+        dist.barrier()  # every rank has read the old state before rank 0 changes it
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        if args.overwrite:
+            for _, path in previous:
+                shutil.rmtree(path)
+            for name in ("metrics.jsonl",):
+                if os.path.exists(os.path.join(out_dir, name)):
+                    os.remove(os.path.join(out_dir, name))
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2)
+    previous = [] if args.overwrite else previous
+
+    # Same seed on every rank: identical initial weights (DDP also broadcasts them).
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    student_tok = load_tokenizer(args.student, trust_remote_code=args.trust_remote_code)
+    student = load_model(args.student, student_tok, args, torch.float32).to(device)
+    if args.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    student_vocab = student.get_output_embeddings().weight.shape[0]
+    teachers, projections = [], []
+    for i, name in enumerate(teachers_names):
+        tok = load_tokenizer(name, trust_remote_code=args.trust_remote_code)
+        model = load_model(name, tok, args, teacher_dtype).to(device, teacher_dtype).eval()
+        model.requires_grad_(False)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        t = {"name": name, "tok": tok, "model": model, "loss": loss_names[i], "weight": weights[i]}
+        same_tokenizer = tokenizer_hash(tok) == tokenizer_hash(student_tok)
+        if t["loss"] == "kl" or (t["loss"] == "auto" and same_tokenizer):
+            if not same_tokenizer:
+                raise ValueError(
+                    f"--loss kl needs the student's tokenizer; teacher {name} has "
+                    "another: use pkl, hkl or gold"
+                )
+            if vocab != student_vocab:
+                raise ValueError(
+                    f"teacher {name} has {vocab} output rows, the student "
+                    f"{student_vocab}: KL needs equal vocabularies"
+                )
+            t["loss"] = "kl"
+            teachers.append(t)
+            continue
+        # W: the given file, or a cached build keyed by both tokenizer hashes and vocab sizes
+        path = projection_files[i] or os.path.join(
+            args.projection_cache,
+            (
+                f"W-{tokenizer_hash(student_tok)[:16]}-{tokenizer_hash(tok)[:16]}-"
+                f"{student_vocab}x{vocab}.pt"
+            ),
+        )
+        if master and not os.path.exists(path):
+            if projection_files[i]:
+                raise ValueError(f"projection file {path} does not exist")
+            print(f"building W for {args.student} -> {name} into {path}")
+            save_projection(
+                build_projection(
+                    student_tok, tok, student_vocab_size=student_vocab, teacher_vocab_size=vocab
+                ),
+                path,
+            )
+        if ddp:
+            dist.barrier()
+        projection = load_projection(path, student_tok, tok)
+        if tuple(projection["W"].shape) != (student_vocab, vocab):
+            raise ValueError(
+                f"teacher {name}'s vocabulary ({vocab} rows; student {student_vocab}) "
+                f"does not match its W {tuple(projection['W'].shape)} in {path}: "
+                "rebuild W with --student-vocab-size/--teacher-vocab-size"
+            )
+        if t["loss"] == "auto":
+            from audit import audit
+
+            t["loss"] = audit(student_tok, projection, threshold=args.hkl_threshold)["recommended"]
+        if args.learn_projection and t["loss"] != "pkl":
+            raise ValueError(f"--learn-projection is for P-KL; teacher {name} uses {t['loss']}")
+        W = projection["W"].to(device)
+        if t["loss"] == "pkl":
+            t["W"] = losses.LearnableProjection(W).to(device) if args.learn_projection else W
+            if args.learn_projection:
+                projections.append(t["W"])
+        elif t["loss"] == "hkl":
+            t["pairs"] = losses.hkl_pairs(
+                W, projection["exact_pairs"], threshold=args.hkl_threshold
+            ).to(device)
+        elif t["loss"] == "gold":
+            t["pairs"] = projection["exact_pairs"].to(device)
+        teachers.append(t)
+
+    # Resume: weights, optimizer, W's weights, this rank's RNG and data position.
+    resume_state: dict = {}
+    start_step = 0
+    if args.resume and previous:
+        start_step, path = previous[-1]
+        student.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=False)
+        if student.config.tie_word_embeddings:
+            student.tie_weights()
+        state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+        if state["world_size"] != world_size:
+            raise ValueError(
+                f"{path} was written by {state['world_size']} ranks, this run has "
+                f"{world_size}: resume with the same number of processes"
+            )
+        for proj, proj_state in zip(projections, state["projections"]):
+            proj.load_state_dict(proj_state)
+        mine = torch.load(os.path.join(path, f"rank_{rank}.pt"), weights_only=True)
+        torch.set_rng_state(mine["torch_rng"])
+        random.setstate((mine["python_rng"][0], tuple(mine["python_rng"][1]), None))
+        resume_state = {
+            "optimizer": state["optimizer"],
+            "skipped": state["skipped"],
+            "data_state": mine["data_state"],
+        }
+        if master:
+            print(f"resuming from {path}")
+    return student, student_tok, teachers, projections, out_dir, start_step, resume_state
+
+
+def save_checkpoint(
+    out_dir,
+    step,
+    student,
+    tok,
+    optimizer,
+    projections,
+    data_state,
+    skipped,
+    args,
+    rank,
+    world_size,
+    ddp,
+) -> None:
+    """out_dir/step_N/: save_pretrained weights + tokenizer (lm-eval/vLLM load it as it is), the
+    trainer state, and each rank's RNG and data position. Written into a temp directory that is
+    renamed when complete, so a kill mid-write leaves the previous checkpoint intact."""
+    tmp = os.path.join(out_dir, f".tmp_step_{step}")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        student.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "skipped": skipped,
+                "world_size": world_size,
+                "projections": [p.state_dict() for p in projections],
+                "args": json.dumps(vars(args), default=str),
+            },
+            os.path.join(tmp, "trainer_state.pt"),
+        )
+    if ddp:
+        dist.barrier()
+    python_rng = random.getstate()
+    torch.save(
+        {
+            "torch_rng": torch.get_rng_state(),
+            "data_state": data_state,
+            "python_rng": [python_rng[0], list(python_rng[1])],
+        },
+        os.path.join(tmp, f"rank_{rank}.pt"),
+    )
+    if ddp:
+        dist.barrier()
+    if rank == 0:
+        os.replace(tmp, os.path.join(out_dir, f"step_{step}"))
+        for _, old in checkpoints(out_dir)[: -args.keep_last]:
+            shutil.rmtree(old)
+    if ddp:
+        dist.barrier()
+
+
+class Logger:
+    """metrics.jsonl (one JSON line per logged step) and, when installed and asked for,
+    Weights & Biases or TensorBoard. On resume, lines past the resumed step are dropped."""
+
+    def __init__(self, args, out_dir: str, master: bool, start_step: int):
+        self.master, self.path = master, os.path.join(out_dir, "metrics.jsonl")
+        self.wandb = self.tensorboard = None
+        if not master:
+            return
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= start_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+        if args.wandb:
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project="xtoken", config=vars(args), resume="allow")
+            except ImportError:
+                print("warning: --wandb needs `pip install wandb`; logging to metrics.jsonl only")
+        if args.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            except ImportError:
+                print("warning: --tensorboard needs `pip install tensorboard`; metrics.jsonl only")
+
+    def log(self, record: dict) -> None:
+        if not self.master:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb:
+            self.wandb.log(record, step=record["step"])
+        if self.tensorboard:
+            for key, value in record.items():
+                self.tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard:
+            self.tensorboard.close()
+
+
+if __name__ == "__main__":
+    main()
