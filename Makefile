@@ -35,13 +35,16 @@ format: venv
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# The main job on embedded defaults, offline: W for Llama-3.2 -> Qwen3 and its coverage audit.
+# The main job on embedded defaults, offline: W for Llama-3.2 -> Qwen3, its coverage audit, and a
+# short 2-process P-KL distillation on CPU (random tiny models sized to the real vocabularies).
 demo: venv
 	mkdir -p out
 	HF_HUB_OFFLINE=1 $(BIN)/python build_projection.py --student pkg:llama-3.2 --teacher pkg:qwen3 \
 		--out out/W_llama3.2_qwen3.pt
 	HF_HUB_OFFLINE=1 $(BIN)/python audit.py --student pkg:llama-3.2 --teacher pkg:qwen3 \
 		--projection out/W_llama3.2_qwen3.pt --json out/audit_llama3.2_qwen3.json --show 201 " the"
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc_per_node=2 train.py --preset tiny \
+		--loss pkl --max-steps 20 --out-dir out/demo-tiny-pkl --overwrite
 
 bench: venv
 	$(BIN)/python bench/bench_projection.py
