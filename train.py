@@ -14,6 +14,7 @@ its own way; data.py aligns the two token streams into chunks and the losses com
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import math
@@ -108,6 +109,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="sequences per rank per micro-step")
     p.add_argument("--grad-accum", type=int, default=3)
     p.add_argument("--max-steps", type=int, default=30_000)
+    p.add_argument(
+        "--stop-step",
+        type=int,
+        help="end this job after step N (for time-limited jobs: the "
+        "schedule still follows --max-steps; --resume continues)",
+    )
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--min-lr", type=float, default=5e-6)
     p.add_argument("--warmup-steps", type=int, default=300)
@@ -283,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         dataset,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
-        collate_fn=lambda batch: collate(batch, dataset.pad_ids),
+        collate_fn=functools.partial(collate, pad_ids=dataset.pad_ids),
     )
     batches = iter(loader)
 
@@ -326,7 +333,8 @@ def main(argv: list[str] | None = None) -> None:
         from tqdm import tqdm
 
         progress = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True)
-    while step < args.max_steps:
+    last_step = min(args.max_steps, args.stop_step or args.max_steps)
+    while step < last_step:
         started = time.perf_counter()
         scale = lr_scale(step)
         for group in optimizer.param_groups:
@@ -423,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
             record[f"kd/{t['name']}"] = value
         record["data_issues"] = dict(issue_counts(data_state))  # skipped/split docs, by reason
         stopping = bad_in_a_row > args.max_bad_steps
-        if step % args.log_every == 0 or step == args.max_steps or stopping:
+        if step % args.log_every == 0 or step == last_step or stopping:
             logger.log(record)
         if stopping:
             fail(
@@ -433,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
         if progress:
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.3f}", ce=f"{record['ce']:.3f}")
-        if step % args.save_every == 0 or step == args.max_steps:
+        if step % args.save_every == 0 or step == last_step:
             save_checkpoint(
                 out_dir,
                 step,

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 from conftest import ROOT
@@ -208,7 +209,7 @@ def torchrun(out_dir, cache: str, *extra: str) -> subprocess.Popen:
         "--loss",
         "pkl",
         "--max-steps",
-        "6",
+        "40",
         "--save-every",
         "3",
         "--num-workers",
@@ -216,7 +217,6 @@ def torchrun(out_dir, cache: str, *extra: str) -> subprocess.Popen:
         *extra,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    # its own session: the kill below reaches the launcher AND every worker it started
     return subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -229,30 +229,37 @@ def torchrun(out_dir, cache: str, *extra: str) -> subprocess.Popen:
 
 
 def test_sigkilled_ddp_run_resumes_with_identical_losses(tmp_path, cache):
-    full = torchrun(tmp_path / "full", cache)
+    # reference: steps 1..9 of a 40-step schedule, without interruption
+    full = torchrun(tmp_path / "full", cache, "--stop-step", "9")
     output = full.communicate(timeout=600)[0]
     assert full.returncode == 0, output[-3000:]
     reference = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full")}
-    assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+    assert sorted(reference) == list(range(1, 10))
 
+    # the same run, SIGKILLed once it has passed its step-3 checkpoint (36 steps still to go)
     killed = torchrun(tmp_path / "killed", cache)
     deadline = time.time() + 600
     while max([r["step"] for r in read_metrics(tmp_path / "killed")], default=0) < 4:
         assert killed.poll() is None and time.time() < deadline, "run ended before the kill"
-        time.sleep(0.2)
-    os.killpg(killed.pid, signal.SIGKILL)
+        time.sleep(0.05)
+    # torchrun's workers run in sessions of their own: killing the launcher's process group
+    # would leave them training. Kill the launcher and every descendant, found before the kill.
+    launcher = psutil.Process(killed.pid)
+    for process in [launcher, *launcher.children(recursive=True)]:
+        process.send_signal(signal.SIGKILL)
     killed.wait(timeout=60)
-    time.sleep(3)  # a surviving worker would go on writing metrics
-    steps_after_kill = [r["step"] for r in read_metrics(tmp_path / "killed")]
-    assert max(steps_after_kill) < 6, "the killed run finished anyway: the kill missed workers"
-    assert train.checkpoints(str(tmp_path / "killed"))[-1][0] == 3
+    reached = max(r["step"] for r in read_metrics(tmp_path / "killed"))
+    time.sleep(3)  # a worker that survived the kill would go on training and logging
+    assert max(r["step"] for r in read_metrics(tmp_path / "killed")) == reached < 40
+    checkpoint = train.checkpoints(str(tmp_path / "killed"))[-1][0]
+    assert 3 <= checkpoint < 9
 
-    resumed = torchrun(tmp_path / "killed", cache, "--resume")
+    resumed = torchrun(tmp_path / "killed", cache, "--resume", "--stop-step", "9")
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output[-3000:]
     records = read_metrics(tmp_path / "killed")
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    for r in records:
+    assert [r["step"] for r in records] == list(range(1, 10))
+    for r in records[checkpoint:]:  # the steps the resumed run computed
         assert r["loss"] == pytest.approx(reference[r["step"]], abs=1e-6), r["step"]
 
 
