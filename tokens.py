@@ -151,7 +151,7 @@ def _from_sentencepiece(path: str) -> PreTrainedTokenizerFast:
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(path, os.path.join(tmp, "tokenizer.model"))
         try:
-            tok = LlamaTokenizer.from_pretrained(tmp)
+            tok = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True)  # as Llama-2/Mistral
         except Exception as e:
             raise ValueError(f"{path} is not a SentencePiece model ({str(e)[:80]})") from e
     if len(tok) < 10:  # transformers falls back to an empty 3-token vocabulary

@@ -193,10 +193,10 @@ def test_combining_mark_joins_its_letter_in_one_chunk(llama, qwen):
 
 
 def test_sentencepiece_prefix_space_belongs_to_no_source_byte(llama, mistral):
-    # mistral spells "201 x" as "▁", "2", "0", "1", "▁x": its "▁" joins the first chunk
+    # mistral spells "201 x" as <s>, "▁", "2", "0", "1", "▁x": its "▁" joins the first chunk
     _, t_ids, s_chunk, t_chunk = align_text(llama, mistral, "201 x")
-    assert mistral.convert_ids_to_tokens(t_ids)[:4] == ["▁", "2", "0", "1"]
-    assert s_chunk == [-1, 0, 1] and t_chunk == [0, 0, 0, 0, 1]
+    assert mistral.convert_ids_to_tokens(t_ids)[:5] == ["<s>", "▁", "2", "0", "1"]
+    assert s_chunk == [-1, 0, 1] and t_chunk == [-1, 0, 0, 0, 0, 1]
 
 
 def test_special_token_text_inside_the_text_is_in_no_chunk(llama, qwen):
