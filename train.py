@@ -32,111 +32,73 @@ import torch.distributed as dist
 import losses
 from tokens import load_tokenizer, tokenizer_hash
 
+# fmt: off
 # Run settings that must match to --resume a run (the rest, e.g. --max-steps, may change).
-RESUME_KEYS = (
-    "student",
-    "teacher",
-    "loss",
-    "teacher_weight",
-    "learn_projection",
-    "seq_len",
-    "batch_size",
-    "grad_accum",
-    "chunk_merge",
-    "kd_scaling",
-    "preset",
-    "data",
-    "seed",
-    "vocab_topk",
-    "uld_topk",
-    "hkl_threshold",
-    "temperature",
-    "lr",
-)
+RESUME_KEYS = ("student", "teacher", "loss", "teacher_weight", "learn_projection", "seq_len",
+               "batch_size", "grad_accum", "chunk_merge", "kd_scaling", "kd_weight", "ce_weight",
+               "preset", "data", "seed", "vocab_topk", "uld_topk", "hkl_threshold", "temperature",
+               "lr")
 # --preset tiny: small random models sized to the REAL tokenizers' vocabularies (no downloads).
 PRESETS = {
-    "tiny": dict(
-        student="pkg:llama-3.2",
-        teacher=["pkg:qwen3"],
-        seq_len=64,
-        batch_size=2,
-        grad_accum=1,
-        max_steps=20,
-        lr=1e-3,
-        min_lr=1e-4,
-        warmup_steps=2,
-        log_every=1,
-        save_every=10,
-        num_workers=1,
-        teacher_cap=None,
-    ),
+    "tiny": dict(student="pkg:llama-3.2", teacher=["pkg:qwen3"], seq_len=64, batch_size=2,
+                 grad_accum=1, max_steps=20, lr=1e-3, min_lr=1e-4, warmup_steps=2, log_every=1,
+                 save_every=10, num_workers=1),
 }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--student", default="meta-llama/Llama-3.2-1B")
-    p.add_argument("--teacher", action="append", help="repeat for several teachers")
-    p.add_argument(
-        "--loss",
-        action="append",
-        choices=["auto", "pkl", "hkl", "gold", "uld", "kl", "ce"],
-        help="per teacher, in --teacher order (one value applies to all); auto = audit.py",
-    )
-    p.add_argument(
-        "--teacher-weight", action="append", type=float, help="static alpha_m per teacher"
-    )
-    p.add_argument(
-        "--projection", action="append", help="W file per teacher (default: cached build)"
-    )
-    p.add_argument("--projection-cache", default=os.path.expanduser("~/.cache/xtoken"))
-    p.add_argument("--learn-projection", action="store_true", help="learn W's weights (P-KL only)")
-    p.add_argument("--kd-scaling", choices=["dynamic", "static"], default="dynamic")
-    p.add_argument("--kd-weight", type=float, default=1.0)
-    p.add_argument("--ce-weight", type=float, default=1.0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--vocab-topk", type=int, default=8192)
-    p.add_argument("--uld-topk", type=int, default=8192)
-    p.add_argument("--hkl-threshold", type=float, default=0.6)
-    p.add_argument("--chunk-merge", choices=["mean", "first"], default="mean")
-    # data: raw text; the official nvidia/Nemotron-ClimbMix release is GPT-2 token ids, not text
-    p.add_argument("--data", default="OptimalScale/ClimbMix")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--teacher-cap", type=int, default=None, help="max teacher tokens per window")
-    p.add_argument("--num-workers", type=int, default=2)
+    a = p.add_argument
+    a("--student", default="meta-llama/Llama-3.2-1B")
+    a("--teacher", action="append", help="repeat for several teachers")
+    a("--loss", action="append", choices=["auto", "pkl", "hkl", "gold", "uld", "kl", "ce"],
+      help="per teacher, in --teacher order (one value applies to all); auto = audit.py")
+    a("--teacher-weight", action="append", type=float, help="static alpha_m per teacher")
+    a("--projection", action="append", help="W file per teacher (default: a cached build)")
+    a("--projection-cache", default=os.path.expanduser("~/.cache/xtoken"))
+    a("--learn-projection", action="store_true", help="learn W's weights (P-KL only)")
+    a("--kd-scaling", choices=["dynamic", "static"], default="dynamic")
+    a("--kd-weight", type=float, default=1.0)
+    a("--ce-weight", type=float, default=1.0)
+    a("--temperature", type=float, default=1.0)
+    a("--vocab-topk", type=int, default=8192)
+    a("--uld-topk", type=int, default=8192)
+    a("--hkl-threshold", type=float, default=0.6)
+    a("--chunk-merge", choices=["mean", "first"], default="mean")
+    # data: raw text (the official nvidia/Nemotron-ClimbMix release is GPT-2 token ids)
+    a("--data", default="OptimalScale/ClimbMix")
+    a("--text-field", default="text")
+    a("--seq-len", type=int, default=2048)
+    a("--teacher-cap", type=int, help="max teacher tokens per window (default 2 x seq-len)")
+    a("--num-workers", type=int, default=2)
     # optimizer: the public reference config (the paper states none)
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per rank per micro-step")
-    p.add_argument("--grad-accum", type=int, default=3)
-    p.add_argument("--max-steps", type=int, default=30_000)
-    p.add_argument(
-        "--stop-step",
-        type=int,
-        help="end this job after step N (for time-limited jobs: the "
-        "schedule still follows --max-steps; --resume continues)",
-    )
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--min-lr", type=float, default=5e-6)
-    p.add_argument("--warmup-steps", type=int, default=300)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--projection-lr", type=float, default=1e-2)
-    p.add_argument("--max-bad-steps", type=int, default=5, help="non-finite steps in a row")
+    a("--batch-size", type=int, default=4, help="sequences per rank per micro-step")
+    a("--grad-accum", type=int, default=3)
+    a("--max-steps", type=int, default=30_000)
+    a("--stop-step", type=int, help="end this job after step N (the schedule still follows "
+      "--max-steps; --resume continues): for time-limited jobs")
+    a("--lr", type=float, default=5e-5)
+    a("--min-lr", type=float, default=5e-6)
+    a("--warmup-steps", type=int, default=300)
+    a("--weight-decay", type=float, default=0.1)
+    a("--betas", type=float, nargs=2, default=(0.9, 0.95))
+    a("--grad-clip", type=float, default=1.0)
+    a("--projection-lr", type=float, default=1e-2)
+    a("--max-bad-steps", type=int, default=5, help="non-finite steps in a row before stopping")
     # run
-    p.add_argument("--out-dir", default="out/run")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="discard a previous run in --out-dir")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--preset", choices=sorted(PRESETS))
-    p.add_argument("--save-every", type=int, default=1000)
-    p.add_argument("--keep-last", type=int, default=3)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--wandb", action="store_true")
-    p.add_argument("--tensorboard", action="store_true")
+    a("--out-dir", default="out/run")
+    a("--resume", action="store_true", help="continue from the latest checkpoint")
+    a("--overwrite", action="store_true", help="discard a previous run in --out-dir")
+    a("--seed", type=int, default=1337)
+    a("--preset", choices=sorted(PRESETS))
+    a("--save-every", type=int, default=1000)
+    a("--keep-last", type=int, default=3)
+    a("--log-every", type=int, default=10)
+    a("--compile", action="store_true")
+    a("--gradient-checkpointing", action="store_true")
+    a("--trust-remote-code", action="store_true")
+    a("--wandb", action="store_true")
+    a("--tensorboard", action="store_true")
     if argv is None:
         argv = sys.argv[1:]
     preset = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--preset"), None)
@@ -149,6 +111,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if preset and args.teacher is None and args.loss != ["ce"]:
         args.teacher = PRESETS[preset]["teacher"]
     return args
+
+
+# fmt: on
 
 
 def per_teacher(values: list | None, n: int, default, name: str) -> list:
@@ -220,6 +185,7 @@ def checkpoints(out_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+# fmt: off
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
@@ -254,10 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     if master:
         n_params = sum(p.numel() for p in student.parameters())
         tokens_per_step = args.batch_size * args.grad_accum * world_size * args.seq_len
-        print(
-            f"student {args.student}: {n_params / 1e6:.1f}M parameters; {world_size} rank(s); "
-            f"{tokens_per_step:,} student tokens per step"
-        )
+        print(f"student {args.student}: {n_params / 1e6:.1f}M parameters; {world_size} rank(s); "
+              f"{tokens_per_step:,} student tokens per step")
         for t in teachers:
             print(f"teacher {t['name']}: loss {t['loss']}, weight {t['weight']}")
 
@@ -273,34 +237,21 @@ def main(argv: list[str] | None = None) -> None:
             dist.barrier()
     try:
         dataset = AlignedWindows(
-            data_source,
-            student_tok,
-            [t["tok"] for t in teachers],
-            args.seq_len,
-            text_field=args.text_field,
-            rank=rank,
-            world_size=world_size,
-            start=resume_state.get("data_state"),
-            teacher_cap=args.teacher_cap,
-            repeat=True,
-        )
+            data_source, student_tok, [t["tok"] for t in teachers], args.seq_len,
+            text_field=args.text_field, rank=rank, world_size=world_size,
+            start=resume_state.get("data_state"), teacher_cap=args.teacher_cap, repeat=True)
     except ValueError as e:
         fail(str(e))
     loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        collate_fn=functools.partial(collate, pad_ids=dataset.pad_ids),
-    )
+        dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+        collate_fn=functools.partial(collate, pad_ids=dataset.pad_ids))
     batches = iter(loader)
 
     # ---- optimizer: AdamW, warm-up then cosine; W's weights get their own group ---------------
     decay = [p for p in student.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in student.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": args.weight_decay, "base_lr": args.lr},
-        {"params": no_decay, "weight_decay": 0.0, "base_lr": args.lr},
-    ]
+    groups = [{"params": decay, "weight_decay": args.weight_decay, "base_lr": args.lr},
+              {"params": no_decay, "weight_decay": 0.0, "base_lr": args.lr}]
     w_params = [p for proj in projections for p in proj.parameters()]
     if w_params:  # lr 1e-2, no weight decay, no clipping (METHOD.md 5.2)
         groups.append({"params": w_params, "weight_decay": 0.0, "base_lr": args.projection_lr})
@@ -321,8 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         model = torch.compile(model)
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if cuda else None
-        )
+            model, device_ids=[local_rank] if cuda else None)
     logger = Logger(args, out_dir, master, start_step)
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -345,17 +295,13 @@ def main(argv: list[str] | None = None) -> None:
         for micro in range(args.grad_accum):
             batch = next(batches)
             data_state = advance_state(data_state, batch)  # where to resume after this batch
-            batch = {
-                k: v.to(device, non_blocking=True)
-                for k, v in batch.items()
-                if k not in ("position", "issues")
-            }
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()
+                     if k not in ("position", "issues")}
             if ddp:  # sync gradients on the last micro-step only
                 model.require_backward_grad_sync = micro == args.grad_accum - 1
             with autocast:
-                s_logits = model(
-                    input_ids=batch["student_ids"], attention_mask=batch["student_mask"]
-                ).logits
+                s_logits = model(input_ids=batch["student_ids"],
+                                 attention_mask=batch["student_mask"]).logits
             ce = losses.ce_loss(s_logits, batch["labels"])
             kd_terms = []
             for i, t in enumerate(teachers):
@@ -363,27 +309,19 @@ def main(argv: list[str] | None = None) -> None:
                 if args.chunk_merge == "first":
                     s_chunk, t_chunk = first_positions_only(s_chunk), first_positions_only(t_chunk)
                 with torch.no_grad(), autocast:
-                    t_logits = t["model"](
-                        input_ids=batch[f"teacher_ids_{i}"],
-                        attention_mask=batch[f"teacher_mask_{i}"],
-                    ).logits
+                    t_logits = t["model"](input_ids=batch[f"teacher_ids_{i}"],
+                                          attention_mask=batch[f"teacher_mask_{i}"]).logits
                 try:
                     kd = kd_loss(t, s_logits, t_logits, s_chunk, t_chunk, batch, args)
                 except ValueError as e:
                     raise SystemExit(f"error: teacher {t['name']}: {e}") from None
                 kd_terms.append(kd)
                 per_kd[i] += kd.item() / args.grad_accum
-                totals["valid_chunks"] += valid_chunk_fraction(s_chunk, t_chunk) / (
-                    args.grad_accum * len(teachers)
-                )
-            loss = losses.combine(
-                ce,
-                kd_terms,
-                [t["weight"] for t in teachers],
-                dynamic=args.kd_scaling == "dynamic",
-                kd_weight=args.kd_weight,
-                ce_weight=args.ce_weight,
-            )
+                share = valid_chunk_fraction(s_chunk, t_chunk)
+                totals["valid_chunks"] += share / (args.grad_accum * len(teachers))
+            loss = losses.combine(ce, kd_terms, [t["weight"] for t in teachers],
+                                  dynamic=args.kd_scaling == "dynamic",
+                                  kd_weight=args.kd_weight, ce_weight=args.ce_weight)
             (loss / args.grad_accum).backward()
             kd_sum = sum(t["weight"] * k.item() for t, k in zip(teachers, kd_terms))
             totals["loss"] += loss.item() / args.grad_accum
@@ -408,9 +346,8 @@ def main(argv: list[str] | None = None) -> None:
             skipped += 1
             bad_in_a_row += 1
             if master:
-                print(
-                    f"warning: non-finite loss at step {step + 1}, update skipped", file=sys.stderr
-                )
+                print(f"warning: non-finite loss at step {step + 1}, update skipped",
+                      file=sys.stderr)
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
@@ -419,14 +356,8 @@ def main(argv: list[str] | None = None) -> None:
             counted = torch.tensor(float(n_tokens), device=device)
             dist.all_reduce(counted)
             n_tokens = int(counted.item())
-        record = {
-            "step": step,
-            "lr": args.lr * scale,
-            **totals,
-            "grad_norm": grad_norm,
-            "tokens_per_s": n_tokens / (time.perf_counter() - started),
-            "skipped": skipped,
-        }
+        record = {"step": step, "lr": args.lr * scale, **totals, "grad_norm": grad_norm,
+                  "tokens_per_s": n_tokens / (time.perf_counter() - started), "skipped": skipped}
         for t, value in zip(teachers, per_kd):
             record[f"kd/{t['name']}"] = value
         record["data_issues"] = dict(issue_counts(data_state))  # skipped/split docs, by reason
@@ -434,28 +365,14 @@ def main(argv: list[str] | None = None) -> None:
         if step % args.log_every == 0 or step == last_step or stopping:
             logger.log(record)
         if stopping:
-            fail(
-                f"{bad_in_a_row} non-finite steps in a row (last at step {step}): lower --lr, "
-                "check the data, or resume from an earlier checkpoint"
-            )
+            fail(f"{bad_in_a_row} non-finite steps in a row (last at step {step}): lower --lr, "
+                 "check the data, or resume from an earlier checkpoint")
         if progress:
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.3f}", ce=f"{record['ce']:.3f}")
         if step % args.save_every == 0 or step == last_step:
-            save_checkpoint(
-                out_dir,
-                step,
-                student,
-                student_tok,
-                optimizer,
-                projections,
-                data_state,
-                skipped,
-                args,
-                rank,
-                world_size,
-                ddp,
-            )
+            save_checkpoint(out_dir, step, student, student_tok, optimizer, projections,
+                            data_state, skipped, args, rank, world_size, ddp)
     if progress:
         progress.close()
     logger.close()
@@ -465,42 +382,18 @@ def main(argv: list[str] | None = None) -> None:
 
 def kd_loss(t: dict, s_logits, t_logits, s_chunk, t_chunk, batch, args) -> torch.Tensor:
     """The KD term of one teacher, by its loss (METHOD.md 5.2-5.4)."""
-    if t["loss"] == "kl":  # same tokenizer: position p of both models predicts the same token
-        return losses.kl_loss(
-            s_logits,
-            t_logits,
-            batch["labels"] != -100,
-            vocab_topk=args.vocab_topk,
-            temperature=args.temperature,
-        )
-    if t["loss"] == "pkl":
-        return losses.pkl_loss(
-            s_logits,
-            t_logits,
-            s_chunk,
-            t_chunk,
-            t["W"],
-            vocab_topk=args.vocab_topk,
-            temperature=args.temperature,
-        )
-    if t["loss"] == "uld":
-        return losses.uld_loss(
-            s_logits,
-            t_logits,
-            s_chunk,
-            t_chunk,
-            uld_topk=args.uld_topk,
-            temperature=args.temperature,
-        )
-    return losses.gold_loss(
-        s_logits,
-        t_logits,
-        s_chunk,
-        t_chunk,
-        t["pairs"],
-        uld_topk=args.uld_topk,
-        temperature=args.temperature,
-    )
+    tau, name = args.temperature, t["loss"]
+    if name == "kl":  # same tokenizer: position p of both models predicts the same token
+        mask = batch["labels"] != -100
+        return losses.kl_loss(s_logits, t_logits, mask, vocab_topk=args.vocab_topk, temperature=tau)
+    if name == "pkl":
+        return losses.pkl_loss(s_logits, t_logits, s_chunk, t_chunk, t["W"],
+                               vocab_topk=args.vocab_topk, temperature=tau)
+    if name == "uld":
+        return losses.uld_loss(s_logits, t_logits, s_chunk, t_chunk, uld_topk=args.uld_topk,
+                               temperature=tau)
+    return losses.gold_loss(s_logits, t_logits, s_chunk, t_chunk, t["pairs"],  # gold and hkl
+                            uld_topk=args.uld_topk, temperature=tau)
 
 
 def set_up_run(args, rank: int, world_size: int, device, teacher_dtype, ddp: bool):
@@ -519,12 +412,8 @@ def set_up_run(args, rank: int, world_size: int, device, teacher_dtype, ddp: boo
         loss_names = []
     elif "ce" in loss_names:
         raise ValueError("--loss ce is the no-teacher baseline: drop --teacher or pick a KD loss")
-    weights = per_teacher(
-        args.teacher_weight,
-        len(teachers_names),
-        1.0 / max(1, len(teachers_names)),
-        "teacher-weight",
-    )
+    weights = per_teacher(args.teacher_weight, len(teachers_names),
+                          1.0 / max(1, len(teachers_names)), "teacher-weight")
     projection_files = per_teacher(args.projection, len(teachers_names), None, "projection")
     if args.learn_projection and not loss_names.count("pkl") and "auto" not in loss_names:
         raise ValueError("--learn-projection learns W for P-KL: use it with --loss pkl")
@@ -538,19 +427,15 @@ def set_up_run(args, rank: int, world_size: int, device, teacher_dtype, ddp: boo
     if os.path.exists(config_path) and not args.overwrite:
         with open(config_path) as f:
             saved = json.load(f)
-        changed = sorted(
-            k for k in RESUME_KEYS if json.dumps(saved.get(k)) != json.dumps(config[k])
-        )
+        changed = sorted(k for k in RESUME_KEYS
+                         if json.dumps(saved.get(k)) != json.dumps(config[k]))
         if changed:
-            raise ValueError(
-                f"{out_dir} holds a run with another configuration ({', '.join(changed)} "
-                "differ): pick another --out-dir, or pass --overwrite"
-            )
+            raise ValueError(f"{out_dir} holds a run with another configuration "
+                             f"({', '.join(changed)} differ): pick another --out-dir, or pass "
+                             "--overwrite")
         if previous and not args.resume:
-            raise ValueError(
-                f"{out_dir} holds a run (step {previous[-1][0]}): pass --resume to "
-                "continue it or --overwrite to start over"
-            )
+            raise ValueError(f"{out_dir} holds a run (step {previous[-1][0]}): pass --resume to "
+                             "continue it or --overwrite to start over")
     if ddp:
         dist.barrier()  # every rank has read the old state before rank 0 changes it
     if master:
@@ -558,9 +443,8 @@ def set_up_run(args, rank: int, world_size: int, device, teacher_dtype, ddp: boo
         if args.overwrite:
             for _, path in previous:
                 shutil.rmtree(path)
-            for name in ("metrics.jsonl",):
-                if os.path.exists(os.path.join(out_dir, name)):
-                    os.remove(os.path.join(out_dir, name))
+            if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+                os.remove(os.path.join(out_dir, "metrics.jsonl"))
         with open(config_path, "w") as f:
             json.dump(config, f, indent=2)
     previous = [] if args.overwrite else previous
@@ -584,45 +468,31 @@ def set_up_run(args, rank: int, world_size: int, device, teacher_dtype, ddp: boo
         same_tokenizer = tokenizer_hash(tok) == tokenizer_hash(student_tok)
         if t["loss"] == "kl" or (t["loss"] == "auto" and same_tokenizer):
             if not same_tokenizer:
-                raise ValueError(
-                    f"--loss kl needs the student's tokenizer; teacher {name} has "
-                    "another: use pkl, hkl or gold"
-                )
+                raise ValueError(f"--loss kl needs the student's tokenizer; teacher {name} has "
+                                 "another: use pkl, hkl or gold")
             if vocab != student_vocab:
-                raise ValueError(
-                    f"teacher {name} has {vocab} output rows, the student "
-                    f"{student_vocab}: KL needs equal vocabularies"
-                )
+                raise ValueError(f"teacher {name} has {vocab} output rows, the student "
+                                 f"{student_vocab}: KL needs equal vocabularies")
             t["loss"] = "kl"
             teachers.append(t)
             continue
         # W: the given file, or a cached build keyed by both tokenizer hashes and vocab sizes
+        key = f"{tokenizer_hash(student_tok)[:16]}-{tokenizer_hash(tok)[:16]}"
         path = projection_files[i] or os.path.join(
-            args.projection_cache,
-            (
-                f"W-{tokenizer_hash(student_tok)[:16]}-{tokenizer_hash(tok)[:16]}-"
-                f"{student_vocab}x{vocab}.pt"
-            ),
-        )
+            args.projection_cache, f"W-{key}-{student_vocab}x{vocab}.pt")
+        if projection_files[i] and not os.path.exists(path):
+            raise ValueError(f"projection file {path} does not exist")
         if master and not os.path.exists(path):
-            if projection_files[i]:
-                raise ValueError(f"projection file {path} does not exist")
             print(f"building W for {args.student} -> {name} into {path}")
-            save_projection(
-                build_projection(
-                    student_tok, tok, student_vocab_size=student_vocab, teacher_vocab_size=vocab
-                ),
-                path,
-            )
+            save_projection(build_projection(student_tok, tok, student_vocab_size=student_vocab,
+                                             teacher_vocab_size=vocab), path)
         if ddp:
             dist.barrier()
         projection = load_projection(path, student_tok, tok)
         if tuple(projection["W"].shape) != (student_vocab, vocab):
-            raise ValueError(
-                f"teacher {name}'s vocabulary ({vocab} rows; student {student_vocab}) "
-                f"does not match its W {tuple(projection['W'].shape)} in {path}: "
-                "rebuild W with --student-vocab-size/--teacher-vocab-size"
-            )
+            raise ValueError(f"teacher {name}'s vocabulary ({vocab} rows; student {student_vocab})"
+                             f" does not match its W {tuple(projection['W'].shape)} in {path}: "
+                             "rebuild W with --student-vocab-size/--teacher-vocab-size")
         if t["loss"] == "auto":
             from audit import audit
 
@@ -635,9 +505,8 @@ def set_up_run(args, rank: int, world_size: int, device, teacher_dtype, ddp: boo
             if args.learn_projection:
                 projections.append(t["W"])
         elif t["loss"] == "hkl":
-            t["pairs"] = losses.hkl_pairs(
-                W, projection["exact_pairs"], threshold=args.hkl_threshold
-            ).to(device)
+            pairs = losses.hkl_pairs(W, projection["exact_pairs"], threshold=args.hkl_threshold)
+            t["pairs"] = pairs.to(device)
         elif t["loss"] == "gold":
             t["pairs"] = projection["exact_pairs"].to(device)
         teachers.append(t)
@@ -652,39 +521,22 @@ def set_up_run(args, rank: int, world_size: int, device, teacher_dtype, ddp: boo
             student.tie_weights()
         state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
         if state["world_size"] != world_size:
-            raise ValueError(
-                f"{path} was written by {state['world_size']} ranks, this run has "
-                f"{world_size}: resume with the same number of processes"
-            )
+            raise ValueError(f"{path} was written by {state['world_size']} ranks, this run has "
+                             f"{world_size}: resume with the same number of processes")
         for proj, proj_state in zip(projections, state["projections"]):
             proj.load_state_dict(proj_state)
         mine = torch.load(os.path.join(path, f"rank_{rank}.pt"), weights_only=True)
         torch.set_rng_state(mine["torch_rng"])
         random.setstate((mine["python_rng"][0], tuple(mine["python_rng"][1]), None))
-        resume_state = {
-            "optimizer": state["optimizer"],
-            "skipped": state["skipped"],
-            "data_state": mine["data_state"],
-        }
+        resume_state = {"optimizer": state["optimizer"], "skipped": state["skipped"],
+                        "data_state": mine["data_state"]}
         if master:
             print(f"resuming from {path}")
     return student, student_tok, teachers, projections, out_dir, start_step, resume_state
 
 
-def save_checkpoint(
-    out_dir,
-    step,
-    student,
-    tok,
-    optimizer,
-    projections,
-    data_state,
-    skipped,
-    args,
-    rank,
-    world_size,
-    ddp,
-) -> None:
+def save_checkpoint(out_dir, step, student, tok, optimizer, projections, data_state, skipped,
+                    args, rank, world_size, ddp) -> None:
     """out_dir/step_N/: save_pretrained weights + tokenizer (lm-eval/vLLM load it as it is), the
     trainer state, and each rank's RNG and data position. Written into a temp directory that is
     renamed when complete, so a kill mid-write leaves the previous checkpoint intact."""
@@ -693,28 +545,16 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         student.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "step": step,
-                "skipped": skipped,
-                "world_size": world_size,
-                "projections": [p.state_dict() for p in projections],
-                "args": json.dumps(vars(args), default=str),
-            },
-            os.path.join(tmp, "trainer_state.pt"),
-        )
+        torch.save({"optimizer": optimizer.state_dict(), "step": step, "skipped": skipped,
+                    "world_size": world_size, "projections": [p.state_dict() for p in projections],
+                    "args": json.dumps(vars(args), default=str)},
+                   os.path.join(tmp, "trainer_state.pt"))
     if ddp:
         dist.barrier()
     python_rng = random.getstate()
-    torch.save(
-        {
-            "torch_rng": torch.get_rng_state(),
-            "data_state": data_state,
-            "python_rng": [python_rng[0], list(python_rng[1])],
-        },
-        os.path.join(tmp, f"rank_{rank}.pt"),
-    )
+    torch.save({"torch_rng": torch.get_rng_state(), "data_state": data_state,
+                "python_rng": [python_rng[0], list(python_rng[1])]},
+               os.path.join(tmp, f"rank_{rank}.pt"))
     if ddp:
         dist.barrier()
     if rank == 0:
