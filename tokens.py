@@ -377,11 +377,6 @@ def _encode_fragment(backend: Tokenizer, kind: str, piece: bytes) -> list[int]:
     return [i for i in ids if i is not None]
 
 
-def byte_lengths(token_bytes_table: list[bytes | None]) -> np.ndarray:
-    """Length in bytes of every id (0 for special tokens): cheap lookups for alignment."""
-    return np.array([len(b) if b is not None else 0 for b in token_bytes_table], dtype=np.int64)
-
-
 # ----------------------------------------------------------------------------- files
 
 
