@@ -68,8 +68,8 @@ def audit(
 ) -> dict:
     """Coverage per category and the recommended loss; the dict that --json writes."""
     import torch
-    from losses import hkl_pairs
 
+    from losses import hkl_pairs
     from tokens import token_bytes
 
     W, exact = projection["W"].coalesce(), projection["exact_pairs"]

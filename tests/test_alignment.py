@@ -10,10 +10,10 @@ import unicodedata
 
 import numpy as np
 import pytest
-from conftest import get_tokenizer
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
+from conftest import get_tokenizer
 from tokens import _spans_from_offsets, align_text, predictor_chunks, token_bytes, token_spans
 
 TEXTS = {

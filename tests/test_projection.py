@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, get_projection, get_tokenizer
 
 import build_projection
 from build_projection import build_projection as build
 from build_projection import load_projection, save_projection
+from conftest import ROOT, get_projection, get_tokenizer
 from tokens import token_bytes, tokenizer_hash
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import get_tokenizer
 
+from conftest import get_tokenizer
 from tokens import (
     PACKAGED,
     atomic_write,

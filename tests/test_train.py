@@ -17,10 +17,10 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import ROOT
 
 import losses
 import train
+from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -304,9 +304,8 @@ def test_unknown_preset_is_an_error(tmp_path, capsys):
 
 
 def test_teacher_whose_vocabulary_does_not_match_its_W_is_an_error(tmp_path, cache, capsys):
-    from conftest import get_tokenizer
-
     from build_projection import build_projection, save_projection
+    from conftest import get_tokenizer
 
     wrong = tmp_path / "W_wrong.pt"  # built for the tokenizer's size, not the model's 151,680 rows
     save_projection(
