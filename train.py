@@ -365,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
         if step % args.log_every == 0 or step == last_step or stopping:
             logger.log(record)
         if stopping:
+            if progress:
+                progress.close()
             fail(f"{bad_in_a_row} non-finite steps in a row (last at step {step}): lower --lr, "
                  "check the data, or resume from an earlier checkpoint")
         if progress:
