@@ -363,17 +363,21 @@ def gold_loss(
             loss = (log_pt_c.exp() * log_pt_c).sum() - (pt_at_student_ids * log_ps).sum()
         if k and uld_weight:
             with torch.no_grad():  # which uncommon ids rank in the top k (no gradient)
-                top = torch.topk(log_ps if us is None else log_ps.index_select(1, us), k).indices
-                top_ps_ids = top if us is None else us[top]
-                top_pt = torch.topk(
-                    log_pt if ut is None else log_pt.index_select(1, ut), k
-                ).values.exp()
+                top_ps_ids = _top_ids(log_ps, us, k)
+                top_pt = log_pt.gather(1, _top_ids(log_pt, ut, k)).exp()
             top_ps = log_ps.gather(1, top_ps_ids).exp()
             # L_ULD = sum_i |sort(pS[U_S])_i - sort(pT[U_T])_i|, i < min(|U_S|, |U_T|, uld_topk)
             loss = loss + uld_weight * (top_ps - top_pt).abs().sum()
         return loss
 
     return _block_sum(block_loss, blocks, temperature**2 / max(n_valid, 1), s_logits)
+
+
+def _top_ids(x: Tensor, ids: Tensor | None, k: int) -> Tensor:
+    """Per row, the k ids among `ids` (None: all columns) with the largest x, largest first."""
+    if ids is None:
+        return torch.topk(x, k).indices
+    return ids[torch.topk(x.index_select(1, ids), k).indices]
 
 
 def _uncommon(common: Tensor, vocab: int) -> Tensor | None:
