@@ -28,20 +28,15 @@ def cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("w_cache"))
 
 
+def tiny_argv(out_dir, cache: str, *extra: str) -> list[str]:
+    """train.py's arguments for an in-process tiny run (no DataLoader workers)."""
+    return ["--preset", "tiny", "--out-dir", str(out_dir), "--projection-cache", cache,
+            "--num-workers", "0", *extra]  # fmt: skip
+
+
 def run(out_dir, cache: str, *extra: str) -> list[dict]:
     """train.main in this process; returns the metrics.jsonl records."""
-    argv = [
-        "--preset",
-        "tiny",
-        "--out-dir",
-        str(out_dir),
-        "--projection-cache",
-        cache,
-        "--num-workers",
-        "0",
-        *extra,
-    ]
-    train.main(argv)
+    train.main(tiny_argv(out_dir, cache, *extra))
     return read_metrics(out_dir)
 
 
@@ -268,21 +263,7 @@ def test_sigkilled_ddp_run_resumes_with_identical_losses(tmp_path, cache):
 
 def fails_with(capsys, cache, out_dir, *argv: str) -> str:
     with pytest.raises(SystemExit) as info:
-        train.main(
-            [
-                "--preset",
-                "tiny",
-                "--out-dir",
-                str(out_dir),
-                "--projection-cache",
-                cache,
-                "--num-workers",
-                "0",
-                "--max-steps",
-                "1",
-                *argv,
-            ]
-        )
+        train.main(tiny_argv(out_dir, cache, "--max-steps", "1", *argv))
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     return err[-1]
