@@ -458,7 +458,8 @@ def set_up_run(args, rank: int, world_size: int, device, teacher_dtype, ddp: boo
     student_tok = load_tokenizer(args.student, trust_remote_code=args.trust_remote_code)
     student = load_model(args.student, student_tok, args, torch.float32).to(device)
     if args.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
+        enable = getattr(student, "activation_checkpointing_enable", None)  # transformers >= 5
+        (enable or student.gradient_checkpointing_enable)()
     student_vocab = student.get_output_embeddings().weight.shape[0]
     teachers, projections = [], []
     for i, name in enumerate(teachers_names):
@@ -518,8 +519,13 @@ def set_up_run(args, rank: int, world_size: int, device, teacher_dtype, ddp: boo
     start_step = 0
     if args.resume and previous:
         start_step, path = previous[-1]
-        student.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=False)
-        if student.config.tie_word_embeddings:
+        weights = load_file(os.path.join(path, "model.safetensors"))
+        missing, unexpected = student.load_state_dict(weights, strict=False)
+        tied = {"lm_head.weight"} if student.config.tie_word_embeddings else set()
+        if unexpected or set(missing) - tied:  # only a tied output layer may be absent
+            raise ValueError(f"{path} does not match the student ({len(missing)} missing, "
+                             f"{len(unexpected)} unexpected weights): resume with the same model")
+        if tied:
             student.tie_weights()
         state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
         if state["world_size"] != world_size:

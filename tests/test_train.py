@@ -135,6 +135,14 @@ def test_learned_projection_moves_and_is_checkpointed(tmp_path, cache):
     assert not torch.allclose(proj["logits"], initial)  # lr 1e-2 moved the weights
 
 
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, cache):
+    plain = run(tmp_path / "plain", cache, "--loss", "pkl", "--max-steps", "2")
+    checkpointed = run(tmp_path / "gc", cache, "--loss", "pkl", "--max-steps", "2",
+                       "--gradient-checkpointing")  # fmt: skip
+    for a, b in zip(plain, checkpointed):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+
+
 def test_checkpoint_loads_with_transformers(tmp_path, cache):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
