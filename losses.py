@@ -109,7 +109,7 @@ def _teacher_rows(t_logits: Tensor, b: _Block, cols: Tensor | None, tau: float, 
     t = (t if cols is None else t.index_select(1, cols)).to(dtype)
     if not bool(torch.isfinite(t.sum())):  # a sum keeps NaN and inf, with no mask tensor
         raise ValueError(NON_FINITE)
-    return t if tau == 1 else t / tau
+    return _scaled(t, tau)
 
 
 def _teacher_subset(t_logits: Tensor, blocks: list[_Block], k: int) -> Tensor | None:
@@ -169,7 +169,7 @@ class _BlockSum(torch.autograd.Function):
 
 
 def _block_sum(block_loss: Callable, blocks, scale: float, s_logits: Tensor, *params) -> Tensor:
-    dtype = torch.float64 if s_logits.dtype == torch.float64 else torch.float32
+    dtype = _compute_dtype(s_logits)
     if not blocks:  # no valid chunk: an exact 0 whose gradient is zeros
         return s_logits[..., :0].sum().to(dtype)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (s_logits, *params)):
@@ -190,6 +190,11 @@ def _check(s_logits: Tensor, t_logits: Tensor, s_chunk: Tensor, t_chunk: Tensor,
             )
     if tau <= 0:
         raise ValueError(f"temperature must be > 0, got {tau}")
+
+
+def _compute_dtype(s_logits: Tensor) -> torch.dtype:
+    """float32 for any input (bf16 included); float64 stays float64, for the reference tests."""
+    return torch.float64 if s_logits.dtype == torch.float64 else torch.float32
 
 
 def _rows_per_block(vocab: int) -> int:
@@ -300,7 +305,7 @@ def pkl_loss(
         col_in_subset[subset] = torch.arange(k, device=cols.device)
         cols = col_in_subset[cols]
         rows, cols, w = rows[cols >= 0], cols[cols >= 0], w[cols >= 0]
-    dtype = torch.float64 if s_logits.dtype == torch.float64 else torch.float32
+    dtype = _compute_dtype(s_logits)
 
     def block_loss(x: Tensor, b: _Block, w: Tensor) -> Tensor:
         p = torch.softmax(_scaled(x, temperature), -1)
@@ -349,7 +354,7 @@ def gold_loss(
     us, ut = _uncommon(cs, vs), _uncommon(ct, vt)
     k = min(vs - len(cs), vt - len(ct), uld_topk if uld_topk > 0 else vs)
     blocks, n_valid = _chunk_blocks(s_chunk, t_chunk, _rows_per_block(vs), _rows_per_block(vt))
-    dtype = torch.float64 if s_logits.dtype == torch.float64 else torch.float32
+    dtype = _compute_dtype(s_logits)
 
     def block_loss(x: Tensor, b: _Block) -> Tensor:
         log_ps = _chunk_mean(torch.log_softmax(_scaled(x, temperature), -1), b.s_mean)
@@ -450,7 +455,7 @@ def kl_loss(
     k = v if vocab_topk <= 0 else min(vocab_topk, v)
     blocks, n_valid = _chunk_blocks(chunk, chunk, _rows_per_block(v), _rows_per_block(v))
     subset = _teacher_subset(t_logits, blocks, k) if blocks else None
-    dtype = torch.float64 if s_logits.dtype == torch.float64 else torch.float32
+    dtype = _compute_dtype(s_logits)
 
     def block_loss(x: Tensor, b: _Block) -> Tensor:
         log_pt = torch.log_softmax(_teacher_rows(t_logits, b, subset, temperature, dtype), -1)
