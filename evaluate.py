@@ -26,7 +26,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -373,15 +372,11 @@ def paper_markdown() -> str:
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Temp file in the same directory, then rename: an interrupted run never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """tokens.atomic_write (temp file, then rename): an interrupted run never leaves half a file."""
+    from tokens import atomic_write  # imported here: --paper and input errors stay instant
+
+    payload = data.encode() if isinstance(data, str) else data
+    atomic_write(str(path), lambda f: f.write(payload))
 
 
 # -----------------------------------------------------------------------------
