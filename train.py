@@ -316,14 +316,16 @@ def main(argv: list[str] | None = None) -> None:
                 except ValueError as e:
                     raise SystemExit(f"error: teacher {t['name']}: {e}") from None
                 kd_terms.append(kd)
-                per_kd[i] += kd.item() / args.grad_accum
                 share = valid_chunk_fraction(s_chunk, t_chunk)
                 totals["valid_chunks"] += share / (args.grad_accum * len(teachers))
             loss = losses.combine(ce, kd_terms, [t["weight"] for t in teachers],
                                   dynamic=args.kd_scaling == "dynamic",
                                   kd_weight=args.kd_weight, ce_weight=args.ce_weight)
             (loss / args.grad_accum).backward()
-            kd_sum = sum(t["weight"] * k.item() for t, k in zip(teachers, kd_terms))
+            kd_values = [k.item() for k in kd_terms]  # one device sync per term and micro-step
+            for i, value in enumerate(kd_values):
+                per_kd[i] += value / args.grad_accum
+            kd_sum = sum(t["weight"] * value for t, value in zip(teachers, kd_values))
             totals["loss"] += loss.item() / args.grad_accum
             totals["ce"] += ce.item() / args.grad_accum
             totals["kd"] += kd_sum / args.grad_accum
