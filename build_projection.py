@@ -67,9 +67,7 @@ def model_vocab_size(name_or_path: str) -> int | None:
 def _teacher_index(t_bytes: list[bytes | None], t_vocab: dict[str, int]) -> dict[bytes, int]:
     """bytes -> teacher id. Where two teacher ids share bytes (SentencePiece '<0x41>' and 'A'),
     the regular piece wins over the byte-fallback piece, then the lowest id."""
-    fallback = {
-        i for text, i in t_vocab.items() if text.startswith("<0x") and is_byte_fallback_piece(text)
-    }
+    fallback = {i for text, i in t_vocab.items() if is_byte_fallback_piece(text)}
     index: dict[bytes, int] = {}
     for i in sorted(range(len(t_bytes)), key=lambda i: (i not in fallback, -i)):
         if t_bytes[i] is not None:

@@ -294,13 +294,16 @@ def token_bytes(
         for text, i in vocab.items():
             if i in added:
                 continue
-            m = _SP_BYTE.match(text) if text.startswith("<0x") else None
-            out[i] = bytes([int(m.group(1), 16)]) if m else text.replace("▁", " ").encode()
+            if is_byte_fallback_piece(text):
+                out[i] = bytes([int(text[3:5], 16)])
+            else:
+                out[i] = text.replace("▁", " ").encode()
     return out
 
 
 def is_byte_fallback_piece(text: str) -> bool:
-    return bool(_SP_BYTE.match(text))
+    """A SentencePiece byte piece "<0xHH>" (the prefix test skips the regex for most tokens)."""
+    return text.startswith("<0x") and bool(_SP_BYTE.match(text))
 
 
 def _without_prefix_space(backend: Tokenizer) -> Tokenizer:
