@@ -275,7 +275,11 @@ _SP_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 def token_bytes(
     tok: PreTrainedTokenizerFast, vocab: dict[str, int] | None = None
 ) -> list[bytes | None]:
-    """Canonical bytes of every tokenizer id (index = id); None for added/special tokens."""
+    """Canonical bytes of every tokenizer id (index = id); None for added/special tokens.
+    Computed once per tokenizer object (W, the audit and the data pipeline all need it)."""
+    cached = getattr(tok, "_xtoken_bytes", None)
+    if cached and len(cached) == len(tok):
+        return list(cached)
     kind = tokenizer_kind(tok)
     backend = tok.backend_tokenizer
     vocab = vocab or backend.get_vocab(with_added_tokens=True)
@@ -298,7 +302,8 @@ def token_bytes(
                 out[i] = bytes([int(text[3:5], 16)])
             else:
                 out[i] = text.replace("▁", " ").encode()
-    return out
+    tok._xtoken_bytes = out
+    return list(out)
 
 
 def is_byte_fallback_piece(text: str) -> bool:
