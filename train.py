@@ -38,12 +38,30 @@ RESUME_KEYS = ("student", "teacher", "loss", "teacher_weight", "learn_projection
                "batch_size", "grad_accum", "chunk_merge", "kd_scaling", "kd_weight", "ce_weight",
                "preset", "data", "seed", "vocab_topk", "uld_topk", "hkl_threshold", "temperature",
                "lr")
-# --preset tiny: small random models sized to the REAL tokenizers' vocabularies (no downloads).
+# Presets build random models with the REAL tokenizers (no downloads). tiny: 2 layers, width 64,
+# for CPU tests and the demo. shapes-1b-4b: Llama-3.2-1B and Qwen3-4B shapes, for GPU throughput
+# (random weights: the speed of a step does not depend on them); 6 x 2,048 tokens per GPU per step
+# as in the public reference run (global batch 96 on 16 GPUs).
 PRESETS = {
     "tiny": dict(student="pkg:llama-3.2", teacher=["pkg:qwen3"], seq_len=64, batch_size=2,
                  grad_accum=1, max_steps=20, lr=1e-3, min_lr=1e-4, warmup_steps=2, log_every=1,
                  save_every=10, num_workers=1),
+    "shapes-1b-4b": dict(student="pkg:llama-3.2", teacher=["pkg:qwen3"], seq_len=2048,
+                         batch_size=2, grad_accum=3, max_steps=20, warmup_steps=2, log_every=1,
+                         save_every=0, num_workers=4),
 }
+# Model shapes of the presets: (llama, qwen3) by preset; vocab is at least the tokenizer's size.
+SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         vocab_size=128256),
+    "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     vocab_size=151936),
+}
+PRESET_SHAPES = {"tiny": ("tiny", "tiny"), "shapes-1b-4b": ("llama-3.2-1b", "qwen3-4b")}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -91,7 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--overwrite", action="store_true", help="discard a previous run in --out-dir")
     a("--seed", type=int, default=1337)
     a("--preset", choices=sorted(PRESETS))
-    a("--save-every", type=int, default=1000)
+    a("--save-every", type=int, default=1000, help="0: no checkpoints (benchmarks)")
     a("--keep-last", type=int, default=3)
     a("--log-every", type=int, default=10)
     a("--compile", action="store_true")
@@ -127,37 +145,33 @@ def per_teacher(values: list | None, n: int, default, name: str) -> list:
     return values
 
 
-def tiny_model(arch: str, vocab_size: int, seq_len: int):
-    """A small random Llama/Qwen3 sized to a real vocabulary: the output layer dominates."""
+def tiny_model(arch: str, vocab_size: int, seq_len: int, shape: str = "tiny"):
+    """A random Llama/Qwen3 of a SHAPES entry, with at least vocab_size output rows."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    shape = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max(4 * seq_len, 512),
-        tie_word_embeddings=True,
-    )
+    config = dict(SHAPES[shape], max_position_embeddings=max(4 * seq_len, 512),
+                  tie_word_embeddings=True)  # fmt: skip
+    config["vocab_size"] = max(vocab_size, config.get("vocab_size", 0))
     if arch == "qwen3":
-        return Qwen3ForCausalLM(Qwen3Config(head_dim=16, **shape))
-    return LlamaForCausalLM(LlamaConfig(**shape))
+        return Qwen3ForCausalLM(Qwen3Config(**config))
+    return LlamaForCausalLM(LlamaConfig(**config))
 
 
-def load_model(name: str, tok, args, dtype: torch.dtype):
-    """A checkpoint directory or hub model; a random tiny model for pkg: names with --preset."""
+def load_model(name: str, tok, args, dtype: torch.dtype, device: torch.device):
+    """A checkpoint directory or hub model; a random preset model for pkg: names with --preset."""
     from transformers import AutoModelForCausalLM
 
     if name.startswith("pkg:") and not os.path.isdir(name):
         if not args.preset:
             raise ValueError(f"{name} is a tokenizer, not a model: use it with --preset tiny")
         vocab = -(-len(tok) // 64) * 64  # pad to a multiple of 64, as real models do
-        return tiny_model("qwen3" if "qwen" in name else "llama", vocab, args.seq_len)
+        arch = "qwen3" if "qwen" in name else "llama"
+        shape = PRESET_SHAPES[args.preset][arch == "qwen3"]
+        with torch.device(device):  # initialised where it runs: a 4B model is slow to init on CPU
+            return tiny_model(arch, vocab, args.seq_len, shape).to(dtype)
     return AutoModelForCausalLM.from_pretrained(
         name, dtype=dtype, trust_remote_code=args.trust_remote_code
-    )
+    ).to(device)
 
 
 def first_positions_only(chunk: torch.Tensor) -> torch.Tensor:
@@ -360,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
             n_tokens = int(counted.item())
         record = {"step": step, "lr": args.lr * scale, **totals, "grad_norm": grad_norm,
                   "tokens_per_s": n_tokens / (time.perf_counter() - started), "skipped": skipped}
+        if cuda:
+            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         for t, value in zip(teachers, per_kd):
             record[f"kd/{t['name']}"] = value
         record["data_issues"] = dict(issue_counts(data_state))  # skipped/split docs, by reason
@@ -374,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
         if progress:
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.3f}", ce=f"{record['ce']:.3f}")
-        if step % args.save_every == 0 or step == last_step:
+        if args.save_every and (step % args.save_every == 0 or step == last_step):
             save_checkpoint(out_dir, step, student, student_tok, optimizer, projections,
                             data_state, skipped, args, rank, world_size, ddp)
     if progress:
@@ -458,7 +474,7 @@ def set_up_run(args, rank: int, world_size: int, device, teacher_dtype, ddp: boo
     random.seed(args.seed)
     np.random.seed(args.seed)
     student_tok = load_tokenizer(args.student, trust_remote_code=args.trust_remote_code)
-    student = load_model(args.student, student_tok, args, torch.float32).to(device)
+    student = load_model(args.student, student_tok, args, torch.float32, device)
     if args.gradient_checkpointing:
         enable = getattr(student, "activation_checkpointing_enable", None)  # transformers >= 5
         (enable or student.gradient_checkpointing_enable)()
@@ -466,7 +482,7 @@ def set_up_run(args, rank: int, world_size: int, device, teacher_dtype, ddp: boo
     teachers, projections = [], []
     for i, name in enumerate(teachers_names):
         tok = load_tokenizer(name, trust_remote_code=args.trust_remote_code)
-        model = load_model(name, tok, args, teacher_dtype).to(device, teacher_dtype).eval()
+        model = load_model(name, tok, args, teacher_dtype, device).to(device, teacher_dtype).eval()
         model.requires_grad_(False)
         vocab = model.get_output_embeddings().weight.shape[0]
         t = {"name": name, "tok": tok, "model": model, "loss": loss_names[i], "weight": weights[i]}
