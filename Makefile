@@ -46,12 +46,10 @@ demo: venv
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc_per_node=2 train.py --preset tiny \
 		--loss pkl --max-steps 20 --out-dir out/demo-tiny-pkl --overwrite
 
-# Speed and memory of each stage (figures in README): W build, alignment, losses, a train step.
+# Speed and memory of each stage (figures in README): W build, alignment, losses, a train step,
+# evaluate.py's overhead; one after another, then one table (`bench/run_all.py --quick`: minutes).
 bench: venv
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_projection.py
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_alignment.py
-	$(BIN)/python bench/bench_losses.py
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_train.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -2,6 +2,7 @@
 
     python bench/bench_alignment.py              # Llama-3.2 student, Qwen3 teacher
     python bench/bench_alignment.py --repeats 3  # quicker
+    python bench/bench_alignment.py --json OUT.json   # also write the headline figures
 
 Baseline: `student_tok(text)` + `teacher_tok(text)`, the two calls no aligner can avoid. align_text
 does those two encodings itself, through the Rust backend (`backend_tokenizer.encode`, which skips
@@ -23,6 +24,7 @@ os.environ["RAYON_NUM_THREADS"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--student", default="pkg:llama-3.2")
     parser.add_argument("--teacher", default="pkg:qwen3")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", metavar="PATH", help="also write the headline figures here")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -91,6 +94,7 @@ def main() -> None:
     print("| text | student tokens | tok(text) both: tok/s | align_text: tok/s | overhead "
           "| over backend encode |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|")
+    figures = []
     for name, text in texts.items():
         n_tokens = len(student(text)["input_ids"])
         times = {fn: [] for fn in (tokenize_both, encode_both, align_text)}
@@ -102,6 +106,12 @@ def main() -> None:
             f"| {name} | {n_tokens:,} | {n_tokens / t_tok:,.0f} | {n_tokens / t_align:,.0f} | "
             f"{100 * (t_align / t_tok - 1):+.0f}% | {100 * (t_align / t_encode - 1):+.0f}% |"
         )
+        figures.append({"measure": f"align_text overhead, {name}",
+                        "figure": f"{100 * (t_align / t_tok - 1):+.0f}% "
+                                  f"({n_tokens / t_align:,.0f} tok/s)"})  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"stage": "alignment", "figures": figures}, f, indent=1)
 
 
 if __name__ == "__main__":

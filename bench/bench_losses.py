@@ -2,6 +2,7 @@
 
     python bench/bench_losses.py            # N = 4096 positions, VS = 128,256, VT = 151,936, fp32
     python bench/bench_losses.py --quick    # N = 512, one repeat: a smoke test in a minute
+    python bench/bench_losses.py --json OUT.json   # also write the headline figures
 
 Floor: log_softmax forward+backward over the student logits + log_softmax forward over the teacher
 logits (for kl, a teacher with the student's vocabulary). Each loss runs in a fresh subprocess:
@@ -146,6 +147,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="N = 512, one repeat")
     parser.add_argument("--losses", default="floor," + ",".join(LOSSES))
+    parser.add_argument("--json", metavar="PATH", help="also write the headline figures here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -159,6 +161,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, best of {args.repeats}")  # fmt: skip
     print(f"{'loss':<14}{'floor s':>9}{'loss s':>9}{'x floor':>9}{'x floor cpu':>13}"
           f"{'extra GB':>10}{'- grad GB':>11}")  # fmt: skip
+    figures = []
     for name in args.losses.split(","):
         argv = [sys.executable, __file__, "--child", name] + [
             f"--{k}={getattr(args, k)}" for k in ("n", "vs", "vt", "k", "repeats", "threads")
@@ -166,11 +169,20 @@ def main() -> None:
         out = subprocess.run(argv, capture_output=True, text=True)
         if out.returncode:
             print(f"{name:<14}failed: {out.stderr.strip().splitlines()[-1]}")
+            figures.append({"measure": f"{name}: time / floor, extra peak", "figure": "failed"})
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{name:<14}{r['floor_s']:>9.2f}{r['loss_s']:>9.2f}{r['ratio']:>9.2f}"
               f"{r['cpu_ratio']:>13.2f}{r['extra_peak_gb']:>10.2f}"
               f"{r['extra_peak_minus_grad_gb']:>11.2f}")  # fmt: skip
+        gb, beyond = r["extra_peak_gb"], r["extra_peak_minus_grad_gb"]
+        figure = f"{r['ratio']:.2f}x floor; {gb:.2f} GB extra peak ({beyond:.2f} beyond the grad)"
+        measure = "the floor, run against itself" if name == "floor" else f"{name}: time / floor"
+        figures.append({"measure": measure + ", extra peak", "figure": figure})
+    if args.json:
+        setting = f"N={args.n} VS={args.vs} VT={args.vt} K={args.k}, best of {args.repeats}"
+        with open(args.json, "w") as f:
+            json.dump({"stage": "losses", "setting": setting, "figures": figures}, f, indent=1)
 
 
 if __name__ == "__main__":

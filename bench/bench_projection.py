@@ -3,12 +3,13 @@
 Each build runs in a fresh subprocess (imports, tokenizer loading and torch.save included), so the
 figures are what a user waits for. Peak memory is the child's ru_maxrss.
 
-    python bench/bench_projection.py [--repeat 3]
+    python bench/bench_projection.py [--repeat 3] [--json OUT.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -40,15 +41,22 @@ def run_once(student: str, teacher: str, out: str) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", metavar="PATH", help="also write the headline figures here")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} CPU cores; best of {args.repeat} fresh processes")
     print("| student | teacher | wall (s) | peak RSS (MB) |\n|---|---|---|---|")
+    figures = []
     with tempfile.TemporaryDirectory() as tmp:
         for student, teacher in PAIRS:
             runs = [run_once(student, teacher, f"{tmp}/W.pt") for _ in range(args.repeat)]
             wall = min(r[0] for r in runs)
             peak = max(r[1] for r in runs)
             print(f"| {student} | {teacher} | {wall:.1f} | {peak:.0f} |")
+            figures.append({"measure": f"{student} -> {teacher}: wall, peak RSS",
+                            "figure": f"{wall:.1f} s, {peak:.0f} MB peak RSS"})  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"stage": "W build", "figures": figures}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Each loss trains the tiny preset (random 2-layer models with the real 128k/152k 
 --steps steps in this process; a step's time is read from metrics.jsonl (tokens_per_s), the first
 two steps are dropped as warm-up, and the median is compared with the CE-only baseline's.
 
-    python bench/bench_train.py [--steps 12]
+    python bench/bench_train.py [--steps 12] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def step_seconds(args: list[str], steps: int, cache: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=12, help="at least 3 (2 are warm-up)")
+    parser.add_argument("--json", metavar="PATH", help="also write the headline figures here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as cache:
         times = {label: step_seconds(run, args.steps, cache) for label, run in RUNS}
@@ -55,6 +56,12 @@ def main() -> None:
     print("| loss | s/step | x CE-only step |\n|---|---:|---:|")
     for label, seconds in times.items():
         print(f"| {label} | {seconds:.3f} | {seconds / base:.2f} |")
+    if args.json:
+        figures = [{"measure": f"{label}: s/step",
+                    "figure": f"{seconds:.3f} s ({seconds / base:.2f}x CE-only)"}
+                   for label, seconds in times.items()]  # fmt: skip
+        with open(args.json, "w") as f:
+            json.dump({"stage": "train step", "figures": figures}, f, indent=1)
 
 
 if __name__ == "__main__":
