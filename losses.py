@@ -13,14 +13,22 @@ Shapes and conventions
   times temperature**2; with no valid chunk, an exact 0 that still backpropagates.
 - Teacher logits are constants (no gradient). The teacher logits that are used must be finite.
 
-Memory: W is never dense. Positions are processed in blocks of whole chunks, about BLOCK_ELEMENTS
-logits per side, and only a scalar crosses blocks. A block's gradient is taken in the forward pass,
-while its softmax is at hand (as in Liger-Kernel's fused losses), and written into one buffer shaped
-like s_logits; backward only scales that buffer, once. Extra memory: the buffer + one block.
+Memory: W is never dense. Positions are processed in blocks of whole chunks, about
+_block_elements(device) logits per side (small on CPU, to stay in cache; on a GPU a share of its
+memory, so that a call is a few large kernels rather than hundreds of small ones), and only a scalar
+crosses blocks. A block's gradient is taken in the forward pass, while its softmax is at hand (as in
+Liger-Kernel's fused losses), and written into one buffer shaped like s_logits; backward only
+scales that buffer, once. Extra memory: the buffer + one block.
+
+Host-device syncs: the blocks are planned on the host from one copy of the chunk ids, and their
+index tensors go to the device in one transfer; nothing inside the loop over blocks reads a device
+value (the teacher's finiteness is gathered on the device and read once, at the end). A call waits
+for the device a fixed few times, however many blocks it has.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -28,66 +36,146 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-BLOCK_ELEMENTS = 1 << 21  # logits per side in a block: 8 MB in fp32 fits CPU caches; GPUs: 1 << 24
+BLOCK_ELEMENTS = 1 << 21  # logits per side in a block on CPU: 8 MB in fp32 fits CPU caches
+# On a GPU, total memory / this many bytes: a block's ~10 fp32 temporaries of [rows, V] take ~4% of
+# it (H200: 147M logits, ~1,150 rows of a 128k vocabulary; 80 GB: ~600 rows)
+CUDA_BYTES_PER_BLOCK_ELEMENT = 1024
 Q_FLOOR = 1e-10  # floor of projected probabilities: a subset id no student token reaches
 NON_FINITE = "teacher logits contain NaN or inf: check the teacher's forward pass and its dtype"
 
 
+class _Mean(NamedTuple):
+    """A chunk mean over a block's rows, slot by slot: slot j holds the j-th row of every chunk
+    with more than j rows, so that a slot's chunks are distinct (no two rows add into one chunk at
+    once: deterministic on a GPU too) and the work is one pass over the rows, not a dense matmul."""
+
+    rows: Tensor  # [rows]: the block's local row indices, slot after slot (slot 0: chunk order)
+    chunks: Tensor  # [rows]: the local chunk (0..n-1) of each
+    weights: Tensor  # [rows] float64: 1 / the chunk's number of rows
+    bounds: tuple[int, ...]  # slot j is [bounds[j], bounds[j + 1]); bounds[1] = n
+
+
 class _Block(NamedTuple):
     s_rows: Tensor | slice  # flat student positions (b * Ts + p) of the block's chunks
-    s_mean: Tensor | None  # [n, rows]: chunk means = s_mean @ rows (None: one row per chunk)
+    s_mean: _Mean | None  # chunk means of those rows (None: one row per chunk)
     t_rows: Tensor | slice
-    t_mean: Tensor | None
+    t_mean: _Mean | None
     n: int  # chunks in the block
 
 
-def _chunk_blocks(
-    s_chunk: Tensor, t_chunk: Tensor, s_budget: int, t_budget: int
-) -> tuple[list[_Block], int]:
-    """Group the valid chunks into blocks of at most ~budget rows per side -> (blocks, n_valid)."""
+class _Plan(NamedTuple):
+    blocks: list[_Block]
+    n_valid: int  # valid chunks
+    s_unused: Tensor | None  # flat student positions outside every valid chunk (gradient 0)
+
+
+def _block_elements(device: torch.device) -> int:
+    """Logits per side in a block: BLOCK_ELEMENTS on CPU, a share of the memory of a GPU."""
+    if device.type == "cuda":
+        return _cuda_block_elements(torch.cuda.get_device_properties(device).total_memory)
+    return BLOCK_ELEMENTS
+
+
+def _cuda_block_elements(total_memory: int) -> int:
+    return max(BLOCK_ELEMENTS, total_memory // CUDA_BYTES_PER_BLOCK_ELEMENT)
+
+
+def _rows_per_block(vocab: int, device: torch.device) -> int:
+    return max(1, _block_elements(device) // max(vocab, 1))
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A host-to-device copy that does not wait for the device (a blocking one would)."""
+    if device.type == "cuda":
+        host = host.pin_memory()  # non_blocking from pinned memory: the host goes on at once
+    return host.to(device, non_blocking=True)
+
+
+def _chunk_blocks(s_chunk: Tensor, t_chunk: Tensor, s_budget: int, t_budget: int) -> _Plan:
+    """Group the valid chunks into blocks of at most ~budget rows per side (a chunk larger than
+    that gets a block of its own). Planned on the host: one device-to-host copy of the chunk ids
+    (the one sync), and the blocks' index tensors go back in one host-to-device copy."""
     device = s_chunk.device
-    k = 1 + max([-1] + [int(c.max()) for c in (s_chunk, t_chunk) if c.numel()])
-    batch = torch.arange(s_chunk.shape[0], device=device)[:, None]
-    g_s, g_t = (torch.where(c >= 0, batch * k + c, -1).flatten() for c in (s_chunk, t_chunk))
+    s_flat, t_flat = s_chunk.reshape(-1).long(), t_chunk.reshape(-1).long()
+    ids = torch.cat([s_flat, t_flat]).cpu()
+    s_host, t_host = ids[: len(s_flat)].view(s_chunk.shape), ids[len(s_flat) :].view(t_chunk.shape)
+    k = 1 + int(ids.max()) if len(ids) else 0
+    batch = torch.arange(s_chunk.shape[0])[:, None]
+    g_s, g_t = (torch.where(c >= 0, batch * k + c, -1).flatten() for c in (s_host, t_host))
     n_s, n_t = (torch.bincount(g[g >= 0], minlength=len(batch) * k) for g in (g_s, g_t))
     valid = (n_s > 0) & (n_t > 0)
     n_valid = int(valid.sum())
     if n_valid == 0:
-        return [], 0
+        return _Plan([], 0, None)
     compact = torch.cumsum(valid, 0) - 1
 
-    def rows_by_chunk(g: Tensor) -> tuple[Tensor, Tensor, list[int]]:
+    def rows_by_chunk(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(rows sorted by chunk, their chunk, each chunk's row count)."""
         rows = ((g >= 0) & valid[g.clamp_min(0)]).nonzero().squeeze(1)
         chunk = compact[g[rows]]
         order = torch.argsort(chunk, stable=True)
-        return rows[order], chunk[order], torch.bincount(chunk, minlength=n_valid).tolist()
+        return rows[order], chunk[order], torch.bincount(chunk, minlength=n_valid)
 
-    def side(rows: Tensor, chunk: Tensor, count: list[int], a: int, first: int, n: int):
-        """(rows, mean matrix) of chunks first..first+n-1, whose rows start at a."""
-        b = a + sum(count[first : first + n])
-        r = rows[a:b].cpu()
-        if torch.equal(r, r[0] + torch.arange(b - a)):  # consecutive positions: read as a view
-            rows_ab = slice(int(r[0]), int(r[0]) + b - a)
-        else:
-            rows_ab = rows[a:b]
-        if b - a == n:
-            return rows_ab, None
-        size = torch.tensor(count[first : first + n], device=device, dtype=torch.float64)
-        mean = torch.zeros(n, b - a, device=device, dtype=torch.float64)
-        mean[chunk[a:b] - first, torch.arange(b - a, device=device)] = 1 / size[chunk[a:b] - first]
-        return rows_ab, mean
+    s_side, t_side = rows_by_chunk(g_s), rows_by_chunk(g_t)
+    # greedy, as a loop over chunks would: a block takes chunks while both sides fit their budget
+    s_end, t_end = ([0, *torch.cumsum(count, 0).tolist()] for _, _, count in (s_side, t_side))
+    firsts = [0]
+    while firsts[-1] < n_valid:
+        c = firsts[-1]
+        fits_s = bisect.bisect_right(s_end, s_end[c] + s_budget) - 1
+        fits_t = bisect.bisect_right(t_end, t_end[c] + t_budget) - 1
+        firsts.append(max(c + 1, min(fits_s, fits_t)))
 
-    (s_rows, s_cid, s_count), (t_rows, t_cid, t_count) = rows_by_chunk(g_s), rows_by_chunk(g_t)
-    blocks, first, s0, t0, ns, nt = [], 0, 0, 0, 0, 0
-    for c in range(n_valid + 1):
-        if c > first and (c == n_valid or ns + s_count[c] > s_budget or nt + t_count[c] > t_budget):
-            s_side = side(s_rows, s_cid, s_count, s0, first, c - first)
-            t_side = side(t_rows, t_cid, t_count, t0, first, c - first)
-            blocks.append(_Block(*s_side, *t_side, c - first))
-            first, s0, t0, ns, nt = c, s0 + ns, t0 + nt, 0, 0
-        if c < n_valid:
-            ns, nt = ns + s_count[c], nt + t_count[c]
-    return blocks, n_valid
+    parts: list[Tensor] = []  # int64 host tensors, sent to the device at once
+    size = [0]
+
+    def put(x: Tensor) -> tuple[int, int]:
+        parts.append(x)
+        size[0] += len(x)
+        return size[0] - len(x), size[0]
+
+    def plan_side(rows: Tensor, chunk: Tensor, count: Tensor, end: list[int]) -> list:
+        """Per block: (rows as a slice or a put range, mean as put ranges or None)."""
+        rank = torch.arange(len(rows)) - (torch.cumsum(count, 0) - count)[chunk]
+        breaks = [0, *torch.cumsum(rows[1:] != rows[:-1] + 1, 0).tolist()]
+        weight = (1 / count.double())[chunk]
+        out = []
+        for first, stop in zip(firsts[:-1], firsts[1:]):
+            a, b = end[first], end[stop]
+            if breaks[b - 1] == breaks[a]:  # consecutive positions: read as a view
+                block_rows = slice(int(rows[a]), int(rows[a]) + b - a)
+            else:
+                block_rows = put(rows[a:b])
+            if b - a == stop - first:
+                out.append((block_rows, None))
+                continue
+            # slot-major: by rank, then chunk (rows of a chunk are consecutive, ranks 0, 1, ...)
+            order = torch.argsort(rank[a:b] * (stop - first) + chunk[a:b] - first)
+            slots = torch.bincount(rank[a:b]).cumsum(0).tolist()
+            mean = (put(order), put(chunk[a:b][order] - first),
+                    put(weight[a:b][order].view(torch.int64)), (0, *slots))  # fmt: skip
+            out.append((block_rows, mean))
+        return out
+
+    s_plan, t_plan = plan_side(*s_side, s_end), plan_side(*t_side, t_end)
+    unused = torch.ones(len(s_flat), dtype=torch.bool)
+    unused[s_side[0]] = False
+    unused_range = put(unused.nonzero().squeeze(1)) if bool(unused.any()) else None
+    buffer = _to_device(torch.cat(parts), device) if parts else None
+
+    def get(r: tuple[int, int] | slice) -> Tensor | slice:
+        return r if isinstance(r, slice) else buffer[r[0] : r[1]]
+
+    def mean(m) -> _Mean | None:
+        if m is None:
+            return None
+        return _Mean(get(m[0]), get(m[1]), get(m[2]).view(torch.float64), m[3])
+
+    blocks = [
+        _Block(get(sr), mean(sm), get(tr), mean(tm), stop - first)
+        for (sr, sm), (tr, tm), first, stop in zip(s_plan, t_plan, firsts[:-1], firsts[1:])
+    ]
+    return _Plan(blocks, n_valid, None if unused_range is None else get(unused_range))
 
 
 def _take(x: Tensor, rows: Tensor | slice) -> Tensor:
@@ -98,21 +186,47 @@ def _take(x: Tensor, rows: Tensor | slice) -> Tensor:
     return x[rows // x.shape[1], rows % x.shape[1]]
 
 
-def _chunk_mean(v: Tensor, mean: Tensor | None) -> Tensor:
-    """[rows, V] -> [n, V]: the mean of each chunk's rows (a small matmul)."""
-    return v if mean is None else mean.to(v.dtype) @ v
+def _chunk_mean(v: Tensor, mean: _Mean | None) -> Tensor:
+    """[rows, V] -> [n, V]: the mean of each chunk's rows, one slot of rows at a time."""
+    if mean is None:
+        return v
+    rows, chunks, w, bounds = mean
+    w = w.to(v.dtype)[:, None]
+    n = bounds[1]
+    # mean_c = sum_j w_c v[row_j(c)], w_c = 1 / |c|: slot 0 (each chunk's first row) is gathered,
+    # each further slot j is added into the chunks that have a j-th row
+    out = v.index_select(0, rows[:n]) * w[:n]
+    for lo, hi in zip(bounds[1:-1], bounds[2:]):
+        out = out.index_add(0, chunks[lo:hi], v.index_select(0, rows[lo:hi]) * w[lo:hi])
+    return out
 
 
-def _teacher_rows(t_logits: Tensor, b: _Block, cols: Tensor | None, tau: float, dtype) -> Tensor:
+class _Finite:
+    """Whether every teacher logit read so far is finite, kept on the device and read once by
+    check(): a bool() per block would make the host wait for the device at every block."""
+
+    def __init__(self, device: torch.device):
+        self.ok = torch.ones((), dtype=torch.bool, device=device)
+
+    def add(self, x: Tensor) -> None:
+        self.ok &= torch.isfinite(x).all()
+
+    def check(self) -> None:
+        if not bool(self.ok):
+            raise ValueError(NON_FINITE)
+
+
+def _teacher_rows(
+    t_logits: Tensor, b: _Block, cols: Tensor | None, tau: float, dtype, finite: _Finite
+) -> Tensor:
     """The block's teacher logits (only the columns `cols` if given) / tau, checked finite."""
     t = _take(t_logits, b.t_rows)
     t = (t if cols is None else t.index_select(1, cols)).to(dtype)
-    if not bool(torch.isfinite(t.sum())):  # a sum keeps NaN and inf, with no mask tensor
-        raise ValueError(NON_FINITE)
+    finite.add(t.sum())  # a sum keeps NaN and inf, with no mask tensor
     return _scaled(t, tau)
 
 
-def _teacher_subset(t_logits: Tensor, blocks: list[_Block], k: int) -> Tensor | None:
+def _teacher_subset(t_logits: Tensor, blocks: list[_Block], k: int, finite: _Finite):
     """The k teacher ids with the largest logit anywhere in the blocks' rows; None = all ids."""
     vt = t_logits.shape[-1]
     if k >= vt:
@@ -120,8 +234,7 @@ def _teacher_subset(t_logits: Tensor, blocks: list[_Block], k: int) -> Tensor | 
     best = torch.full((vt,), float("-inf"), dtype=t_logits.dtype, device=t_logits.device)
     for b in blocks:
         best = torch.maximum(best, _take(t_logits, b.t_rows).amax(0))
-    if not bool(torch.isfinite(best).all()):  # amax keeps NaN and +inf of any column
-        raise ValueError(NON_FINITE)
+    finite.add(best)  # amax keeps NaN and +inf of any column
     return torch.topk(best.float(), k).indices.sort().values
 
 
@@ -130,16 +243,15 @@ class _BlockSum(torch.autograd.Function):
     every block taken in forward; backward scales them by the incoming gradient, once."""
 
     @staticmethod
-    def forward(ctx, block_loss, blocks, scale, dtype, s_logits, *params):
+    def forward(ctx, block_loss, plan, scale, dtype, s_logits, *params):
         grads = [torch.zeros_like(p) if need else None
                  for p, need in zip(params, ctx.needs_input_grad[5:])]  # fmt: skip
         s_grad = None  # every row is written below, so the buffer starts empty, not zeroed
         if ctx.needs_input_grad[4]:
             s_grad = torch.empty_like(s_logits, memory_format=torch.contiguous_format)
-            unused = torch.ones(s_grad.shape[:2], dtype=torch.bool, device=s_grad.device).flatten()
             s_grad = s_grad.view(-1, s_logits.shape[-1])
         total = torch.zeros((), dtype=dtype, device=s_logits.device)
-        for b in blocks:
+        for b in plan.blocks:
             leaves = [_take(s_logits, b.s_rows).detach().to(dtype).requires_grad_()]
             leaves += [p.detach().requires_grad_() for p in params]
             with torch.enable_grad():
@@ -148,12 +260,12 @@ class _BlockSum(torch.autograd.Function):
             total += loss.detach()
             if s_grad is not None:
                 s_grad[b.s_rows] = block_grads[0].to(s_grad.dtype)
-                unused[b.s_rows] = False
             for g, block_g in zip(grads, block_grads[1:]):
                 if g is not None and block_g is not None:
                     g += block_g
         if s_grad is not None:
-            s_grad[unused.nonzero().squeeze(1)] = 0  # positions outside every valid chunk
+            if plan.s_unused is not None:  # positions outside every valid chunk
+                s_grad.index_fill_(0, plan.s_unused, 0)
             s_grad = s_grad.view(s_logits.shape)
         ctx.grads = [s_grad, *grads]
         return total
@@ -163,19 +275,31 @@ class _BlockSum(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None  # hand the buffers over: no copy of [N, V]
         if grads is None:
             raise RuntimeError("a losses.py loss backpropagates once: compute it again")
-        if bool(grad_out != 1):
+        if bool(grad_out != 1):  # one sync per backward; it saves a pass over [N, V] when 1
             grads = [g if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads]
         return None, None, None, None, *grads
 
 
-def _block_sum(block_loss: Callable, blocks, scale: float, s_logits: Tensor, *params) -> Tensor:
+def _block_sum(
+    block_loss: Callable,
+    plan: _Plan,
+    scale: float,
+    s_logits: Tensor,
+    *params,
+    finite: _Finite | None = None,
+) -> Tensor:
     dtype = _compute_dtype(s_logits)
-    if not blocks:  # no valid chunk: an exact 0 whose gradient is zeros
+    if not plan.blocks:  # no valid chunk: an exact 0 whose gradient is zeros
         return s_logits[..., :0].sum().to(dtype)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (s_logits, *params)):
-        return _BlockSum.apply(block_loss, blocks, scale, dtype, s_logits, *params)
-    total = sum(block_loss(_take(s_logits, b.s_rows).to(dtype), b, *params) for b in blocks)
-    return total * scale
+        total = _BlockSum.apply(block_loss, plan, scale, dtype, s_logits, *params)
+    else:
+        blocks = plan.blocks
+        total = sum(block_loss(_take(s_logits, b.s_rows).to(dtype), b, *params) for b in blocks)
+        total = total * scale
+    if finite is not None:  # the one read of the teacher's finiteness, after every block
+        finite.check()
+    return total
 
 
 def _check(s_logits: Tensor, t_logits: Tensor, s_chunk: Tensor, t_chunk: Tensor, tau: float):
@@ -195,10 +319,6 @@ def _check(s_logits: Tensor, t_logits: Tensor, s_chunk: Tensor, t_chunk: Tensor,
 def _compute_dtype(s_logits: Tensor) -> torch.dtype:
     """float32 for any input (bf16 included); float64 stays float64, for the reference tests."""
     return torch.float64 if s_logits.dtype == torch.float64 else torch.float32
-
-
-def _rows_per_block(vocab: int) -> int:
-    return max(1, BLOCK_ELEMENTS // max(vocab, 1))
 
 
 def _scaled(x: Tensor, tau: float) -> Tensor:
@@ -238,8 +358,9 @@ class LearnableProjection(nn.Module):
 
     def entries(self) -> tuple[Tensor, Tensor, Tensor]:
         """(student ids, teacher ids, weights) of the non-zeros; the weights carry gradient."""
-        s = torch.arange(self.shape[0], device=self.index.device)[:, None].expand_as(self.index)
-        return s[self.mask], self.index[self.mask], self.weights()[self.mask]
+        keep = self.mask.flatten().nonzero().squeeze(1)  # one sync, not one per boolean mask
+        s = torch.div(keep, self.mask.shape[1], rounding_mode="floor")
+        return s, self.index.flatten()[keep], self.weights().flatten().index_select(0, keep)
 
     def forward(self) -> Tensor:
         """The current W as a sparse COO [VS, VT] tensor."""
@@ -297,14 +418,17 @@ def pkl_loss(
         raise ValueError(f"W is {list(W.shape)} but the logits have VS={vs}, VT={vt}: "
                          "build W for these two models' vocabulary sizes")  # fmt: skip
     k = vt if vocab_topk <= 0 else min(vocab_topk, vt)
-    blocks, n_valid = _chunk_blocks(s_chunk, t_chunk, _rows_per_block(vs), _rows_per_block(k))
-    subset = _teacher_subset(t_logits, blocks, k) if blocks else None
-    rows, cols, w = (x.to(s_logits.device) for x in _entries(W))
+    device = s_logits.device
+    plan = _chunk_blocks(s_chunk, t_chunk, _rows_per_block(vs, device), _rows_per_block(k, device))
+    finite = _Finite(t_logits.device)
+    subset = _teacher_subset(t_logits, plan.blocks, k, finite) if plan.blocks else None
+    rows, cols, w = (x.to(device) for x in _entries(W))
     if subset is not None:  # keep the entries of W that land in the subset, numbered 0..k-1
         col_in_subset = torch.full((vt,), -1, dtype=torch.long, device=cols.device)
         col_in_subset[subset] = torch.arange(k, device=cols.device)
         cols = col_in_subset[cols]
-        rows, cols, w = rows[cols >= 0], cols[cols >= 0], w[cols >= 0]
+        keep = (cols >= 0).nonzero().squeeze(1)  # one sync (three boolean masks would be three)
+        rows, cols, w = rows[keep], cols[keep], w[keep]
     dtype = _compute_dtype(s_logits)
 
     def block_loss(x: Tensor, b: _Block, w: Tensor) -> Tensor:
@@ -315,12 +439,13 @@ def pkl_loss(
         )
         q = _chunk_mean(q, b.s_mean)
         log_q = (q / q.sum(-1, keepdim=True).clamp_min(Q_FLOOR)).clamp_min(Q_FLOOR).log()
-        t = _teacher_rows(t_logits, b, subset, temperature, dtype)
+        t = _teacher_rows(t_logits, b, subset, temperature, dtype, finite)
         a = _chunk_mean(torch.log_softmax(t, -1), b.t_mean)
         # KL per chunk = sum_t exp(a_t) (a_t - log q_t)
         return (a.exp() * (a - log_q)).sum()
 
-    return _block_sum(block_loss, blocks, temperature**2 / max(n_valid, 1), s_logits, w.to(dtype))
+    scale = temperature**2 / max(plan.n_valid, 1)
+    return _block_sum(block_loss, plan, scale, s_logits, w.to(dtype), finite=finite)
 
 
 def gold_loss(
@@ -346,19 +471,27 @@ def gold_loss(
     if pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.is_floating_point():
         raise ValueError(f"common_pairs must be integer (student_id, teacher_id) pairs [n, 2]; "
                          f"got {pairs.dtype} {list(pairs.shape)}")  # fmt: skip
-    cs, ct = pairs[:, 0].to(s_logits.device), pairs[:, 1].to(s_logits.device)
-    if len(pairs) and (min(cs.min(), ct.min()) < 0 or cs.max() >= vs or ct.max() >= vt):
-        raise ValueError(f"common_pairs hold ids outside VS={vs} / VT={vt}: pairs of other models?")
-    if len(pairs) and max(torch.bincount(cs).max(), torch.bincount(ct).max()) > 1:
-        raise ValueError("common_pairs must be one-to-one: a student or teacher id appears twice")
+    device = s_logits.device
+    cs, ct = pairs[:, 0].to(device), pairs[:, 1].to(device)
+    if len(pairs):  # both checks in one read of the device
+        outside = (cs.min() < 0) | (ct.min() < 0) | (cs.max() >= vs) | (ct.max() >= vt)
+        twice = (_id_counts(cs, vs).max() > 1) | (_id_counts(ct, vt).max() > 1)
+        outside, twice = torch.stack([outside, twice]).tolist()
+        if outside:
+            raise ValueError(f"common_pairs hold ids outside VS={vs} / VT={vt}: pairs of other "
+                             "models?")  # fmt: skip
+        if twice:
+            raise ValueError("common_pairs must be one-to-one: a student or teacher id appears "
+                             "twice")  # fmt: skip
     us, ut = _uncommon(cs, vs), _uncommon(ct, vt)
     k = min(vs - len(cs), vt - len(ct), uld_topk if uld_topk > 0 else vs)
-    blocks, n_valid = _chunk_blocks(s_chunk, t_chunk, _rows_per_block(vs), _rows_per_block(vt))
+    plan = _chunk_blocks(s_chunk, t_chunk, _rows_per_block(vs, device), _rows_per_block(vt, device))
+    finite = _Finite(t_logits.device)
     dtype = _compute_dtype(s_logits)
 
     def block_loss(x: Tensor, b: _Block) -> Tensor:
         log_ps = _chunk_mean(torch.log_softmax(_scaled(x, temperature), -1), b.s_mean)
-        t = _teacher_rows(t_logits, b, None, temperature, dtype)
+        t = _teacher_rows(t_logits, b, None, temperature, dtype, finite)
         log_pt = _chunk_mean(torch.log_softmax(t, -1), b.t_mean)
         loss = log_ps[:, :0].sum()  # 0, but part of the graph
         if len(pairs):
@@ -375,7 +508,15 @@ def gold_loss(
             loss = loss + uld_weight * (top_ps - top_pt).abs().sum()
         return loss
 
-    return _block_sum(block_loss, blocks, temperature**2 / max(n_valid, 1), s_logits)
+    scale = temperature**2 / max(plan.n_valid, 1)
+    return _block_sum(block_loss, plan, scale, s_logits, finite=finite)
+
+
+def _id_counts(ids: Tensor, vocab: int) -> Tensor:
+    """How many times each id of range(vocab) appears in ids (out-of-range ids clamped): a
+    bincount would read ids.max() on the host."""
+    counts = torch.zeros(vocab, dtype=torch.long, device=ids.device)
+    return counts.index_add_(0, ids.clamp(0, vocab - 1), torch.ones_like(ids))
 
 
 def _top_ids(x: Tensor, ids: Tensor | None, k: int) -> Tensor:
@@ -386,12 +527,17 @@ def _top_ids(x: Tensor, ids: Tensor | None, k: int) -> Tensor:
 
 
 def _uncommon(common: Tensor, vocab: int) -> Tensor | None:
-    """The ids of range(vocab) that are not in `common` (None: all of them)."""
+    """The ids of range(vocab) that are not in `common` (None: all of them), ascending. `common`
+    holds distinct ids, so there are vocab - len(common) of them: no nonzero (a sync) needed."""
     if not len(common):
         return None
-    keep = torch.ones(vocab, dtype=torch.bool, device=common.device)
-    keep[common] = False
-    return keep.nonzero().squeeze(1)
+    # index_fill_, not keep[common] = False: on a GPU the latter copies False to the device, a sync
+    keep = torch.ones(vocab, dtype=torch.bool, device=common.device).index_fill_(0, common, False)
+    n = vocab - len(common)
+    # the i-th kept id goes to slot i, the common ones to a spare slot n, dropped
+    slot = torch.where(keep, torch.cumsum(keep, 0) - 1, n)
+    ids = torch.arange(vocab, device=common.device)
+    return torch.empty(n + 1, dtype=torch.long, device=common.device).scatter_(0, slot, ids)[:n]
 
 
 def uld_loss(
@@ -453,18 +599,22 @@ def kl_loss(
     _check(s_logits, t_logits, chunk, chunk, temperature)
     v = s_logits.shape[-1]
     k = v if vocab_topk <= 0 else min(vocab_topk, v)
-    blocks, n_valid = _chunk_blocks(chunk, chunk, _rows_per_block(v), _rows_per_block(v))
-    subset = _teacher_subset(t_logits, blocks, k) if blocks else None
+    rows = _rows_per_block(v, s_logits.device)
+    plan = _chunk_blocks(chunk, chunk, rows, rows)
+    finite = _Finite(t_logits.device)
+    subset = _teacher_subset(t_logits, plan.blocks, k, finite) if plan.blocks else None
     dtype = _compute_dtype(s_logits)
 
     def block_loss(x: Tensor, b: _Block) -> Tensor:
-        log_pt = torch.log_softmax(_teacher_rows(t_logits, b, subset, temperature, dtype), -1)
+        t = _teacher_rows(t_logits, b, subset, temperature, dtype, finite)
+        log_pt = torch.log_softmax(t, -1)
         x = x if subset is None else x.index_select(1, subset)
         log_ps = torch.log_softmax(_scaled(x, temperature), -1)
         # KL(p_T || p_S) = sum_v p_T[v] (log p_T[v] - log p_S[v])
         return (log_pt.exp() * (log_pt - log_ps)).sum()
 
-    return _block_sum(block_loss, blocks, temperature**2 / max(n_valid, 1), s_logits)
+    scale = temperature**2 / max(plan.n_valid, 1)
+    return _block_sum(block_loss, plan, scale, s_logits, finite=finite)
 
 
 def ce_loss(s_logits: Tensor, labels: Tensor) -> Tensor:
@@ -475,15 +625,15 @@ def ce_loss(s_logits: Tensor, labels: Tensor) -> Tensor:
             f"labels must be [B, T] = {list(s_logits.shape[:2])}; got {list(labels.shape)}"
         )
     chunk = torch.where(labels != -100, torch.arange(labels.shape[1], device=labels.device), -1)
-    rows = _rows_per_block(s_logits.shape[-1])
-    blocks, n_valid = _chunk_blocks(chunk, chunk, rows, rows)
+    rows = _rows_per_block(s_logits.shape[-1], s_logits.device)
+    plan = _chunk_blocks(chunk, chunk, rows, rows)
     flat_labels = labels.reshape(-1)
 
     def block_loss(x: Tensor, b: _Block) -> Tensor:
         # CE = -log p_S[label]
         return F.cross_entropy(x, flat_labels[b.s_rows], reduction="sum")
 
-    return _block_sum(block_loss, blocks, 1 / max(n_valid, 1), s_logits)
+    return _block_sum(block_loss, plan, 1 / max(plan.n_valid, 1), s_logits)
 
 
 def combine(

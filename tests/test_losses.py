@@ -4,7 +4,9 @@ The references loop over chunks, positions and vocabulary ids in Python, so they
 with losses.py but the equations. Vocabularies are small to keep the whole file fast.
 """
 
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -303,6 +305,126 @@ def test_chunks_out_of_position_order_and_non_contiguous_logits_give_the_same_lo
         grads(losses.pkl_loss(wide, t, flip(s_chunk), flip(t_chunk), W, vocab_topk=5), wide)[0],
         grads(reference, s)[0],
     )
+
+
+# ----------------------------------------------------------------------------- blocks and syncs
+
+# chunks of up to 7 positions per side (chunk means over several slots), gaps between them
+LONG_LAYOUT = [
+    [(1, 1), (5, 2), (1, 0), (2, 6), (7, 3), (1, 1)],
+    [(3, 3), (0, 2), (4, 1), (1, 1)],
+]
+
+
+def long_batch(seed, interleave=False):
+    g = torch.Generator().manual_seed(seed)
+    s_chunk, t_chunk = chunk_ids(LONG_LAYOUT)
+    if interleave:  # two chunks' positions interleaved: a chunk's rows are not consecutive
+        s_chunk[0, [2, 8]] = s_chunk[0, [8, 2]].clone()
+    s = 2 * torch.randn(2, s_chunk.shape[1], VS, generator=g, dtype=torch.float64)
+    t = 2 * torch.randn(2, t_chunk.shape[1], VT, generator=g, dtype=torch.float64)
+    return s.requires_grad_(), t, s_chunk, t_chunk
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_long_chunks_match_naive_references(block_elements, interleave):
+    s, t, s_chunk, t_chunk = long_batch(20, interleave)
+    W, pairs = random_W(20), torch.tensor([[0, 3], [2, 0], [7, 1]])
+    pkl = losses.pkl_loss(s, t, s_chunk, t_chunk, W, vocab_topk=6, temperature=1.3)
+    naive = naive_pkl(s, t, s_chunk, t_chunk, W.to_dense(), 6, 1.3)
+    torch.testing.assert_close(pkl, naive, rtol=0, atol=1e-10)
+    torch.testing.assert_close(grads(pkl, s)[0], grads(naive, s)[0], rtol=0, atol=1e-10)
+    gold = losses.gold_loss(s, t, s_chunk, t_chunk, pairs, uld_topk=5)
+    naive = naive_gold(s, t, s_chunk, t_chunk, pairs, 5, 1.0)
+    torch.testing.assert_close(gold, naive, rtol=0, atol=1e-10)
+    torch.testing.assert_close(grads(gold, s)[0], grads(naive, s)[0], rtol=0, atol=1e-10)
+
+
+def test_block_size_is_chosen_per_device():
+    assert losses._block_elements(torch.device("cpu")) == losses.BLOCK_ELEMENTS
+    h200 = losses._cuda_block_elements(141 * 2**30)
+    assert h200 // 128256 > 1000  # a GPU block holds ~1,000 positions of a 128k vocabulary
+    assert losses._cuda_block_elements(2**20) == losses.BLOCK_ELEMENTS  # never below CPU's
+
+
+def all_losses(s, t, s_chunk, t_chunk, seed):
+    W, pairs = random_W(seed), torch.tensor([[0, 3], [5, 5], [12, 10]])
+    proj = losses.LearnableProjection(W).double()
+    same_tok = s.detach().flip(-1)
+    return {
+        "pkl": lambda: losses.pkl_loss(s, t, s_chunk, t_chunk, W, vocab_topk=5),
+        "pkl_learnable": lambda: losses.pkl_loss(s, t, s_chunk, t_chunk, proj, vocab_topk=5),
+        "gold": lambda: losses.gold_loss(s, t, s_chunk, t_chunk, pairs, uld_topk=4),
+        "uld": lambda: losses.uld_loss(s, t, s_chunk, t_chunk, uld_topk=0),
+        "kl": lambda: losses.kl_loss(s, same_tok, s_chunk >= 0, vocab_topk=4),
+        "ce": lambda: losses.ce_loss(s, torch.where(s_chunk >= 0, s_chunk % VS, -100)),
+    }, proj
+
+
+@pytest.mark.parametrize("layout", ["short", "long"])
+def test_gpu_sized_blocks_give_the_results_of_cpu_sized_ones(monkeypatch, layout):
+    # a GPU's block holds every position here: the all-at-once path, run on CPU
+    s, t, s_chunk, t_chunk = random_batch(21) if layout == "short" else long_batch(21, True)
+    results = {}
+    for setting in ("cpu-one-chunk", "cpu-few-chunks", "gpu"):
+        if setting == "gpu":
+            elements = losses._cuda_block_elements(141 * 2**30)
+            monkeypatch.setattr(losses, "_block_elements", lambda device, e=elements: e)
+        else:
+            monkeypatch.setattr(losses, "BLOCK_ELEMENTS", 1 if setting == "cpu-one-chunk" else 40)
+        calls, proj = all_losses(s, t, s_chunk, t_chunk, 21)
+        for name, call in calls.items():
+            loss = call()
+            inputs = (s, proj.logits) if name == "pkl_learnable" else (s,)
+            results[setting, name] = (loss, *grads(loss, *inputs))
+    for name in calls:
+        for setting in ("cpu-few-chunks", "gpu"):
+            for a, b in zip(results[setting, name], results["cpu-one-chunk", name]):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_syncs_per_call_do_not_grow_with_the_number_of_blocks(monkeypatch):
+    """The host-device syncs of a call (counted as on a GPU, see bench/profile_losses.py) are a
+    fixed few, whether the call has one block or one block per chunk."""
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "profile_losses.py")
+    spec = importlib.util.spec_from_file_location("profile_losses", path)
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    s, t, s_chunk, t_chunk = long_batch(22)
+    counts = {}
+    for elements in (None, 1):
+        if elements is not None:
+            monkeypatch.setattr(losses, "BLOCK_ELEMENTS", elements)
+        calls, _ = all_losses(s, t, s_chunk, t_chunk, 22)
+        for name, call in calls.items():
+            counter = profile.SyncCounter()
+            with counter:
+                grads(call(), s)
+            counts[elements, name] = sum(counter.syncs.values())
+    for name in calls:
+        assert counts[None, name] == counts[1, name] <= 4, (name, counts[1, name])
+
+
+def test_uncommon_ids_are_the_ids_not_in_common():
+    g = torch.Generator().manual_seed(23)
+    for vocab, n in [(50, 0), (50, 17), (50, 50), (1, 1)]:
+        common = torch.randperm(vocab, generator=g)[:n]
+        keep = torch.ones(vocab, dtype=torch.bool)
+        keep[common] = False
+        expected = None if n == 0 else keep.nonzero().squeeze(1)
+        got = losses._uncommon(common, vocab)
+        assert (got is None) if expected is None else torch.equal(got, expected)
+
+
+def test_learnable_projection_entries_are_the_masked_slots():
+    proj = losses.LearnableProjection(random_W(24), slots=3)
+    s, t, w = proj.entries()
+    rows = torch.arange(proj.shape[0])[:, None].expand_as(proj.index)
+    assert torch.equal(s, rows[proj.mask]) and torch.equal(t, proj.index[proj.mask])
+    assert torch.equal(w, proj.weights()[proj.mask])
+    (g,) = grads(w.sum() + (w**2).sum(), proj.logits)
+    (expected,) = grads((lambda x: x.sum() + (x**2).sum())(proj.weights()[proj.mask]), proj.logits)
+    torch.testing.assert_close(g, expected, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- equivalences, dtypes
