@@ -13,7 +13,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 TORCH ?= $(if $(HAS_GPU),torch>=2.4$(comma)<2.15,torch==2.13.0)
 comma := ,
 
-.PHONY: venv test lint format demo bench clean
+.PHONY: venv test lint format demo mini mini-quick bench clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,14 @@ demo: venv
 		--projection out/W_llama3.2_qwen3.pt --json out/audit_llama3.2_qwen3.json --show 201 " the"
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc_per_node=2 train.py --preset tiny \
 		--loss pkl --max-steps 20 --out-dir out/demo-tiny-pkl --overwrite
+
+# The mini reproduction on CPU (README, "Mini reproduction"): GOLD vs P-KL with the real Llama-3.2
+# and Qwen3 tokenizers on toy models; out/mini*/results.md. Rerunning resumes a stopped one.
+mini: venv
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python mini.py --out out/mini
+
+mini-quick: venv
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python mini.py --out out/mini-quick --quick
 
 # Speed and memory of each stage (figures in README): W build, alignment, losses, a train step,
 # evaluate.py's overhead; one after another, then one table (`bench/run_all.py --quick`: minutes).

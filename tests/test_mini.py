@@ -1,0 +1,153 @@
+"""mini.py: the toy data, the pruned vocabularies and W, the numeral-mass probe, and one smoke run
+of every stage (train.py, evaluate.py) with a few steps. The real tokenizers throughout."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import mini
+
+SETTING = mini.SETTINGS["smoke"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("mini"))
+    paths = mini.make_data(out, SETTING)
+    docs = {k: mini.read_jsonl(p) for k, p in paths.items()}
+    return out, paths, docs
+
+
+@pytest.fixture(scope="module")
+def pruned(corpus):
+    out, _, docs = corpus
+    texts = [d["text"] for d in docs["teacher"] + docs["test"]]
+    s_tok, n_s = mini.prune_tokenizer("pkg:llama-3.2", texts, os.path.join(out, "tok", "llama"))
+    q_tok, n_q = mini.prune_tokenizer("pkg:qwen3", texts, os.path.join(out, "tok", "qwen"))
+    return texts, s_tok, n_s, q_tok, n_q
+
+
+def test_data_test_pairs_are_unseen_and_the_student_share_is_the_teachers(corpus):
+    _, _, docs = corpus
+
+    def pair(d):
+        a, b = [int(w) for w in d["prompt"].replace(",", " ").split() if w.isdigit()]
+        assert (
+            int(d["answer"]) == a + b
+            and d["text"] == f"{d['prompt']} {d['answer']} " + (d["text"].rsplit(" ", 1)[1])
+        )
+        return a, b
+
+    train_pairs = {pair(d) for d in docs["teacher"]}
+    assert not train_pairs & {pair(d) for d in docs["test"]}
+    assert len(docs["student"]) == SETTING["student_docs"]
+    assert docs["student"] == docs["teacher"][: SETTING["student_docs"]]
+    assert len(docs["test"]) == SETTING["test_docs"]
+
+
+def test_pruned_tokenizers_segment_like_the_real_ones_within_the_kept_ids(pruned, llama, qwen):
+    texts, s_tok, n_s, q_tok, n_q = pruned
+    for real, small, n in ((llama, s_tok, n_s), (qwen, q_tok, n_q)):
+        assert len(small) == len(real)  # renumbered, not removed
+        for text in texts[:200]:
+            ids = small(text)["input_ids"]
+            assert max(ids) < n
+            real_ids = real(text)["input_ids"]
+            assert small.convert_ids_to_tokens(ids) == real.convert_ids_to_tokens(real_ids)
+            assert small.decode(ids) == real.decode(real_ids)
+    assert s_tok.bos_token == llama.bos_token and s_tok.bos_token_id < n_s
+    assert s_tok(texts[0])["input_ids"][0] == s_tok.bos_token_id
+
+
+def test_every_numeral_and_special_token_is_kept(pruned, llama):
+    _, s_tok, n_s, _, _ = pruned
+    kept = set(s_tok.convert_ids_to_tokens(list(range(n_s))))
+    numerals = [f"{i}" for i in range(10)] + [f"{i:02d}" for i in range(100)]
+    numerals += [f"{i:03d}" for i in range(1000)]
+    assert set(numerals) <= kept  # the corpus uses sums up to 198 only; all are kept
+    assert {t.content for t in llama.added_tokens_decoder.values()} <= kept
+
+
+def test_pruned_W_is_the_real_W_restricted_and_renormalized(pruned, W_llama_qwen, llama, qwen):
+    """Row by row against the full W built from the real ids, mapped through token strings."""
+    from build_projection import build_projection  # noqa: F401  (W_llama_qwen is its output)
+
+    _, s_tok, n_s, q_tok, n_q = pruned
+    small = mini.pruned_projection(s_tok, q_tok, n_s, n_q)
+    assert tuple(small["W"].shape) == (n_s, n_q)
+    dense_small = small["W"].to_dense()
+    full = W_llama_qwen["W"].coalesce()
+    kept_teacher = {q_tok.convert_ids_to_tokens(i): i for i in range(n_q)}
+    for piece in ["167", "Ġshells", "Ġ", "Ġhas", "999", "00", "M", "ia"]:
+        s_full, s_small = llama.convert_tokens_to_ids(piece), s_tok.convert_tokens_to_ids(piece)
+        row = full.index_select(0, torch.tensor([s_full])).coalesce()
+        expected = torch.zeros(n_q)
+        for col, val in zip(row.indices()[1].tolist(), row.values().tolist()):
+            name = qwen.convert_ids_to_tokens(col)
+            if name in kept_teacher:
+                expected[kept_teacher[name]] += val
+        if expected.sum() > 0:
+            expected /= expected.sum()
+        torch.testing.assert_close(dense_small[s_small], expected)
+    # "167": Qwen3 digits 1, 6, 7 with the weights 0.9, 0.09, 0.009, normalized
+    row = dense_small[s_tok.convert_tokens_to_ids("167")]
+    digits = [q_tok.convert_tokens_to_ids(d) for d in "167"]
+    torch.testing.assert_close(row[digits], torch.tensor([0.9, 0.09, 0.009]) / 0.999)
+
+
+def test_audit_of_the_pruned_vocabularies_keeps_the_numeral_coverage(pruned):
+    from audit import audit
+
+    _, s_tok, n_s, q_tok, n_q = pruned
+    report = audit(s_tok, mini.pruned_projection(s_tok, q_tok, n_s, n_q))
+    cats = report["categories"]
+    assert (cats["digits_2"]["common"], cats["digits_2"]["total"]) == (0, 100)
+    assert (cats["digits_3"]["common"], cats["digits_3"]["total"]) == (0, 1000)
+    assert (cats["digits_1"]["common"], cats["digits_1"]["total"]) == (10, 10)
+    assert report["recommended"] == "pkl"
+
+
+def test_numeral_mass_of_a_uniform_model(pruned, corpus, tmp_path):
+    """Zero output weights give a uniform next-token distribution: the mass on multi-digit
+    numerals is their share of the vocabulary, and p(answer token) is 1/vocab."""
+    _, s_tok, n_s, _, _ = pruned
+    _, _, docs = corpus
+    path = mini.init_model("llama", s_tok, n_s, str(tmp_path / "uniform"), seed=0)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()  # tied: the input embeddings too
+    model.save_pretrained(path)
+    pieces = s_tok.convert_ids_to_tokens(list(range(n_s)))
+    n_multi = sum(p.isdigit() and p.isascii() and len(p) > 1 for p in pieces)
+    got = mini.numeral_mass(path, docs["test"])
+    assert got["multi_digit_mass"] == pytest.approx(n_multi / n_s, rel=1e-5)
+    assert got["p_correct"] == pytest.approx(1 / n_s, rel=1e-5)
+
+
+def test_unknown_row_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="unknown rows"):
+        mini.main(["--out", str(tmp_path), "--smoke", "--rows", "gold,nonsense"])
+
+
+def test_smoke_run_of_every_stage_then_a_rerun_redoes_nothing(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    mini.main(["--out", out, "--smoke"])
+    first = capsys.readouterr().out
+    summary = json.load(open(os.path.join(out, "results.json")))
+    assert summary["rows"] == mini.QUICK_ROWS
+    assert summary["audit"] == {"digits_2": "0/100", "digits_3": "0/1000"}
+    for label in [f"{r} / seed 0" for r in mini.QUICK_ROWS] + ["teacher qwen"]:
+        result = summary["results"][label]
+        assert 0 <= result["exact_match"] <= 100
+        assert 0 <= result["multi_digit_mass"] <= 1 and 0 < result["p_correct"] < 1
+    table = open(os.path.join(out, "results.md")).read()
+    assert all(f"| {r} |" in table for r in mini.QUICK_ROWS)
+    assert first.count("trained ") == 1 + len(mini.QUICK_ROWS)
+    mini.main(["--out", out, "--smoke"])  # everything finished: no training again
+    assert "trained " not in capsys.readouterr().out
