@@ -46,7 +46,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = {
     "full": dict(teacher_docs=30_000, student_docs=1_500, test_docs=400, teacher_steps=1_500,
                  teacher_batch=64, student_steps=800, student_batch=32, seeds=[0, 1, 2]),
-    "quick": dict(teacher_docs=30_000, student_docs=1_500, test_docs=300, teacher_steps=600,
+    "quick": dict(teacher_docs=30_000, student_docs=1_500, test_docs=300, teacher_steps=800,
                   teacher_batch=64, student_steps=400, student_batch=32, seeds=[0]),
     # a plumbing check for the tests: every stage, numbers meaningless
     "smoke": dict(teacher_docs=300, student_docs=60, test_docs=16, teacher_steps=4,
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
           f"pruned W: common 2-digit {coverage['digits_2']}, 3-digit {coverage['digits_3']}, "
           f"recommends {report['recommended']}", flush=True)  # fmt: skip
 
-    print("3. teachers", flush=True)
+    print("3. teachers (and the CE-only students)", flush=True)
     teachers = {"qwen": ("qwen3", q_tok, n_q)}
     if any(t == "llama" for _, t, _ in rows):
         teachers["llama"] = ("llama", s_tok, n_s)
@@ -443,10 +443,7 @@ def main(argv: list[str] | None = None) -> None:
                               s["teacher_steps"], s["teacher_batch"], 100, ["--loss", "ce"],
                               TEACHER_SEQ_LEN))  # fmt: skip
         teacher_dirs[key] = jobs[-1]["final"]
-    run_jobs(jobs, args.parallel, os.path.join(out, "logs"))
-
-    print(f"4. students: {len(rows)} rows x {len(s['seeds'])} seeds", flush=True)
-    jobs, students = [], {}
+    teacher_jobs, jobs, students = jobs, [], {}
     for seed in s["seeds"]:
         init = init_model("llama", s_tok, n_s, os.path.join(out, "init", f"student-{seed}"), seed)
         data = os.path.join(out, "data", f"student-seed{seed}.jsonl")
@@ -465,7 +462,10 @@ def main(argv: list[str] | None = None) -> None:
                             s["student_batch"], seed, extra)  # fmt: skip
             jobs.append(job)
             students[job["label"]] = job["final"]
-    run_jobs(jobs, args.parallel, os.path.join(out, "logs"))
+    no_teacher = [j for j in jobs if "--teacher" not in j["cmd"]]  # CE only: beside the teachers
+    run_jobs(teacher_jobs + no_teacher, args.parallel, os.path.join(out, "logs"))
+    print(f"4. students: {len(rows)} rows x {len(s['seeds'])} seeds", flush=True)
+    run_jobs([j for j in jobs if j not in no_teacher], args.parallel, os.path.join(out, "logs"))
 
     print("5. evaluate.py and numeral mass", flush=True)
     task_dir = write_task(out, paths["test"])
