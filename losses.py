@@ -40,6 +40,10 @@ BLOCK_ELEMENTS = 1 << 21  # logits per side in a block on CPU: 8 MB in fp32 fits
 # On a GPU, total memory / this many bytes: a block's ~10 fp32 temporaries of [rows, V] take ~4% of
 # it (H200: 147M logits, ~1,150 rows of a 128k vocabulary; 80 GB: ~600 rows)
 CUDA_BYTES_PER_BLOCK_ELEMENT = 1024
+# A chunk mean with at most this many (chunks x rows) is a dense matmul: one pass over the rows,
+# the fastest for CPU-sized blocks; larger ones (GPU-sized blocks) go slot by slot (_Mean), as a
+# dense [n, rows] matrix would grow quadratically with the block
+DENSE_MEAN_ELEMENTS = 1024
 Q_FLOOR = 1e-10  # floor of projected probabilities: a subset id no student token reaches
 NON_FINITE = "teacher logits contain NaN or inf: check the teacher's forward pass and its dtype"
 
@@ -57,9 +61,9 @@ class _Mean(NamedTuple):
 
 class _Block(NamedTuple):
     s_rows: Tensor | slice  # flat student positions (b * Ts + p) of the block's chunks
-    s_mean: _Mean | None  # chunk means of those rows (None: one row per chunk)
+    s_mean: Tensor | _Mean | None  # chunk means: [n, rows] matrix, slots, None (a row per chunk)
     t_rows: Tensor | slice
-    t_mean: _Mean | None
+    t_mean: Tensor | _Mean | None
     n: int  # chunks in the block
 
 
@@ -146,11 +150,17 @@ def _chunk_blocks(s_chunk: Tensor, t_chunk: Tensor, s_budget: int, t_budget: int
                 block_rows = slice(int(rows[a]), int(rows[a]) + b - a)
             else:
                 block_rows = put(rows[a:b])
-            if b - a == stop - first:
+            n = stop - first
+            if b - a == n:
                 out.append((block_rows, None))
                 continue
+            if n * (b - a) <= DENSE_MEAN_ELEMENTS:  # [n, rows]: 1 / size where a row is in a chunk
+                dense = torch.zeros(n, b - a, dtype=torch.float64)
+                dense[chunk[a:b] - first, torch.arange(b - a)] = weight[a:b]
+                out.append((block_rows, (put(dense.flatten().view(torch.int64)), n)))
+                continue
             # slot-major: by rank, then chunk (rows of a chunk are consecutive, ranks 0, 1, ...)
-            order = torch.argsort(rank[a:b] * (stop - first) + chunk[a:b] - first)
+            order = torch.argsort(rank[a:b] * n + chunk[a:b] - first)
             slots = torch.bincount(rank[a:b]).cumsum(0).tolist()
             mean = (put(order), put(chunk[a:b][order] - first),
                     put(weight[a:b][order].view(torch.int64)), (0, *slots))  # fmt: skip
@@ -166,9 +176,11 @@ def _chunk_blocks(s_chunk: Tensor, t_chunk: Tensor, s_budget: int, t_budget: int
     def get(r: tuple[int, int] | slice) -> Tensor | slice:
         return r if isinstance(r, slice) else buffer[r[0] : r[1]]
 
-    def mean(m) -> _Mean | None:
+    def mean(m) -> Tensor | _Mean | None:
         if m is None:
             return None
+        if len(m) == 2:  # dense
+            return get(m[0]).view(torch.float64).view(m[1], -1)
         return _Mean(get(m[0]), get(m[1]), get(m[2]).view(torch.float64), m[3])
 
     blocks = [
@@ -186,10 +198,12 @@ def _take(x: Tensor, rows: Tensor | slice) -> Tensor:
     return x[rows // x.shape[1], rows % x.shape[1]]
 
 
-def _chunk_mean(v: Tensor, mean: _Mean | None) -> Tensor:
-    """[rows, V] -> [n, V]: the mean of each chunk's rows, one slot of rows at a time."""
+def _chunk_mean(v: Tensor, mean: Tensor | _Mean | None) -> Tensor:
+    """[rows, V] -> [n, V]: the mean of each chunk's rows (a small matmul, or slot by slot)."""
     if mean is None:
         return v
+    if isinstance(mean, Tensor):
+        return mean.to(v.dtype) @ v
     rows, chunks, w, bounds = mean
     w = w.to(v.dtype)[:, None]
     n = bounds[1]

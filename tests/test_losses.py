@@ -155,10 +155,16 @@ def grads(loss, *inputs):
     return torch.autograd.grad(loss, inputs)
 
 
-@pytest.fixture(params=[None, 1, 40], ids=["one-block", "block-per-chunk", "few-chunks-per-block"])
+@pytest.fixture(
+    params=[None, "slots", 1, 40],
+    ids=["one-block", "one-block-slot-means", "block-per-chunk", "few-chunks-per-block"],
+)
 def block_elements(request, monkeypatch):
-    """Run a test with everything in one block, one chunk per block, and blocks of a few chunks."""
-    if request.param is not None:
+    """Run a test with everything in one block (chunk means as a matmul, or slot by slot as for
+    GPU-sized blocks), one chunk per block, and blocks of a few chunks."""
+    if request.param == "slots":
+        monkeypatch.setattr(losses, "DENSE_MEAN_ELEMENTS", 0)
+    elif request.param is not None:
         monkeypatch.setattr(losses, "BLOCK_ELEMENTS", request.param)
 
 
@@ -367,9 +373,10 @@ def test_gpu_sized_blocks_give_the_results_of_cpu_sized_ones(monkeypatch, layout
     s, t, s_chunk, t_chunk = random_batch(21) if layout == "short" else long_batch(21, True)
     results = {}
     for setting in ("cpu-one-chunk", "cpu-few-chunks", "gpu"):
-        if setting == "gpu":
+        if setting == "gpu":  # at real sizes, a GPU block's chunk means go slot by slot
             elements = losses._cuda_block_elements(141 * 2**30)
             monkeypatch.setattr(losses, "_block_elements", lambda device, e=elements: e)
+            monkeypatch.setattr(losses, "DENSE_MEAN_ELEMENTS", 0)
         else:
             monkeypatch.setattr(losses, "BLOCK_ELEMENTS", 1 if setting == "cpu-one-chunk" else 40)
         calls, proj = all_losses(s, t, s_chunk, t_chunk, 21)
