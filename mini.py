@@ -1,6 +1,6 @@
 """Mini reproduction on CPU: does GOLD lose the student's numerals, and does P-KL keep them?
 
-    python mini.py --out out/mini           # make mini: every row, 3 seeds (~30 min, 2 cores)
+    python mini.py --out out/mini           # make mini: 10 rows, 2 seeds (~30 min, 2 cores)
     python mini.py --out out/mini-quick --quick     # make mini-quick: 3 rows, 1 seed (~5 min)
 
 The paper's headline: distilling Llama-3.2-1B from Qwen3-4B with GOLD collapses GSM8k (2.56, below
@@ -45,8 +45,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # Sizes of the full and quick reproductions. Steps are train.py optimizer steps.
 SETTINGS = {
     "full": dict(teacher_docs=30_000, student_docs=1_500, test_docs=400, teacher_steps=1_500,
-                 teacher_batch=64, student_steps=800, student_batch=32, seeds=[0, 1, 2]),
-    "quick": dict(teacher_docs=30_000, student_docs=1_500, test_docs=300, teacher_steps=800,
+                 teacher_batch=64, student_steps=800, student_batch=32, seeds=[0, 1]),
+    "quick": dict(teacher_docs=30_000, student_docs=1_500, test_docs=300, teacher_steps=600,
                   teacher_batch=64, student_steps=400, student_batch=32, seeds=[0]),
     # a plumbing check for the tests: every stage, numbers meaningless
     "smoke": dict(teacher_docs=300, student_docs=60, test_docs=16, teacher_steps=4,
@@ -59,21 +59,29 @@ MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_at
 # Tokens per window: one document each (at most 23 Llama tokens with BOS, 26 Qwen3 tokens).
 SEQ_LEN, TEACHER_SEQ_LEN = 24, 32
 # (row, teacher, train.py arguments). "qwen": the Qwen3-tokenizer teacher; "llama": the
-# Llama-tokenizer teacher (same tokenizer as the student: plain KL).
+# Llama-tokenizer teacher (same tokenizer as the student: plain KL). Dynamic KD scaling unless
+# "static w" (loss = CE + w * KD).
 ROWS = [
     ("ce only", None, ["--loss", "ce"]),
     ("gold", "qwen", ["--loss", "gold"]),
+    ("gold, static 1.0", "qwen", ["--loss", "gold", "--kd-scaling", "static"]),
     ("gold, static 0.1", "qwen", ["--loss", "gold", "--kd-scaling", "static",
                                   "--kd-weight", "0.1"]),
     ("pkl, merge mean", "qwen", ["--loss", "pkl", "--chunk-merge", "mean"]),
     ("pkl, merge first", "qwen", ["--loss", "pkl", "--chunk-merge", "first"]),
     ("pkl, merge first, learned W", "qwen", ["--loss", "pkl", "--chunk-merge", "first",
                                              "--learn-projection"]),
+    ("pkl, merge first, static 1.0", "qwen", ["--loss", "pkl", "--chunk-merge", "first",
+                                              "--kd-scaling", "static"]),
     ("pkl, merge first, static 0.1", "qwen", ["--loss", "pkl", "--chunk-merge", "first",
                                               "--kd-scaling", "static", "--kd-weight", "0.1"]),
-    ("hkl", "qwen", ["--loss", "hkl"]),
     ("kl, same tokenizer", "llama", ["--loss", "kl"]),
+    # Not run by default: on this pair H-KL's pairs are GOLD's exact pairs (a numeral's top
+    # teacher digit is already paired with the single-digit student token), so it trains the
+    # same student as "gold" (tests/test_mini.py checks the pairs).
+    ("hkl", "qwen", ["--loss", "hkl"]),
 ]  # fmt: skip
+FULL_ROWS = [r[0] for r in ROWS if r[0] != "hkl"]
 QUICK_ROWS = ["ce only", "gold", "pkl, merge first"]
 TASK = "xtoken_mini_arith"
 
@@ -394,19 +402,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="3 rows, 1 seed, shorter training")
     p.add_argument("--smoke", action="store_true", help="a plumbing check in a minute (tests)")
     p.add_argument("--parallel", type=int, default=2, help="train.py runs at once (1 thread each)")
-    p.add_argument("--rows", help="comma-separated row labels (default: all of the setting's)")
+    p.add_argument(
+        "--row",
+        action="append",
+        help="a row's label, repeatable (default: the "
+        "setting's rows; 'hkl' is only run when named)",
+    )
+    p.add_argument("--seeds", help="comma-separated student seeds (default: the setting's)")
     args = p.parse_args(argv)
     sys.path.insert(0, ROOT)
     setting = "smoke" if args.smoke else "quick" if args.quick else "full"
     s = SETTINGS[setting]
-    rows = [r for r in ROWS if setting == "full" or r[0] in QUICK_ROWS]
-    if args.rows:
-        wanted = args.rows.split(",")
-        unknown = set(wanted) - {r[0] for r in ROWS}
-        if unknown:
-            raise SystemExit(f"error: unknown rows {sorted(unknown)}; choose from "
-                             f"{[r[0] for r in ROWS]}")  # fmt: skip
-        rows = [r for r in ROWS if r[0] in wanted]
+    wanted = args.row or (FULL_ROWS if setting == "full" else QUICK_ROWS)
+    unknown = sorted(set(wanted) - {r[0] for r in ROWS})
+    if unknown:
+        raise SystemExit(f"error: unknown rows {unknown}; choose from {[r[0] for r in ROWS]}")
+    rows = [r for r in ROWS if r[0] in wanted]
+    if args.seeds:
+        try:
+            s = dict(s, seeds=[int(x) for x in args.seeds.split(",")])
+        except ValueError:
+            raise SystemExit(f"error: --seeds {args.seeds!r}: give integers, e.g. 0,1,2") from None
     out = args.out
     started = time.perf_counter()
 

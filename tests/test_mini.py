@@ -130,9 +130,24 @@ def test_numeral_mass_of_a_uniform_model(pruned, corpus, tmp_path):
     assert got["p_correct"] == pytest.approx(1 / n_s, rel=1e-5)
 
 
-def test_unknown_row_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="unknown rows"):
-        mini.main(["--out", str(tmp_path), "--smoke", "--rows", "gold,nonsense"])
+def test_unknown_row_or_bad_seeds_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match=r"unknown rows \['nonsense'\]"):
+        mini.main(["--out", str(tmp_path), "--smoke", "--row", "gold", "--row", "nonsense"])
+    with pytest.raises(SystemExit, match="give integers"):
+        mini.main(["--out", str(tmp_path), "--smoke", "--seeds", "0,one"])
+
+
+def test_hkl_pairs_equal_golds_on_the_pruned_pair(pruned):
+    """Why the full run leaves H-KL out: its pairs add nothing to GOLD's here. A numeral's top
+    teacher token is its first digit (weight 0.9 >= 0.6), already paired with the student's
+    single-digit token, and exact pairs keep priority."""
+    from losses import hkl_pairs
+
+    _, s_tok, n_s, q_tok, n_q = pruned
+    small = mini.pruned_projection(s_tok, q_tok, n_s, n_q)
+    pairs = hkl_pairs(small["W"], small["exact_pairs"], threshold=0.6)
+    assert sorted(map(tuple, pairs.tolist())) == sorted(map(tuple, small["exact_pairs"].tolist()))
+    assert "hkl" in [r[0] for r in mini.ROWS] and "hkl" not in mini.FULL_ROWS
 
 
 def test_smoke_run_of_every_stage_then_a_rerun_redoes_nothing(tmp_path, capsys):
