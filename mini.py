@@ -46,7 +46,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = {
     "full": dict(teacher_docs=30_000, student_docs=1_500, test_docs=400, teacher_steps=1_500,
                  teacher_batch=64, student_steps=800, student_batch=32, seeds=[0, 1]),
-    "quick": dict(teacher_docs=30_000, student_docs=1_500, test_docs=300, teacher_steps=600,
+    "quick": dict(teacher_docs=30_000, student_docs=1_500, test_docs=300, teacher_steps=1_000,
                   teacher_batch=64, student_steps=400, student_batch=32, seeds=[0]),
     # a plumbing check for the tests: every stage, numbers meaningless
     "smoke": dict(teacher_docs=300, student_docs=60, test_docs=16, teacher_steps=4,
