@@ -58,7 +58,7 @@ print("METRICS", json.dumps(out["results"][task], default=str))
 
 
 def make_model(path: str) -> None:
-    """tests/test_evaluate.py's tiny random Llama, with the real Llama-3.2 tokenizer."""
+    """A tiny random Llama with the real Llama-3.2 tokenizer (tests/test_evaluate.py uses it)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

