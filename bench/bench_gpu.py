@@ -214,23 +214,30 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
-    print(f"\n{gpu}: losses at N={args.n}, bf16, best of {args.repeats}")
-    print("| loss | floor ms | loss ms | x floor | extra peak GB (logits grad) |")
-    print("|---|---|---|---|---|")
-    for r in result.get("losses", []):
-        if "error" in r:
-            print(f"| {r['loss']} | failed: {r['error']} | | | |")
-            continue
-        print(f"| {r['loss']} | {1e3 * r['floor_s']:.1f} | {1e3 * r['loss_s']:.1f} | "
-              f"{r['ratio']:.2f} | {r['extra_peak_gb']:.2f} ({r['grad_gb']:.2f}) |")  # fmt: skip
-    print(f"\n{gpu}: train.py --preset {args.preset}, median tokens/s of steps 3-{args.steps}")
-    print("| loss | student tokens/s per GPU | x reference 3k | peak GB |\n|---|---|---|---|")
-    for r in result.get("train", []):
-        if "error" in r:
-            print(f"| {r['loss']} | failed: {r['error']} | | |")
-            continue
-        print(f"| {r['loss']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / 3000:.2f} | "
-              f"{r['peak_mem_gb']:.1f} |")  # fmt: skip
+    print_table(
+        f"{gpu}: losses at N={args.n}, bf16, best of {args.repeats}",
+        ["loss", "floor ms", "loss ms", "x floor", "extra peak GB (logits grad)"],
+        result.get("losses", []),
+        lambda r: [
+            f"{1e3 * r['floor_s']:.1f}",
+            f"{1e3 * r['loss_s']:.1f}",
+            f"{r['ratio']:.2f}",
+            f"{r['extra_peak_gb']:.2f} ({r['grad_gb']:.2f})",
+        ],
+    )
+    print_table(f"{gpu}: train.py --preset {args.preset}, median tokens/s of steps 3-{args.steps}",
+                ["loss", "student tokens/s per GPU", "x reference 3k", "peak GB"],
+                result.get("train", []),
+                lambda r: [f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / 3000:.2f}",
+                           f"{r['peak_mem_gb']:.1f}"])  # fmt: skip
+
+
+def print_table(title: str, header: list[str], rows: list[dict], cells) -> None:
+    """A markdown table: the loss, then cells(row), or the error where a row failed."""
+    print(f"\n{title}\n| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
+    for r in rows:
+        rest = [f"failed: {r['error']}"] + [""] * (len(header) - 2) if "error" in r else cells(r)
+        print("| " + " | ".join([r["loss"], *rest]) + " |")
 
 
 if __name__ == "__main__":
