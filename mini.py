@@ -140,8 +140,9 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- 2. vocabularies
-def is_numeral(piece: str) -> bool:
-    return piece.isascii() and piece.isdigit()
+def is_numeral(b: bytes | None) -> bool:
+    """A token's canonical bytes (tokens.token_bytes) are all ASCII digits."""
+    return bool(b) and b.isdigit()
 
 
 def prune_tokenizer(name: str, texts: list[str], out_dir: str) -> tuple:
@@ -151,7 +152,7 @@ def prune_tokenizer(name: str, texts: list[str], out_dir: str) -> tuple:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from tokens import load_tokenizer
+    from tokens import load_tokenizer, token_bytes
 
     done = os.path.join(out_dir, "kept.json")  # written last: the tokenizer is complete
     if os.path.exists(done):
@@ -161,8 +162,7 @@ def prune_tokenizer(name: str, texts: list[str], out_dir: str) -> tuple:
     spec = json.loads(tok.backend_tokenizer.to_str())
     used = {i for ids in tok(texts)["input_ids"] for i in ids}
     vocab = tok.backend_tokenizer.get_vocab(with_added_tokens=True)
-    decoded = {i: tok.convert_tokens_to_string([t]) for t, i in vocab.items()}
-    used |= {i for i, s in decoded.items() if is_numeral(s)}
+    used |= {i for i, b in enumerate(token_bytes(tok)) if is_numeral(b)}
     used |= {a["id"] for a in spec["added_tokens"]}
     order = sorted(used) + sorted(set(range(len(vocab))) - used)
     new_id = {old: new for new, old in enumerate(order)}
@@ -346,14 +346,12 @@ def numeral_mass(model_dir: str, test: list[dict]) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tokens import load_tokenizer
+    from tokens import load_tokenizer, token_bytes
 
     tok = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     vocab = model.get_output_embeddings().weight.shape[0]
-    pieces = tok.convert_ids_to_tokens(list(range(vocab)))
-    multi = torch.tensor([is_numeral(tok.convert_tokens_to_string([p])) and len(p) > 1
-                          for p in pieces])  # fmt: skip
+    multi = torch.tensor([is_numeral(b) and len(b) > 1 for b in token_bytes(tok)[:vocab]])
     items = [d for d in test if int(d["answer"]) >= 10]
     masses, correct = [], []
     for start in range(0, len(items), 64):
