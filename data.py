@@ -1,17 +1,26 @@
-"""Text data for train.py: documents -> windows of `seq_len` student tokens, each aligned with every
-teacher (tokens.py, METHOD.md section 4), tokenized inside DataLoader workers.
+"""Text data for train.py: documents -> shuffled, packed windows of `seq_len` student tokens, each
+aligned with every teacher (tokens.py, METHOD.md section 4), tokenized inside DataLoader workers.
 
 - `--data`: local .txt (one file = one document), .jsonl (one JSON object per line) or .parquet
-  files, a directory of them or a glob; anything else is a hub dataset name, streamed.
-- A window is the student's own special tokens (Llama: BOS) + up to seq_len - those text tokens of
-  one document, cut where the student has an exact token boundary on a character boundary; the
-  teacher tokenizes exactly the text the window covers, with its own special tokens, truncated to
-  `teacher_cap` tokens (the truncated tail is a gap: its chunks are -1 on both sides).
-- Sharding: local document i belongs to rank i % world_size and, within the rank, to DataLoader
-  worker (i // world_size) % num_workers; a hub stream is split the same way by `datasets`
-  (split_dataset_by_node over world_size * num_workers shards: by file, or by example).
-- Resume: every window carries its position; `advance_state` folds consumed batches into a small
-  state that train.py saves and passes back as `start=` (see `advance_state`).
+  files, a directory of them or a glob; anything else is a hub dataset name, streamed
+  (`data_config`, `split`).
+- Order (`shuffle=True`): each epoch, a seeded order of the files (and of a hub dataset's shards),
+  `INTERLEAVE` files read at a time in turn, then a seeded buffer of `shuffle_buffer` documents per
+  DataLoader worker. It mixes documents across files and within the buffer's reach; it does not
+  shuffle a single huge file globally (a buffer draws from what has been read).
+- A window (packing, the default): the student's own leading special tokens (Llama: BOS), then
+  consecutive documents, each followed by the student's end-of-document token, up to `seq_len`
+  tokens; a long document continues in the next window. Each document piece (segment) is cut where
+  the student has an exact token boundary on a character boundary. Every teacher tokenizes exactly
+  each segment's text and gets its own leading special tokens and its own end-of-document token;
+  a same-tokenizer teacher gets the student's ids. Chunks never cross a segment; separators and
+  special tokens belong to no chunk; a chunk holding a side's first token (no predictor position)
+  is dropped on both sides. `pack=False`: one document per window.
+- Sharding: document i of the epoch's stream belongs to rank i % world_size and, within the rank,
+  to DataLoader worker (i // world_size) % num_workers.
+- Resume: every window carries where its worker's next window starts (epoch, document, character);
+  `advance_state` folds consumed batches into a small state that train.py saves and passes back as
+  `start=`: the order is replayed without tokenizing, so a resumed run sees the same windows.
 - Bad data is skipped (or repaired: invalid UTF-8 becomes U+FFFD) and counted by reason: a warning
   the first time, then `issue_counts(state)` for the trainer's logs. No usable document: ValueError.
 """
@@ -24,23 +33,29 @@ import logging
 import os
 import random
 from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import IterableDataset, get_worker_info
 
+import tokens
 from tokens import TokenSpans, char_byte_offsets, chunk_ids, predictor_chunks, token_spans
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked processes
 log = logging.getLogger("data")
 EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
+INTERLEAVE = 8  # files read at a time, in turn, when shuffling
+STATE_FORMAT = 2  # 2: packed windows; a resume state records where the next window starts
 # why a document, file or window was skipped, split or cut (counted, see issue_counts)
 REASONS = tuple(
     "empty_file unreadable_file bad_json missing_text_field empty_document invalid_utf8 "
     "split_document too_short teacher_truncated unsplittable_text empty_shard".split()
 )
 _warned: set[str] = set()
+Parse = Callable[[Counter], "str | None"]  # a document's text (or None), read only when needed
 
 
 def _count(issues: Counter, reason: str, detail: str, n: int = 1) -> None:
@@ -102,7 +117,7 @@ def _records(path: str, text_field: str):
     called only for this worker's documents."""
     if path.endswith(".txt"):  # one file, one document
         if os.path.getsize(path):
-            yield path, lambda issues: _text(open(path, "rb").read(), issues, path)
+            yield path, lambda issues: _read_txt(path, issues)
     elif path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -125,28 +140,6 @@ def _records(path: str, text_field: str):
                     )
 
 
-def _local_documents(files, text_field, wanted, issues):
-    """(index, text or None) for every document that wanted(index) selects; the index counts all
-    documents of all files in order, so every rank and worker numbers them the same way."""
-    index = -1
-    for path in files:
-        first, owner = index, wanted(index + 1)  # file-level problems: counted by one worker
-        try:
-            for _, parse in _records(path, text_field):
-                index += 1
-                if wanted(index):
-                    yield index, parse(issues)
-        except LookupError as e:
-            if owner:
-                _count(issues, "missing_text_field", str(e))
-        except Exception as e:  # an unreadable file must not stop a long run
-            if owner:
-                _count(issues, "unreadable_file", f"{path}: {type(e).__name__}: {str(e)[:80]}")
-        else:
-            if index == first and owner:
-                _count(issues, "empty_file", path)
-
-
 def _json_text(line: bytes, text_field: str, issues: Counter, where: str) -> str | None:
     try:
         record = json.loads(line)
@@ -161,38 +154,150 @@ def _json_text(line: bytes, text_field: str, issues: Counter, where: str) -> str
     return _text(value, issues, f"{where} (field {text_field!r})")
 
 
-def _hub_documents(name, text_field, shard, n_shards, wanted, issues, config=None, split="train"):
+def _read_txt(path: str, issues: Counter) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return _text(f.read(), issues, path)
+    except OSError as e:  # removed or unreadable since the listing: counted, never fatal
+        _count(issues, "unreadable_file", f"{path}: {e.strerror}")
+        return None
+
+
+def _problem(reason: str, detail: str) -> Parse:
+    """A file-level problem as a document of its own: counted when its shard reads it, exactly once
+    (a resumed run replays the order without reading what it skips)."""
+
+    def parse(issues: Counter) -> None:
+        _count(issues, reason, detail)
+
+    return parse
+
+
+def _file_documents(path: str, text_field: str) -> Iterator[Parse]:
+    """One file's documents; a file that cannot be read is counted and skipped: an unreadable
+    file must not stop a long run."""
+    produced = False
+    try:
+        for _, parse in _records(path, text_field):
+            produced = True
+            yield parse
+    except LookupError as e:
+        yield _problem("missing_text_field", str(e))
+    except Exception as e:
+        yield _problem("unreadable_file", f"{path}: {type(e).__name__}: {str(e)[:80]}")
+    else:
+        if not produced:
+            yield _problem("empty_file", path)
+
+
+def _interleaved(files: list[str], text_field: str, width: int) -> Iterator[Parse]:
+    """Every document of `files`, `width` files open at a time, one document from each in turn
+    (a finished file's place goes to the next one): the same order on every rank and worker."""
+    queue = list(files)[::-1]
+    readers: list[Iterator[Parse]] = []
+    while queue or readers:
+        while queue and len(readers) < width:
+            readers.append(_file_documents(queue.pop(), text_field))
+        for reader in list(readers):
+            parse = next(reader, None)
+            if parse is None:
+                readers.remove(reader)
+            else:
+                yield parse
+
+
+def _hub_documents(name, text_field, config, split, shard, n_shards, seed, epoch, shuffle):
+    """A hub dataset's documents for one shard: `datasets` streams it and splits it by shard (by
+    file, or by example); with shuffle, its files come in a seeded order, reseeded per epoch."""
     import datasets
     from datasets.distributed import split_dataset_by_node
 
     stream = datasets.load_dataset(name, config, split=split, streaming=True)
+    if shuffle:  # the order of the dataset's files; documents are mixed by our own buffer
+        stream = stream.shuffle(seed=seed, buffer_size=1)
+        stream.set_epoch(epoch)
     stream = split_dataset_by_node(stream, rank=shard, world_size=n_shards)
     # .iter(): plain iteration inside a DataLoader worker would split again, by the worker's own id
     for index, row in enumerate(stream.iter(batch_size=1)):
-        if wanted(index):
-            yield index, _text(row.get(text_field, [None])[0], issues, f"{name} row {index}")
+        value = row.get(text_field, [None])[0]
+        yield lambda issues, value=value, index=index: _text(value, issues, f"{name} row {index}")
 
 
-def _parts(text: str, size: int = 1 << 20):
-    """A huge document in parts of at most `size` characters, cut after a line break where there is
-    one: tokenizing a part at a time bounds the memory a worker needs."""
+def _shuffled(stream: Iterator, size: int, rng: random.Random) -> Iterator:
+    """A bounded shuffle: hold `size` items; each new item takes the place of a random one, which
+    is emitted. Memory: `size` documents (unparsed)."""
+    buffer: list = []
+    for item in stream:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        k = rng.randrange(size)
+        yield buffer[k]
+        buffer[k] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _parts(text: str, size: int = 1 << 20) -> Iterator[tuple[int, str]]:
+    """(character offset, part) of a document in parts of at most `size` characters, cut after a
+    line break where there is one: tokenizing a part at a time bounds the memory a worker needs."""
     start = 0
     while start < len(text):
         end = min(start + size, len(text))
         if end < len(text) and text.rfind("\n", start, end) > start:
             end = text.rfind("\n", start, end) + 1
-        yield text[start:end]
+        yield start, text[start:end]
         start = end
+
+
+def _body(spans: TokenSpans) -> TokenSpans:
+    """The text tokens of a view, without the special tokens the tokenizer adds around a text."""
+    body = np.flatnonzero(spans.start >= 0)
+    lo, hi = (body[0], body[-1] + 1) if len(body) else (0, 0)
+    return TokenSpans(
+        spans.ids[lo:hi],
+        spans.text[lo:hi],
+        spans.start[lo:hi],
+        spans.cut[lo:hi],
+        spans.boundaries,
+        spans.n_bytes,
+    )
+
+
+def _own_prefix(tok) -> list[int]:
+    """The special tokens a tokenizer puts before any text (Llama: BOS; Qwen3, o200k: none)."""
+    spans = token_spans(tok, "a")
+    return spans.ids[: int(np.argmax(spans.start >= 0))]
+
+
+@dataclass
+class _Window:
+    """The window being filled: its segments and how many student tokens still fit."""
+
+    room: int
+    segments: list = field(default_factory=list)
+
+
+@dataclass
+class _Segment:
+    """A piece of one document inside a window: the student's tokens of it (in the segment's own
+    bytes), its text, and whether the document ends with it (then an end-of-document token
+    follows)."""
+
+    student: TokenSpans
+    text: str
+    ends_document: bool
 
 
 class AlignedWindows(IterableDataset):
     """Windows of `seq_len` student tokens aligned with each teacher; see the module docstring.
 
     Item (numpy arrays): student_ids [T], labels [T] (labels[p] = student_ids[p + 1], -100 at the
-    end and for special targets), and per teacher i: student_chunk_i [T], teacher_ids_i [Ti],
-    teacher_chunk_i [Ti] (chunk ids after the predictor shift, -1 = none); student_chunk is
-    student_chunk_0; position [7] = (rank, world_size, worker, num_workers, epoch, document,
-    window); issues [len(REASONS)] = this worker's counts so far.
+    end and for special targets other than the end-of-document token), and per teacher i:
+    student_chunk_i [T], teacher_ids_i [Ti], teacher_chunk_i [Ti] (chunk ids after the predictor
+    shift, -1 = none); student_chunk is student_chunk_0; position [7] = (rank, world_size, worker,
+    num_workers, epoch, document, character) where this worker's NEXT window starts (document -1:
+    the epoch's start); issues [len(REASONS)] = this worker's counts so far.
     `repeat=True` streams forever (epoch after epoch), as a trainer with --max-steps wants.
     """
 
@@ -211,6 +316,10 @@ class AlignedWindows(IterableDataset):
         repeat=False,
         data_config=None,
         split="train",
+        pack=True,
+        shuffle=True,
+        shuffle_buffer=10_000,
+        seed=0,
     ):
         self.data, self.files = data, resolve_files(data)
         self.student_tok, self.teacher_toks = student_tok, list(teacher_toks)
@@ -218,11 +327,23 @@ class AlignedWindows(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.teacher_cap = teacher_cap or 2 * seq_len
         self.hub_args = (data_config, split)
-        for tok in self.teacher_toks:  # build the byte tables once, before workers fork
-            token_spans(tok, "")
-        n_special = len(token_spans(student_tok, "").ids)  # the student's own special tokens
-        if seq_len <= n_special:
-            raise ValueError(f"--seq-len {seq_len} leaves no room after {n_special} special tokens")
+        self.pack, self.shuffle, self.shuffle_buffer, self.seed = (
+            pack,
+            shuffle,
+            shuffle_buffer,
+            seed,
+        )
+        if shuffle_buffer < 0:
+            raise ValueError(f"--shuffle-buffer {shuffle_buffer}: give 0 (off) or more documents")
+        # a same-tokenizer teacher reads the student's ids, bit for bit (no re-tokenization)
+        student_hash = tokens.tokenizer_hash(student_tok)
+        self.same = [tokens.tokenizer_hash(t) == student_hash for t in self.teacher_toks]
+        self.prefix = [_own_prefix(t) for t in [student_tok, *self.teacher_toks]]
+        self.eod = [tokens.end_of_document_id(t) for t in [student_tok, *self.teacher_toks]]
+        if seq_len < len(self.prefix[0]) + 2:
+            raise ValueError(
+                f"--seq-len {seq_len} leaves no room after {len(self.prefix[0])} special tokens"
+            )
         pad = [
             t.pad_token_id if t.pad_token_id is not None else t.eos_token_id or 0
             for t in [student_tok, *self.teacher_toks]
@@ -231,22 +352,38 @@ class AlignedWindows(IterableDataset):
             f"teacher_ids_{i}": p for i, p in enumerate(pad[1:])
         }
         issues = Counter()
-        if not any(text for _, text in self._documents(lambda i: True, issues)):
+        if not any(parse(issues) for parse in self._documents(0, 0, 1, shuffle=False)):
             raise ValueError(
                 f"--data {data}: no usable document ({dict(issues)}); check --text-field"
             )
 
-    def _documents(self, wanted, issues, shard=0, n_shards=1):
-        """(index, text or None) of this shard's documents (local files: `wanted` picks them)."""
-        if self.files is not None:
-            return _local_documents(self.files, self.text_field, wanted, issues)
-        hub = (self.data, self.text_field, shard, n_shards, wanted, issues, *self.hub_args)
-        return _hub_documents(*hub)
+    def _documents(self, epoch: int, shard: int, n_shards: int, shuffle: bool | None = None):
+        """This shard's documents (unparsed) in this epoch's order (see the module docstring)."""
+        shuffle = self.shuffle if shuffle is None else shuffle
+        if self.files is None:
+            hub = (self.data, self.text_field, *self.hub_args, shard, n_shards)
+            stream = _hub_documents(*hub, self.seed, epoch, shuffle)
+        else:
+            files = list(self.files)
+            if shuffle:
+                random.Random(f"files {self.seed} {epoch}").shuffle(files)
+            width = INTERLEAVE if shuffle else 1
+            everything = _interleaved(files, self.text_field, width)
+            stream = (parse for i, parse in enumerate(everything) if i % n_shards == shard)
+        if shuffle and self.shuffle_buffer > 1:
+            rng = random.Random(f"documents {self.seed} {epoch} {shard} {n_shards}")
+            stream = _shuffled(stream, self.shuffle_buffer, rng)
+        return stream
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         state = self.start or {}
+        if state and state.get("format") != STATE_FORMAT:
+            raise ValueError(
+                "the saved data position comes from an older data pipeline (unpacked windows): "
+                "start a new run (another --out-dir), or resume with the version that wrote it"
+            )
         saved = (state["rank"], state["world_size"], state["num_workers"]) if state else None
         if saved not in (None, (self.rank, self.world_size, workers)):
             raise ValueError(
@@ -257,117 +394,180 @@ class AlignedWindows(IterableDataset):
         # The DataLoader starts its round robin at worker 0 again: rotate, so that the worker whose
         # turn was next in the saved run goes first.
         worker = (worker + state.get("next_worker", 0)) % workers
-        last = state["positions"][worker] if state else None  # last consumed [epoch, doc, window]
+        resume = state["positions"][worker] if state else None  # where its next window starts
         issues = Counter(dict(zip(REASONS, state["issues"][worker]))) if state else Counter()
-        epoch = last[0] if last else 0
-        # local document i is this worker's when i % (world_size * workers) == shard
+        epoch, doc, char = resume or (0, -1, 0)
+        # document i of the epoch's stream is this worker's when i % (world_size * workers) == shard
         shard, n_shards = self.rank + self.world_size * worker, self.world_size * workers
-        while True:
-            resumed, produced = last is not None and last[0] == epoch, False
-
-            def wanted(i, resumed=resumed):
-                mine = self.files is None or i % n_shards == shard  # a hub stream is split already
-                return mine and not (resumed and i < last[1])
-
-            for doc, text in self._documents(wanted, issues, shard, n_shards):
-                if text is None:
-                    continue
-                skip = last[2] if resumed and doc == last[1] else -1
-                for window, item in self._windows(text, issues, skip):
-                    produced = True
-                    item["position"] = np.array(
-                        [self.rank, self.world_size, worker, workers, epoch, doc, window]
-                    )
-                    item["issues"] = np.array([issues[r] for r in REASONS])
-                    yield item
-            if not self.repeat:
-                return
-            if not produced and not resumed:  # nothing in this shard: stop rather than spin
+        while self.repeat or epoch == 0:
+            produced = False
+            documents = self._documents(epoch, shard, n_shards)
+            for item, next_start in self._windows(documents, issues, doc, char):
+                produced = True
+                next_start = (epoch, *next_start) if next_start else (epoch + 1, -1, 0)
+                where = [self.rank, self.world_size, worker, workers, *next_start]
+                item["position"] = np.array(where)
+                item["issues"] = np.array([issues[r] for r in REASONS])
+                yield item
+            if not produced and doc < 0:  # nothing in this shard: stop rather than spin
                 _count(issues, "empty_shard", f"rank {self.rank} worker {worker} got no windows")
                 return
-            epoch += 1
+            epoch, doc, char = epoch + 1, -1, 0
 
-    def _windows(self, text: str, issues: Counter, skip: int):
-        """(window index, item) for the windows of one document after window `skip`."""
-        window = -1
-        for part in _parts(text):
-            for student, window_text in self._student_windows(part, issues):
-                window += 1
-                if window <= skip:  # aligning is the costly part: only for the windows we keep
+    def _windows(self, documents, issues: Counter, resume_doc: int, resume_char: int):
+        """(item, where the next window starts: (document, character), or None at the stream's
+        end) for the windows of a document stream, starting at character `resume_char` of document
+        `resume_doc` (-1: from the start)."""
+        window = _Window(self.seq_len - len(self.prefix[0]))
+
+        def emit():
+            item = self._item(window.segments, issues)
+            window.segments, window.room = [], self.seq_len - len(self.prefix[0])
+            return item
+
+        for doc, parse in enumerate(documents):
+            if doc < resume_doc:
+                continue  # replayed, not read: the saved counts already hold its problems
+            inside = doc == resume_doc  # read before the saved window: counted then
+            text = parse(Counter() if inside else issues)
+            if text is None:
+                continue
+            skip_to, split_counted = (resume_char if inside else 0), inside and resume_char > 0
+            for part_start, part in _parts(text):
+                if part_start + len(part) <= skip_to:
                     continue
-                if window == 1:  # counted here, so that a resumed run counts it exactly once
-                    _count(issues, "split_document", f"{len(text)} characters, several windows")
-                item = self._item(student, window_text, issues)
-                if item is not None:
-                    yield window, item
+                ends_document = part_start + len(part) == len(text)
+                start_char = max(skip_to - part_start, 0)
+                pieces = self._segments(part, ends_document, issues, start_char, window)
+                for seg, next_char in pieces:
+                    if seg is None:  # no room left for the next piece: the window is done
+                        item = emit()
+                        if item is not None:
+                            yield item, (doc, part_start + next_char)
+                        continue
+                    window.segments.append(seg)
+                    window.room -= len(seg.student.ids)
+                    window.room -= seg.ends_document and self.eod[0] is not None
+                    if not seg.ends_document and next_char < len(part) and not split_counted:
+                        _count(issues, "split_document", f"{len(text)} characters, several windows")
+                        split_counted = True
+                    if window.room <= 0 or (not self.pack and seg.ends_document):
+                        item = emit()
+                        if item is not None:
+                            yield item, (doc, part_start + next_char)
+        if window.segments:
+            item = emit()
+            if item is not None:
+                yield item, None
 
-    def _student_windows(self, text: str, issues: Counter):
-        """(the student's TokenSpans of a window, the window's text) for one document (part)."""
-        spans = token_spans(self.student_tok, text)
-        body = np.flatnonzero(spans.start >= 0)  # all but the special tokens around the text
-        if len(body) == 0:
+    def _segments(self, part, ends_document, issues, start_char, window):
+        """The pieces of one document part for the window being filled, from character
+        `start_char`: (segment, character after it), or (None, character of the next piece) when
+        the window has no room for that piece (the caller closes it and the window is empty)."""
+        spans = _body(token_spans(self.student_tok, part))
+        n, starts = len(spans.ids), spans.start
+        if n == 0:
             return
-        lo, hi = body[0], body[-1] + 1
-        prefix, suffix = spans.ids[:lo], spans.ids[hi:]
-        starts = spans.start[lo:hi]
-        char_bytes = char_byte_offsets(text)
+        char_bytes = char_byte_offsets(part)
         on_char = np.zeros(spans.n_bytes + 1, dtype=bool)
         on_char[char_bytes] = True
-        # a window may start before token k when k starts at an exact boundary of the student's
-        # that is also a character boundary (the window's text must be a string)
-        cuts = np.append(np.flatnonzero(spans.cut[lo:hi] & on_char[starts]), hi - lo)
-        budget, n, i = self.seq_len - len(prefix) - len(suffix), hi - lo, 0
-
-        def around(body_values, fill):  # the special tokens' values around the window's text
-            fills = [np.full(len(p), fill, body_values.dtype) for p in (prefix, suffix)]
-            return np.concatenate([fills[0], body_values, fills[1]])
-
-        while i < n:  # greedy: as many tokens as fit, back to the last cut
-            j = n if i + budget >= n else cuts[np.searchsorted(cuts, i + budget, "right") - 1]
-            if j <= i:  # a normalized region longer than a window: drop it
-                _count(issues, "unsplittable_text", f"no clean cut in {budget} tokens")
-                i = cuts[np.searchsorted(cuts, i + budget)]
+        # a segment may start before token k when k starts at an exact boundary of the student's
+        # that is also a character boundary (the segment's text must be a string)
+        cuts = np.flatnonzero(spans.cut & on_char[starts])
+        eod = int(ends_document and self.eod[0] is not None)  # the separator needs a place too
+        i = int(np.searchsorted(starts, char_bytes[start_char])) if start_char else 0
+        while i < n:
+            r = window.room
+            if n - i + eod <= r:
+                j = n
+            else:  # as many tokens as fit, back to the last cut
+                k = int(np.searchsorted(cuts, i + r, "right")) - 1
+                j = int(cuts[k]) if k >= 0 else -1
+            if j <= i:
+                if window.segments:
+                    yield None, int(np.searchsorted(char_bytes, starts[i]))
+                    continue
+                _count(issues, "unsplittable_text", f"no clean cut in {r} tokens")
+                k = int(np.searchsorted(cuts, i + r, "right"))  # a normalized region: dropped
+                i = int(cuts[k]) if k < len(cuts) else n
                 continue
             byte_lo, byte_hi = starts[i], starts[j] if j < n else spans.n_bytes
-            char_lo, char_hi = np.searchsorted(char_bytes, [byte_lo, byte_hi])
-            bounds = spans.boundaries  # sorted: the window's are a slice
+            char_lo, char_hi = (int(c) for c in np.searchsorted(char_bytes, [byte_lo, byte_hi]))
+            bounds = spans.boundaries  # sorted: the segment's are a slice
             bounds = bounds[
                 np.searchsorted(bounds, byte_lo) : np.searchsorted(bounds, byte_hi, "right")
             ]
-            yield (
-                TokenSpans(  # the window's tokens, in the window's bytes
-                    ids=prefix + spans.ids[lo + i : lo + j] + suffix,
-                    text=around(spans.text[lo + i : lo + j], False),
-                    start=around(starts[i:j] - byte_lo, -1),
-                    cut=np.zeros(0, dtype=bool),  # not needed from here on
-                    boundaries=np.union1d(bounds - byte_lo, [0, byte_hi - byte_lo]),
-                    n_bytes=int(byte_hi - byte_lo),
-                ),
-                text[char_lo:char_hi],
+            student = TokenSpans(  # the segment's tokens, in the segment's bytes
+                ids=spans.ids[i:j],
+                text=spans.text[i:j],
+                start=starts[i:j] - byte_lo,
+                cut=np.zeros(0, dtype=bool),  # not needed from here on
+                boundaries=np.union1d(bounds - byte_lo, [0, byte_hi - byte_lo]),
+                n_bytes=int(byte_hi - byte_lo),
             )
+            yield _Segment(student, part[char_lo:char_hi], ends_document and j == n), char_hi
             i = j
 
-    def _item(self, student: TokenSpans, window_text: str, issues: Counter) -> dict | None:
-        ids = np.asarray(student.ids, dtype=np.int64)
+    def _item(self, segments: list[_Segment], issues: Counter) -> dict | None:
+        """One window: the student's prefix, then each segment (+ the end-of-document token after a
+        document's last one), and the same for every teacher with chunk ids numbered across the
+        window (a chunk never crosses a segment)."""
+        n_teachers = len(self.teacher_toks)
+        ids, target = [self.prefix[0]], [np.zeros(len(self.prefix[0]), dtype=bool)]
+        s_chunks = [[np.full(len(self.prefix[0]), -1)] for _ in range(n_teachers)]
+        t_ids = [
+            [self.prefix[0] if same else prefix] for same, prefix in zip(self.same, self.prefix[1:])
+        ]
+        t_chunks = [[np.full(len(t[0]), -1)] for t in t_ids]
+        first_free = [0] * n_teachers
+        for seg in segments:
+            ids.append(seg.student.ids)
+            target.append(seg.student.text)
+            for i, tok in enumerate(self.teacher_toks):
+                teacher = seg.student if self.same[i] else _body(token_spans(tok, seg.text))
+                s_chunk, t_chunk = chunk_ids(seg.student, teacher)
+                s_chunks[i].append(np.where(s_chunk >= 0, s_chunk + first_free[i], -1))
+                t_chunks[i].append(np.where(t_chunk >= 0, t_chunk + first_free[i], -1))
+                t_ids[i].append(teacher.ids)
+                first_free[i] += max(s_chunk.max(initial=-1), t_chunk.max(initial=-1)) + 1
+            if seg.ends_document:  # the separators: a CE target for the student, in no chunk
+                if self.eod[0] is not None:
+                    ids.append([self.eod[0]])
+                    target.append([True])
+                    for chunks in s_chunks:
+                        chunks.append([-1])
+                for i in range(n_teachers):
+                    eod = self.eod[0] if self.same[i] else self.eod[i + 1]
+                    if eod is not None:
+                        t_ids[i].append([eod])
+                        t_chunks[i].append([-1])
+        ids = np.concatenate(ids).astype(np.int64)
         if len(ids) < 2:
             _count(issues, "too_short", "a window of one token predicts nothing")
             return None
+        target = np.concatenate(target).astype(bool)
         labels = np.full(len(ids), -100, dtype=np.int64)
-        labels[:-1] = np.where(student.text[1:], ids[1:], -100)
+        labels[:-1] = np.where(target[1:], ids[1:], -100)
         item = {"student_ids": ids, "labels": labels}
-        for i, teacher_tok in enumerate(self.teacher_toks):
-            teacher = token_spans(teacher_tok, window_text)
-            s_chunk, t_chunk = chunk_ids(student, teacher)
+        for i in range(n_teachers):
+            s_chunk = np.concatenate(s_chunks[i]).astype(np.int64)
+            t_chunk = np.concatenate(t_chunks[i]).astype(np.int64)
+            teacher_ids = np.concatenate(t_ids[i]).astype(np.int64)
+            # a side's first token has no predictor position: its chunk would lack a piece on that
+            # side (Qwen3 and o200k add no BOS), so it is dropped on both sides
+            for first in {int(s_chunk[0]), int(t_chunk[0]) if len(t_chunk) else -1} - {-1}:
+                s_chunk[s_chunk == first] = -1
+                t_chunk[t_chunk == first] = -1
             if len(t_chunk) > self.teacher_cap:  # the chunks that lose teacher tokens become a gap
                 _count(issues, "teacher_truncated", f"{len(t_chunk)} > {self.teacher_cap} tokens")
                 dropped = t_chunk[self.teacher_cap :]
-                t_chunk = t_chunk[: self.teacher_cap]
+                t_chunk, teacher_ids = t_chunk[: self.teacher_cap], teacher_ids[: self.teacher_cap]
                 if (dropped >= 0).any():  # chunk ids follow the text: all from the first lost one
                     first_lost = dropped[dropped >= 0].min()
                     s_chunk = np.where(s_chunk >= first_lost, -1, s_chunk)
                     t_chunk = np.where(t_chunk >= first_lost, -1, t_chunk)
             item[f"student_chunk_{i}"] = predictor_chunks(s_chunk)
-            item[f"teacher_ids_{i}"] = np.asarray(teacher.ids[: self.teacher_cap], dtype=np.int64)
+            item[f"teacher_ids_{i}"] = teacher_ids
             item[f"teacher_chunk_{i}"] = predictor_chunks(t_chunk)
         if self.teacher_toks:
             item["student_chunk"] = item["student_chunk_0"]
@@ -396,11 +596,13 @@ def advance_state(state: dict | None, batch: dict) -> dict:
     """The resume state once the trainer has consumed `batch`: call it for every batch, in order.
 
     A batch comes from one DataLoader worker; the DataLoader takes batches from its workers in
-    turn, so the state keeps each worker's last window and whose turn is next. Save it (each rank
-    its own) and pass it back as AlignedWindows(start=...) with the same ranks and num_workers.
+    turn, so the state keeps where each worker's next window starts and whose turn is next. Save
+    it (each rank its own) and pass it back as AlignedWindows(start=...) with the same ranks and
+    num_workers.
     """
-    rank, world_size, worker, workers, epoch, doc, window = batch["position"][-1].tolist()
+    rank, world_size, worker, workers, epoch, doc, char = batch["position"][-1].tolist()
     state = state or {
+        "format": STATE_FORMAT,
         "rank": rank,
         "world_size": world_size,
         "num_workers": workers,
@@ -408,7 +610,7 @@ def advance_state(state: dict | None, batch: dict) -> dict:
         "issues": [[0] * len(REASONS) for _ in range(workers)],
     }
     state = {**state, "positions": list(state["positions"]), "issues": list(state["issues"])}
-    state["positions"][worker] = [epoch, doc, window]
+    state["positions"][worker] = [epoch, doc, char]
     state["issues"][worker] = batch["issues"][-1].tolist()
     state["next_worker"] = (worker + 1) % workers
     return state

@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,8 +37,8 @@ from tokens import load_tokenizer, tokenizer_hash
 # Run settings that must match to --resume a run (the rest, e.g. --max-steps, may change).
 RESUME_KEYS = ("student", "teacher", "loss", "teacher_weight", "learn_projection", "seq_len",
                "batch_size", "grad_accum", "chunk_merge", "kd_scaling", "kd_weight", "ce_weight",
-               "preset", "data", "seed", "vocab_topk", "uld_topk", "hkl_threshold", "temperature",
-               "lr")
+               "preset", "data", "data_config", "split", "pack", "shuffle", "shuffle_buffer",
+               "seed", "vocab_topk", "uld_topk", "hkl_threshold", "temperature", "lr")
 # Presets build random models with the REAL tokenizers (no downloads). tiny: 2 layers, width 64,
 # for CPU tests and the demo. shapes-1b-4b: Llama-3.2-1B and Qwen3-4B shapes, for GPU throughput
 # (random weights: the speed of a step does not depend on them); 6 x 2,048 tokens per GPU per step
@@ -85,7 +86,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--chunk-merge", choices=["mean", "first"], default="mean")
     # data: raw text (the official nvidia/Nemotron-ClimbMix release is GPT-2 token ids)
     a("--data", default="OptimalScale/ClimbMix")
+    a("--data-config", help="hub dataset configuration (its subset name)")
+    a("--split", default="train", help="hub dataset split")
     a("--text-field", default="text")
+    a("--no-pack", dest="pack", action="store_false",
+      help="one document per window (default: documents packed into full windows)")
+    a("--no-shuffle", dest="shuffle", action="store_false",
+      help="read documents in file order (default: seeded shuffle, reseeded per epoch)")
+    a("--shuffle-buffer", type=int, default=10_000, help="documents per DataLoader worker "
+      "held by the shuffle (default 10000)")
     a("--seq-len", type=int, default=2048)
     a("--teacher-cap", type=int, help="max teacher tokens per window (default 2 x seq-len)")
     a("--num-workers", type=int, default=2)
@@ -145,6 +154,34 @@ def per_teacher(values: list | None, n: int, default, name: str) -> list:
     return values
 
 
+def drop_padded_columns(W: torch.Tensor, vocab: int, path: str) -> torch.Tensor:
+    """W cut to the teacher's tokenizer ids: a W built for a padded output layer has empty
+    padded columns (build_projection.py gives padding no entries); anything else is an error."""
+    if W.shape[1] <= vocab:
+        return W
+    W = W.coalesce()
+    if bool((W.indices()[1] >= vocab).any()):
+        raise ValueError(
+            f"{path} maps student ids to teacher ids >= {vocab}, which the teacher's "
+            "tokenizer does not have: rebuild W for this teacher"
+        )
+    return torch.sparse_coo_tensor(W.indices(), W.values(), (W.shape[0], vocab)).coalesce()
+
+
+@dataclass
+class Teacher:
+    """One teacher and what its KD term needs (METHOD.md 5.2-5.4)."""
+
+    name: str
+    tok: object
+    model: torch.nn.Module
+    loss: str  # pkl, hkl, gold, uld or kl
+    weight: float  # alpha_m
+    vocab: int  # its tokenizer's ids: output rows beyond them are padding
+    W: torch.Tensor | losses.LearnableProjection | None = None  # P-KL
+    pairs: torch.Tensor | None = None  # GOLD, H-KL: the common set
+
+
 def tiny_model(arch: str, vocab_size: int, seq_len: int, shape: str = "tiny"):
     """A random Llama/Qwen3 of a SHAPES entry, with at least vocab_size output rows."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
@@ -180,13 +217,58 @@ def first_positions_only(chunk: torch.Tensor) -> torch.Tensor:
     return torch.where(chunk != previous, chunk, -1)
 
 
-def valid_chunk_fraction(s_chunk: torch.Tensor, t_chunk: torch.Tensor) -> float:
-    """Share of chunks that have a position on both sides (the others carry no KD signal)."""
-    valid = total = 0
-    for s, t in zip(s_chunk, t_chunk):
-        s_ids, t_ids = set(s[s >= 0].tolist()), set(t[t >= 0].tolist())
-        valid, total = valid + len(s_ids & t_ids), total + len(s_ids | t_ids)
-    return valid / max(total, 1)
+def chunk_counts(s_chunk: torch.Tensor, t_chunk: torch.Tensor) -> tuple[int, int]:
+    """(valid chunks, chunks on either side) of a batch: a chunk is valid when it has a position
+    on both sides (METHOD.md 5); the others carry no KD signal. Chunk ids are per row."""
+    width = int(max(s_chunk.max(), t_chunk.max(), 0)) + 1
+    row = torch.arange(len(s_chunk)).unsqueeze(1) * width  # (row, chunk) as one key
+    s_keys = torch.unique((row + s_chunk)[s_chunk >= 0])
+    t_keys = torch.unique((row + t_chunk)[t_chunk >= 0])
+    valid = int(torch.isin(s_keys, t_keys).sum())
+    return valid, len(s_keys) + len(t_keys) - valid
+
+
+N_STEP_SUMS = 4  # loss, ce, kd, kd_scale; then per teacher its KD term, valid and union chunks
+
+
+def prepare_batch(batch: dict, teachers: list[Teacher], chunk_merge: str) -> dict:
+    """A collated batch as the loop uses it, still on the host: --chunk-merge applied, and
+    `counts` = [student tokens, labelled tokens, then per teacher the targets its KD term is a
+    mean over (positions for KL, valid chunks otherwise)], `valid_union` for the logs."""
+    out = {k: v for k, v in batch.items() if k not in ("position", "issues")}
+    labelled = int((out["labels"] != -100).sum())
+    counts, valid_union = [int(out["student_mask"].sum()), labelled], []
+    for i, t in enumerate(teachers):
+        s_chunk, t_chunk = out[f"student_chunk_{i}"], out[f"teacher_chunk_{i}"]
+        if chunk_merge == "first":
+            s_chunk, t_chunk = first_positions_only(s_chunk), first_positions_only(t_chunk)
+            out[f"student_chunk_{i}"], out[f"teacher_chunk_{i}"] = s_chunk, t_chunk
+        valid, union = chunk_counts(s_chunk, t_chunk)
+        counts.append(labelled if t.loss == "kl" else valid)
+        valid_union += [valid, union]
+    out["counts"] = torch.tensor(counts, dtype=torch.float64)
+    out["valid_union"] = torch.tensor(valid_union, dtype=torch.float64)
+    return out
+
+
+def share(count: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """count / total (0 when total is 0): a micro-batch's weight in the step's mean."""
+    return (count / total.clamp_min(1)).float()
+
+
+def trim_output_vocabulary(model: torch.nn.Module, n: int) -> None:
+    """Keep the first n output rows of a teacher (its tokenizer's ids): the rest pad the matrix to
+    a round size (Qwen3: 151,936 rows for 151,669 ids) and must never enter a softmax, a top-k
+    subset or GOLD's uncommon set. The kept rows are a view: no copy, tied embeddings stay."""
+    head = model.get_output_embeddings()
+    if head.weight.shape[0] <= n:
+        return
+    trimmed = torch.nn.Linear(head.in_features, n, bias=head.bias is not None,
+                              device="meta")  # fmt: skip
+    trimmed.weight = torch.nn.Parameter(head.weight[:n], requires_grad=False)
+    if head.bias is not None:
+        trimmed.bias = torch.nn.Parameter(head.bias[:n], requires_grad=False)
+    model.set_output_embeddings(trimmed)
 
 
 def checkpoints(out_dir: str) -> list[tuple[int, str]]:
@@ -237,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"student {args.student}: {n_params / 1e6:.1f}M parameters; {world_size} rank(s); "
               f"{tokens_per_step:,} student tokens per step")
         for t in teachers:
-            print(f"teacher {t['name']}: loss {t['loss']}, weight {t['weight']}")
+            print(f"teacher {t.name}: loss {t.loss}, weight {t.weight}")
 
     # ---- data: tokenization and alignment run in DataLoader workers ---------------------------
     from data import AlignedWindows, advance_state, collate, issue_counts, make_tiny_corpus
@@ -251,9 +333,11 @@ def main(argv: list[str] | None = None) -> None:
             dist.barrier()
     try:
         dataset = AlignedWindows(
-            data_source, student_tok, [t["tok"] for t in teachers], args.seq_len,
+            data_source, student_tok, [t.tok for t in teachers], args.seq_len,
             text_field=args.text_field, rank=rank, world_size=world_size,
-            start=resume_state.get("data_state"), teacher_cap=args.teacher_cap, repeat=True)
+            start=resume_state.get("data_state"), teacher_cap=args.teacher_cap, repeat=True,
+            data_config=args.data_config, split=args.split, pack=args.pack, shuffle=args.shuffle,
+            shuffle_buffer=args.shuffle_buffer, seed=args.seed)
     except ValueError as e:
         fail(str(e))
     loader = torch.utils.data.DataLoader(
@@ -298,86 +382,109 @@ def main(argv: list[str] | None = None) -> None:
 
         progress = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True)
     last_step = min(args.max_steps, args.stop_step or args.max_steps)
+    static_kd_weight = torch.tensor(args.kd_weight, device=device)
     while step < last_step:
         started = time.perf_counter()
         scale = lr_scale(step)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * scale
-        totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "kd_scale": 0.0, "valid_chunks": 0.0}
-        per_kd = [0.0] * len(teachers)
-        n_tokens = 0
-        for micro in range(args.grad_accum):
+        # The step's batches first: the objective divides by the step's counts over all
+        # micro-steps and ranks (METHOD.md 5.5), and those come from the batches alone.
+        micro_batches = []
+        for _ in range(args.grad_accum):
             batch = next(batches)
             data_state = advance_state(data_state, batch)  # where to resume after this batch
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()
-                     if k not in ("position", "issues")}
+            micro_batches.append(prepare_batch(batch, teachers, args.chunk_merge))
+        # [student tokens, labelled tokens, then per teacher the targets its KD term averages]
+        counts = sum(b["counts"] for b in micro_batches).to(device)
+        if ddp:
+            dist.all_reduce(counts)
+        step_sums = torch.zeros(N_STEP_SUMS + 3 * len(teachers), device=device)
+        for micro, batch in enumerate(micro_batches):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if ddp:  # sync gradients on the last micro-step only
                 model.require_backward_grad_sync = micro == args.grad_accum - 1
             with autocast:
                 s_logits = model(input_ids=batch["student_ids"],
                                  attention_mask=batch["student_mask"]).logits
-            ce = losses.ce_loss(s_logits, batch["labels"])
-            kd_terms = []
+            # each term: its mean over this micro-batch x (its count here / the step's count)
+            ce_mean = losses.ce_loss(s_logits, batch["labels"])
+            ce_part = ce_mean * share(batch["counts"][1], counts[1])
+            kd_means, kd_parts = [], []
             for i, t in enumerate(teachers):
-                s_chunk, t_chunk = batch[f"student_chunk_{i}"], batch[f"teacher_chunk_{i}"]
-                if args.chunk_merge == "first":
-                    s_chunk, t_chunk = first_positions_only(s_chunk), first_positions_only(t_chunk)
                 with torch.no_grad(), autocast:
-                    t_logits = t["model"](input_ids=batch[f"teacher_ids_{i}"],
-                                          attention_mask=batch[f"teacher_mask_{i}"]).logits
+                    t_logits = t.model(input_ids=batch[f"teacher_ids_{i}"],
+                                       attention_mask=batch[f"teacher_mask_{i}"]).logits
                 try:
-                    kd = kd_loss(t, s_logits, t_logits, s_chunk, t_chunk, batch, args)
+                    kd_mean = kd_loss(t, s_logits, t_logits, batch[f"student_chunk_{i}"],
+                                      batch[f"teacher_chunk_{i}"], batch, args)
                 except ValueError as e:
-                    raise SystemExit(f"error: teacher {t['name']}: {e}") from None
-                kd_terms.append(kd)
-                share = valid_chunk_fraction(s_chunk, t_chunk)
-                totals["valid_chunks"] += share / (args.grad_accum * len(teachers))
-            loss = losses.combine(ce, kd_terms, [t["weight"] for t in teachers],
-                                  dynamic=args.kd_scaling == "dynamic",
-                                  kd_weight=args.kd_weight, ce_weight=args.ce_weight)
-            (loss / args.grad_accum).backward()
-            kd_values = [k.item() for k in kd_terms]  # one device sync per term and micro-step
-            for i, value in enumerate(kd_values):
-                per_kd[i] += value / args.grad_accum
-            kd_sum = sum(t["weight"] * value for t, value in zip(teachers, kd_values))
-            totals["loss"] += loss.item() / args.grad_accum
-            totals["ce"] += ce.item() / args.grad_accum
-            totals["kd"] += kd_sum / args.grad_accum
-            if args.kd_scaling == "dynamic" and kd_sum > 0:
-                totals["kd_scale"] += ce.item() / kd_sum / args.grad_accum
-            n_tokens += int(batch["student_mask"].sum())
-        if ddp and w_params:  # W's weights live outside DDP: average their gradients by hand
+                    if str(e) != losses.NON_FINITE:
+                        raise SystemExit(f"error: teacher {t.name}: {e}") from None
+                    # skipped on every rank below; backward still runs, as DDP needs
+                    kd_mean = s_logits.float().sum() * float("nan")
+                kd_means.append(kd_mean)
+                kd_parts.append(kd_mean * share(batch["counts"][2 + i], counts[2 + i]))
+            weights = [t.weight for t in teachers]
+            kd_mean = sum((w * k for w, k in zip(weights, kd_means)), ce_mean.new_zeros(()))
+            if args.kd_scaling == "dynamic":  # loss = sg(CE / KD) * KD + CE, CE and KD of this
+                # micro-batch (on this rank): the scale needs no second pass and no communication
+                kd_scale = torch.where(kd_mean.detach() > 0, ce_mean.detach() / kd_mean.detach(),
+                                       torch.ones_like(kd_mean))
+                ce_scale = 1.0
+            else:
+                kd_scale, ce_scale = static_kd_weight, args.ce_weight
+            loss = losses.combine(ce_part, kd_parts, weights, dynamic=False,
+                                  kd_weight=kd_scale, ce_weight=ce_scale)
+            # DDP averages gradients over ranks; the objective is their sum
+            (loss * world_size).backward()
+            kd_part = sum((w * k for w, k in zip(weights, kd_parts)), ce_part.new_zeros(()))
+            scale_share = kd_scale / (args.grad_accum * world_size) if teachers else kd_scale * 0
+            step_sums += torch.stack([loss.detach(), ce_part.detach(), kd_part.detach(),
+                                      scale_share.detach().float(), *(k.detach() for k in kd_parts),
+                                      *batch["valid_union"]]).float()
+        if w_params:  # W's weights live outside DDP: their gradients are averaged by hand
             for p in w_params:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-        # a non-finite loss on any rank: every rank skips the update (they must stay identical)
-        bad = torch.tensor(float(not math.isfinite(totals["loss"])), device=device)
+                if p.grad is None:  # no valid chunk on this rank in this step
+                    p.grad = torch.zeros_like(p)
+                if ddp:
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        # the step's values over all ranks, and whether any rank saw a non-finite loss
         if ddp:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            dist.all_reduce(step_sums)
+        bad = not bool(torch.isfinite(step_sums[:N_STEP_SUMS]).all())
         grad_norm = float("nan")
-        if bad.item() == 0:
+        if not bad:  # gradients are equal on every rank here: so is this decision
             grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip))
+            bad = not math.isfinite(grad_norm) or any(
+                not bool(torch.isfinite(p.grad).all()) for p in w_params)
+        if not bad:
             optimizer.step()
             bad_in_a_row = 0
         else:
             skipped += 1
             bad_in_a_row += 1
             if master:
-                print(f"warning: non-finite loss at step {step + 1}, update skipped",
+                print(f"warning: non-finite loss or gradient at step {step + 1}, update skipped",
                       file=sys.stderr)
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
         # ---- log and save ----------------------------------------------------------------------
-        if ddp:
-            counted = torch.tensor(float(n_tokens), device=device)
-            dist.all_reduce(counted)
-            n_tokens = int(counted.item())
-        record = {"step": step, "lr": args.lr * scale, **totals, "grad_norm": grad_norm,
-                  "tokens_per_s": n_tokens / (time.perf_counter() - started), "skipped": skipped}
+        values = torch.cat([step_sums.double(), counts]).tolist()  # one read of the device
+        n_tokens = values[-len(counts)]
+        n_teachers = len(teachers)
+        record = {"step": step, "lr": args.lr * scale, "loss": values[0], "ce": values[1],
+                  "kd": values[2], "kd_scale": values[3], "grad_norm": grad_norm,
+                  "tokens": int(n_tokens), "skipped": skipped,
+                  "tokens_per_s": n_tokens / (time.perf_counter() - started)}
+        if teachers:
+            valid_union = values[N_STEP_SUMS + n_teachers : N_STEP_SUMS + 3 * n_teachers]
+            record["valid_chunks"] = sum(valid_union[0::2]) / max(sum(valid_union[1::2]), 1)
         if cuda:
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        for t, value in zip(teachers, per_kd):
-            record[f"kd/{t['name']}"] = value
+        for t, value in zip(teachers, values[N_STEP_SUMS:N_STEP_SUMS + n_teachers]):
+            record[f"kd/{t.name}"] = value
         record["data_issues"] = dict(issue_counts(data_state))  # skipped/split docs, by reason
         stopping = bad_in_a_row > args.max_bad_steps
         if step % args.log_every == 0 or step == last_step or stopping:
@@ -400,29 +507,38 @@ def main(argv: list[str] | None = None) -> None:
         dist.destroy_process_group()
 
 
-def kd_loss(t: dict, s_logits, t_logits, s_chunk, t_chunk, batch, args) -> torch.Tensor:
-    """The KD term of one teacher, by its loss (METHOD.md 5.2-5.4)."""
-    tau, name = args.temperature, t["loss"]
-    if name == "kl":  # same tokenizer: position p of both models predicts the same token
+PAD_LOGIT = -1e4  # exp() of it underflows to exactly 0 in any float dtype: out of every softmax
+
+
+def kd_loss(t: Teacher, s_logits, t_logits, s_chunk, t_chunk, batch, args) -> torch.Tensor:
+    """The KD term of one teacher, by its loss (METHOD.md 5.2-5.4): a mean over this batch."""
+    tau = args.temperature
+    if t.loss == "kl":  # same tokenizer and ids: position p of both models predicts the same token
+        if t.vocab < t_logits.shape[-1]:  # equal padded vocabularies: the padding is no target
+            t_logits[..., t.vocab :] = PAD_LOGIT
         mask = batch["labels"] != -100
         return losses.kl_loss(s_logits, t_logits, mask, vocab_topk=args.vocab_topk, temperature=tau)
-    if name == "pkl":
-        return losses.pkl_loss(s_logits, t_logits, s_chunk, t_chunk, t["W"],
+    if t.loss == "pkl":
+        return losses.pkl_loss(s_logits, t_logits, s_chunk, t_chunk, t.W,
                                vocab_topk=args.vocab_topk, temperature=tau)
-    if name == "uld":
+    if t.loss == "uld":
         return losses.uld_loss(s_logits, t_logits, s_chunk, t_chunk, uld_topk=args.uld_topk,
                                temperature=tau)
-    return losses.gold_loss(s_logits, t_logits, s_chunk, t_chunk, t["pairs"],  # gold and hkl
-                            uld_topk=args.uld_topk, temperature=tau)
+    if t.loss in ("gold", "hkl"):  # H-KL is GOLD with a wider common set
+        return losses.gold_loss(s_logits, t_logits, s_chunk, t_chunk, t.pairs,
+                                uld_topk=args.uld_topk, temperature=tau)
+    raise ValueError(f"unknown loss {t.loss!r}")
 
 
 def set_up_run(args, rank: int, world_size: int, device, teacher_dtype, ddp: bool):
     """Check the run directory, load tokenizers and models, prepare each teacher's loss."""
     from safetensors.torch import load_file
 
+    from build_projection import FORMAT_VERSION as W_FORMAT
     from build_projection import build_projection, load_projection, save_projection
 
     master = rank == 0
+    local_master = int(os.environ.get("LOCAL_RANK", 0)) == 0
     out_dir = args.out_dir
     teachers_names = args.teacher or []
     loss_names = per_teacher(args.loss, len(teachers_names), "auto", "loss")
@@ -484,52 +600,56 @@ def set_up_run(args, rank: int, world_size: int, device, teacher_dtype, ddp: boo
         tok = load_tokenizer(name, trust_remote_code=args.trust_remote_code)
         model = load_model(name, tok, args, teacher_dtype, device).to(device, teacher_dtype).eval()
         model.requires_grad_(False)
-        vocab = model.get_output_embeddings().weight.shape[0]
-        t = {"name": name, "tok": tok, "model": model, "loss": loss_names[i], "weight": weights[i]}
+        rows = model.get_output_embeddings().weight.shape[0]
+        t = Teacher(name, tok, model, loss_names[i], weights[i], vocab=min(len(tok), rows))
         same_tokenizer = tokenizer_hash(tok) == tokenizer_hash(student_tok)
-        if t["loss"] == "kl" or (t["loss"] == "auto" and same_tokenizer):
+        if t.loss == "kl" or (t.loss == "auto" and same_tokenizer):
             if not same_tokenizer:
                 raise ValueError(f"--loss kl needs the student's tokenizer; teacher {name} has "
                                  "another: use pkl, hkl or gold")
-            if vocab != student_vocab:
-                raise ValueError(f"teacher {name} has {vocab} output rows, the student "
+            if rows != student_vocab:
+                raise ValueError(f"teacher {name} has {rows} output rows, the student "
                                  f"{student_vocab}: KL needs equal vocabularies")
-            t["loss"] = "kl"
+            t.loss = "kl"
             teachers.append(t)
             continue
-        # W: the given file, or a cached build keyed by both tokenizer hashes and vocab sizes
+        trim_output_vocabulary(model, t.vocab)  # its padded rows: never a target
+        # W: the given file, or a cached build keyed by the W format, both tokenizer hashes and
+        # the vocabulary sizes; each node builds its own (a shared cache is written atomically)
         key = f"{tokenizer_hash(student_tok)[:16]}-{tokenizer_hash(tok)[:16]}"
         path = projection_files[i] or os.path.join(
-            args.projection_cache, f"W-{key}-{student_vocab}x{vocab}.pt")
+            args.projection_cache, f"W-v{W_FORMAT}-{key}-{student_vocab}x{t.vocab}.pt")
         if projection_files[i] and not os.path.exists(path):
             raise ValueError(f"projection file {path} does not exist")
-        if master and not os.path.exists(path):
+        if local_master and not os.path.exists(path):
             print(f"building W for {args.student} -> {name} into {path}")
             save_projection(build_projection(student_tok, tok, student_vocab_size=student_vocab,
-                                             teacher_vocab_size=vocab), path)
+                                             teacher_vocab_size=t.vocab), path)
         if ddp:
             dist.barrier()
         projection = load_projection(path, student_tok, tok)
-        if tuple(projection["W"].shape) != (student_vocab, vocab):
-            raise ValueError(f"teacher {name}'s vocabulary ({vocab} rows; student {student_vocab})"
-                             f" does not match its W {tuple(projection['W'].shape)} in {path}: "
-                             "rebuild W with --student-vocab-size/--teacher-vocab-size")
-        if t["loss"] == "auto":
+        projection["W"] = drop_padded_columns(projection["W"], t.vocab, path)
+        if tuple(projection["W"].shape) != (student_vocab, t.vocab):
+            raise ValueError(f"teacher {name}'s vocabulary ({t.vocab} ids; student "
+                             f"{student_vocab} rows) does not match its W "
+                             f"{tuple(projection['W'].shape)} in {path}: rebuild W with "
+                             "--student-vocab-size/--teacher-vocab-size")
+        if t.loss == "auto":
             from audit import audit
 
-            t["loss"] = audit(student_tok, projection, threshold=args.hkl_threshold)["recommended"]
-        if args.learn_projection and t["loss"] != "pkl":
-            raise ValueError(f"--learn-projection is for P-KL; teacher {name} uses {t['loss']}")
+            t.loss = audit(student_tok, projection, threshold=args.hkl_threshold)["recommended"]
+        if args.learn_projection and t.loss != "pkl":
+            raise ValueError(f"--learn-projection is for P-KL; teacher {name} uses {t.loss}")
         W = projection["W"].to(device)
-        if t["loss"] == "pkl":
-            t["W"] = losses.LearnableProjection(W).to(device) if args.learn_projection else W
+        if t.loss == "pkl":
+            t.W = losses.LearnableProjection(W).to(device) if args.learn_projection else W
             if args.learn_projection:
-                projections.append(t["W"])
-        elif t["loss"] == "hkl":
-            pairs = losses.hkl_pairs(W, projection["exact_pairs"], threshold=args.hkl_threshold)
-            t["pairs"] = pairs.to(device)
-        elif t["loss"] == "gold":
-            t["pairs"] = projection["exact_pairs"].to(device)
+                projections.append(t.W)
+        elif t.loss == "hkl":
+            t.pairs = losses.hkl_pairs(W, projection["exact_pairs"],
+                                       threshold=args.hkl_threshold).to(device)
+        elif t.loss == "gold":
+            t.pairs = projection["exact_pairs"].to(device)
         teachers.append(t)
 
     # Resume: weights, optimizer, W's weights, this rank's RNG and data position.

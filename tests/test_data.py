@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 import data
 from data import AlignedWindows, advance_state, collate, issue_counts, make_tiny_corpus
-from tokens import align_text, predictor_chunks
+from tokens import end_of_document_id, token_bytes, tokenizer_hash
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,9 @@ def test_every_bad_record_is_counted_with_a_warning_and_never_fatal(tmp_path, ll
     (tmp_path / "z.txt").write_text("the end")  # counts travel with windows: one comes last
     with caplog.at_level(logging.WARNING, logger="data"):
         data._warned.clear()
-        dataset = AlignedWindows(str(tmp_path), llama, [qwen], seq_len=32)
+        dataset = AlignedWindows(
+            str(tmp_path), llama, [qwen], seq_len=32, pack=False, shuffle=False
+        )
         state, texts = None, []
         for batch in loader(dataset):
             state = advance_state(state, batch)
@@ -108,28 +110,178 @@ def test_a_glob_and_a_list_of_files_name_the_same_documents(corpus):
     assert data.resolve_files("someone/some-hub-dataset") is None
 
 
+def stream_texts(dataset, tok, num_workers=0, batch_size=2) -> list[str]:
+    """The documents a dataset's windows spell, rebuilt from the student's token bytes alone:
+    each worker's windows in order, the leading special tokens dropped, split at every
+    end-of-document token."""
+    table, eod = token_bytes(tok), end_of_document_id(tok)
+    pending: dict[int, bytes] = {}
+    texts = []
+    for batch in loader(dataset, batch_size=batch_size, num_workers=num_workers):
+        for position, ids, mask in zip(
+            batch["position"], batch["student_ids"], batch["student_mask"]
+        ):
+            worker = int(position[2])
+            for i in ids[mask.bool()].tolist():
+                if i == eod:
+                    texts.append(pending.pop(worker, b"").decode())
+                elif table[i] is not None:
+                    pending[worker] = pending.get(worker, b"") + table[i]
+    assert not pending, "every document ends with an end-of-document token"
+    return texts
+
+
+def same_text(a: bytes, b: bytes) -> bool:
+    """Equal bytes up to the prefix space a SentencePiece model puts before each text it encodes
+    (no source byte), or, where a tokenizer normalizes its input (Mistral's NFKC), equal text
+    after Unicode normalization."""
+    if a == b or b == b" " + a:  # or the prefix space a SentencePiece tokenizer adds to a text
+        return True
+    try:
+        return unicodedata.normalize("NFKC", a.decode()) == unicodedata.normalize(
+            "NFKC", b.decode()
+        )
+    except UnicodeDecodeError:
+        return False
+
+
+def check_window(item: dict, student, teachers: list, seq_len: int, capped: bool = False):
+    """One window checked from the tokenizers' token bytes, independently of data.py: every
+    teacher spells the same documents as the student (split at each side's own end-of-document
+    token), a same-tokenizer teacher has the student's ids, every valid chunk covers equal bytes
+    on both sides (same_text; this fails if a chunk lost a side's first token, which has no
+    predictor), no chunk holds a special token, and labels are the next ids (special targets:
+    only the EOD)."""
+    s_ids = item["student_ids"].tolist()
+    assert 2 <= len(s_ids) <= seq_len
+    s_table, s_eod = token_bytes(student), end_of_document_id(student)
+    want = [i if (s_table[i] is not None or i == s_eod) else -100 for i in s_ids[1:]] + [-100]
+    assert item["labels"].tolist() == want
+
+    def documents(ids, table, eod):
+        pieces = [b""]
+        for i in ids:
+            if i == eod:
+                pieces.append(b"")
+            elif table[i] is not None:
+                pieces[-1] += table[i]
+        return pieces
+
+    for k, teacher in enumerate(teachers):
+        t_ids = item[f"teacher_ids_{k}"].tolist()
+        t_table, t_eod = token_bytes(teacher), end_of_document_id(teacher)
+        if tokenizer_hash(teacher) == tokenizer_hash(student):
+            assert t_ids == s_ids
+        s_docs, t_docs = documents(s_ids, s_table, s_eod), documents(t_ids, t_table, t_eod)
+        if not capped:  # a teacher cut at --teacher-cap spells only a prefix
+            assert len(s_docs) == len(t_docs) and all(map(same_text, s_docs, t_docs))
+        # token-level chunk ids: position p holds the chunk of token p + 1
+        s_chunk = np.append(-1, item[f"student_chunk_{k}"][:-1])
+        t_chunk = np.append(-1, item[f"teacher_chunk_{k}"][:-1])
+        for ids, chunk, table in ((s_ids, s_chunk, s_table), (t_ids, t_chunk, t_table)):
+            assert all(table[ids[p]] is not None for p in np.flatnonzero(chunk >= 0))
+        valid = set(s_chunk[s_chunk >= 0].tolist()) & set(t_chunk[t_chunk >= 0].tolist())
+        for c in valid:
+            s_bytes = b"".join(s_table[s_ids[p]] for p in np.flatnonzero(s_chunk == c))
+            t_bytes = b"".join(t_table[t_ids[p]] for p in np.flatnonzero(t_chunk == c))
+            assert same_text(s_bytes, t_bytes), (c, s_bytes, t_bytes)
+
+
+REAL_LIKE = [  # documents of very different lengths, as a web crawl has
+    "Short note.",
+    " ".join(f"Item {i} costs ${i * 3.5:.2f}, naïve cafe\u0301 😀." for i in range(120)),
+    "日本語のテキスト 👩\u200d👩\u200d👧 " * 30,
+    "def f(x):\n    return x * 2024  # 2024 is a year\n" * 12,
+    "2024 was the year: 1234567 people, 3.14159 and 10,000 more.",
+    *(f"Paragraph {i}: the {i * 37} cats of Zürich sat on {i + 1} mats." for i in range(40)),
+]
+
+
+def test_packed_windows_are_full_and_spell_every_document_exactly_once(tmp_path, llama, qwen):
+    write_jsonl(tmp_path / "docs.jsonl", REAL_LIKE)
+    packed = AlignedWindows(str(tmp_path), llama, [qwen], seq_len=64)
+    items = list(packed)
+    lengths = [len(item["student_ids"]) for item in items]
+    assert sum(lengths) / (64 * len(items)) >= 0.97  # the last window may be short
+    assert all(n == 64 for n in lengths[:-1]) or sum(n < 60 for n in lengths) <= 2
+    assert sorted(stream_texts(packed, llama)) == sorted(REAL_LIKE)
+    several = [item for item in items if (item["student_ids"] == end_of_document_id(llama)).sum()]
+    assert len(several) > 5  # windows that hold the end of one document and more
+    one_each = AlignedWindows(str(tmp_path), llama, [qwen], seq_len=64, pack=False)
+    assert sorted(stream_texts(one_each, llama)) == sorted(REAL_LIKE)
+    assert sum(len(item["student_ids"]) for item in one_each) / (64 * len(list(one_each))) < 0.8
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_every_window_is_aligned_byte_exactly_with_every_teacher(
+    corpus, llama, qwen, mistral, pack
+):
+    dataset = AlignedWindows(corpus, llama, [qwen, mistral, llama], seq_len=48, pack=pack)
+    for item in dataset:
+        check_window(item, llama, [qwen, mistral, llama], 48)
+
+
+def test_first_token_without_predictor_drops_its_chunk_on_both_sides(tmp_path, llama, qwen):
+    # Llama: BOS "202" "4" " was"; Qwen3 adds no BOS: "2" "0" "2" "4" " was". The chunk "202" holds
+    # Qwen's first token, which no position predicts: kept, its teacher side would lack the "2"
+    write_jsonl(tmp_path / "d.jsonl", ["2024 was a year."])
+    item = next(iter(AlignedWindows(str(tmp_path), llama, [qwen], seq_len=32)))
+    s_chunk, t_chunk = item["student_chunk_0"], item["teacher_chunk_0"]
+    assert item["teacher_ids_0"][:4].tolist() == [qwen.convert_tokens_to_ids(d) for d in "2024"]
+    assert s_chunk[0] == -1 and (t_chunk[:2] == -1).all()  # "202": in no chunk on either side
+    assert s_chunk[1] == t_chunk[2] >= 0  # "4" is the first valid chunk
+    check_window(item, llama, [qwen], 32)
+
+
+def test_a_sentencepiece_student_with_its_own_tokenizer_as_teacher_gets_its_ids(corpus, mistral):
+    for item in AlignedWindows(corpus, mistral, [mistral], seq_len=40):
+        assert item["teacher_ids_0"].tolist() == item["student_ids"].tolist()
+        check_window(item, mistral, [mistral], 40)
+
+
+def test_shuffle_is_seeded_reseeded_per_epoch_and_mixes_files(tmp_path, llama, qwen):
+    for f in range(3):  # files grouped by topic, as large corpora often are
+        write_jsonl(tmp_path / f"topic{f}.jsonl", [f"topic {f} document {i}." for i in range(12)])
+
+    def order(seed, epochs=2, **kw):
+        dataset = AlignedWindows(str(tmp_path), llama, [qwen], seq_len=512, pack=False,
+                                 seed=seed, repeat=True, **kw)  # fmt: skip
+        stream = iter(dataset)
+        return [text_of(llama, next(stream)["student_ids"]) for _ in range(36 * epochs)]
+
+    plain = order(0, shuffle=False)
+    assert plain[:36] == [f"topic {f} document {i}." for f in range(3) for i in range(12)]
+    first, again, other = order(0), order(0), order(1)
+    assert first == again and first != other
+    assert sorted(first[:36]) == sorted(plain[:36]) == sorted(first[36:])  # each once per epoch
+    assert first[:36] != first[36:]  # reseeded per epoch
+    assert len({t.split()[1] for t in first[:6]}) > 1  # topics mixed from the start
+    assert order(0, shuffle_buffer=0)[:36] != plain[:36]  # file order and interleaving alone
+
+
 def windows_by_document(dataset, num_workers=0) -> dict[int, list]:
+    """One document per window (pack=False, shuffle=False): windows grouped by document."""
     docs: dict[int, list] = {}
     for batch in loader(dataset, num_workers=num_workers):
         for position, ids, mask in zip(
             batch["position"], batch["student_ids"], batch["student_mask"]
         ):
-            doc, window = position[5:].tolist()
-            docs.setdefault(doc, []).append((window, ids[mask.bool()].tolist()))
+            docs.setdefault(int(position[5]), []).append(ids[mask.bool()].tolist())
     return docs
 
 
-def test_windows_rebuild_each_document_exactly_and_long_ones_are_split(tmp_path, llama, qwen):
+def test_unpacked_windows_rebuild_each_document_and_long_ones_are_split(tmp_path, llama, qwen):
     long_text = " ".join(f"Item {i} costs ${i * 3.5:.2f}, naïve cafe\u0301 😀." for i in range(80))
     texts = ["short one", long_text, "日本語のテキスト 👩\u200d👩\u200d👧 " * 30]
     write_jsonl(tmp_path / "docs.jsonl", texts)
-    dataset = AlignedWindows(str(tmp_path), llama, [qwen], seq_len=48)
+    dataset = AlignedWindows(str(tmp_path), llama, [qwen], seq_len=48, pack=False, shuffle=False)
     docs = windows_by_document(dataset)
     assert sorted(docs) == [0, 1, 2]
     for doc, windows in docs.items():
-        assert [w for w, _ in windows] == list(range(len(windows)))
-        assert all(len(ids) <= 48 and ids[0] == llama.bos_token_id for _, ids in windows)
-        assert "".join(text_of(llama, ids) for _, ids in windows) == texts[doc]
+        assert all(len(ids) <= 48 and ids[0] == llama.bos_token_id for ids in windows)
+        assert "".join(text_of(llama, ids) for ids in windows) == texts[doc]
+        assert windows[-1][-1] == end_of_document_id(llama)  # only the last window ends it
+        assert all(end_of_document_id(llama) not in ids for ids in windows[:-1])
     assert len(docs[1]) >= len(llama(long_text)["input_ids"]) // 48
     assert len(docs[2]) > 1 and len(docs[0]) == 1
 
@@ -139,45 +291,17 @@ def test_a_huge_document_is_tokenized_part_by_part_and_still_rebuilt_exactly(
 ):
     lines = [f"Line {i}: {i * 7} apples, cafe\u0301 😀\n" for i in range(60)]
     huge = "".join(lines) + "no final break " * 40
-    write_jsonl(tmp_path / "huge.jsonl", [huge])
+    write_jsonl(tmp_path / "huge.jsonl", [huge, "a second document"])
     parts = list(data._parts("".join(lines), size=300))
-    assert len(parts) > 5 and all(len(p) <= 300 and p.endswith("\n") for p in parts)
+    assert len(parts) > 5 and all(len(p) <= 300 and p.endswith("\n") for _, p in parts)
+    assert "".join(p for _, p in parts) == "".join(lines)
+    assert all(text.startswith(p) for text in ["".join(lines)] for start, p in parts[:1])
     monkeypatch.setattr(data, "_parts", partial(data._parts, size=300))  # parts of 300 characters
-    dataset = AlignedWindows(str(tmp_path), llama, [qwen], seq_len=64)
-    windows = windows_by_document(dataset)[0]
-    assert [w for w, _ in windows] == list(range(len(windows)))
-    assert (
-        "".join(text_of(llama, ids) for _, ids in windows)
-        == "".join(lines) + "no final break " * 40
-    )
-
-
-def test_each_window_gives_the_teacher_exactly_its_text_and_its_alignment(corpus, llama, qwen):
-    dataset = AlignedWindows(corpus, llama, [qwen], seq_len=40)
-    for item in dataset:
-        student_ids = item["student_ids"].tolist()
-        text = text_of(llama, student_ids)
-        s_ids, t_ids, s_chunk, t_chunk = align_text(llama, qwen, text)
-        assert item["teacher_ids_0"].tolist() == t_ids
-        # a window cut from a document = the student's tokens of the document, which may differ
-        # from tokenizing the window alone only at its edges: compare the alignment where equal
-        if s_ids == student_ids:
-            assert item["student_chunk_0"].tolist() == predictor_chunks(s_chunk).tolist()
-            assert item["teacher_chunk_0"].tolist() == predictor_chunks(t_chunk).tolist()
-        labels = item["labels"].tolist()
-        assert labels == student_ids[1:] + [-100]
-        assert llama.bos_token_id not in labels
-
-
-def test_several_teachers_are_each_aligned_with_the_student(corpus, llama, qwen, mistral):
-    item = next(iter(AlignedWindows(corpus, llama, [qwen, mistral], seq_len=40)))
-    text = text_of(llama, item["student_ids"].tolist())
-    for i, tok in enumerate([qwen, mistral]):
-        _, t_ids, s_chunk, t_chunk = align_text(llama, tok, text)
-        assert item[f"teacher_ids_{i}"].tolist() == t_ids
-        assert item[f"student_chunk_{i}"].tolist() == predictor_chunks(s_chunk).tolist()
-        assert item[f"teacher_chunk_{i}"].tolist() == predictor_chunks(t_chunk).tolist()
-    assert item["student_chunk"].tolist() == item["student_chunk_0"].tolist()
+    for pack in (True, False):
+        dataset = AlignedWindows(str(tmp_path), llama, [qwen], seq_len=64, pack=pack)
+        assert sorted(stream_texts(dataset, llama)) == sorted([huge, "a second document"])
+        for item in dataset:
+            check_window(item, llama, [qwen], 64)
 
 
 def test_teacher_cap_truncates_and_turns_the_tail_into_a_gap(tmp_path, llama, qwen):
@@ -196,23 +320,24 @@ def test_teacher_cap_truncates_and_turns_the_tail_into_a_gap(tmp_path, llama, qw
     assert cap_t.tolist() == np.where(full_t[:59] >= first_lost, -1, full_t[:59]).tolist()
     assert cap_s.tolist() == np.where(full_s >= first_lost, -1, full_s).tolist()
     assert (cap_s[-5:] == -1).all() and (cap_s >= 0).sum() > 10  # a tail gap, a valid head
+    check_window(capped, llama, [qwen], 256, capped=True)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_two_ranks_read_disjoint_shards_covering_every_document_once(
     corpus, llama, qwen, num_workers
 ):
-    everything = windows_by_document(AlignedWindows(corpus, llama, [qwen], seq_len=40))
+    everything = stream_texts(AlignedWindows(corpus, llama, [qwen], seq_len=40), llama)
     shards = [
-        windows_by_document(
+        stream_texts(
             AlignedWindows(corpus, llama, [qwen], seq_len=40, rank=rank, world_size=2),
+            llama,
             num_workers=num_workers,
         )
         for rank in (0, 1)
     ]
-    assert not set(shards[0]) & set(shards[1])
-    assert {doc % 2 for doc in shards[1]} == {1}
-    assert shards[0] | shards[1] == everything
+    assert sorted(shards[0] + shards[1]) == sorted(everything)
+    assert abs(len(shards[0]) - len(shards[1])) <= 2
     # the 40 generated documents, the latin-1 line among the bad ones, note.txt and latin1.txt
     assert len(everything) == 40 + 3
 
@@ -268,13 +393,17 @@ def test_resume_refuses_another_number_of_workers(corpus, llama, qwen):
 
 def test_repeat_streams_epoch_after_epoch(tmp_path, llama, qwen):
     write_jsonl(tmp_path / "two.jsonl", ["first document", "second document"])
-    stream = iter(AlignedWindows(str(tmp_path), llama, [qwen], seq_len=32, repeat=True))
+    kw = dict(seq_len=32, repeat=True, shuffle=False)
+    stream = iter(AlignedWindows(str(tmp_path), llama, [qwen], pack=False, **kw))
     positions = [next(stream)["position"][4:6].tolist() for _ in range(5)]
     assert positions == [[0, 0], [0, 1], [1, 0], [1, 1], [2, 0]]  # (epoch, document)
+    packed = iter(AlignedWindows(str(tmp_path), llama, [qwen], **kw))  # both in one window
+    positions = [next(packed)["position"][4:6].tolist() for _ in range(3)]
+    assert positions == [[1, -1], [2, -1], [3, -1]]  # the next window starts the next epoch
 
 
 def test_collate_pads_ids_and_masks_them_with_no_chunk_and_no_label(corpus, llama, qwen):
-    dataset = AlignedWindows(corpus, llama, [qwen], seq_len=40)
+    dataset = AlignedWindows(corpus, llama, [qwen], seq_len=40, pack=False)
     items = sorted(list(dataset)[:6], key=lambda item: len(item["student_ids"]))[::5]
     short, long = items
     assert len(short["student_ids"]) < len(long["student_ids"])
@@ -296,7 +425,9 @@ def test_a_hub_dataset_is_streamed_through_datasets(llama, qwen, monkeypatch):
     stream = datasets.IterableDataset.from_generator(lambda: iter(rows))
     asked = []
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: asked.append((a, kw)) or stream)
-    dataset = AlignedWindows("someone/climbmix", llama, [qwen], seq_len=32)
+    dataset = AlignedWindows(
+        "someone/climbmix", llama, [qwen], seq_len=32, pack=False, shuffle=False
+    )
     texts = [text_of(llama, item["student_ids"].tolist()) for item in dataset]
     assert texts == ["streamed document one", "streamed two"]
     assert asked[0][0][0] == "someone/climbmix" and asked[0][1]["streaming"] is True
@@ -310,7 +441,9 @@ def test_a_hub_stream_splits_across_workers_and_resumes_exactly(llama, qwen, mon
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: stream)
 
     def batches(start=None):
-        dataset = AlignedWindows("someone/climbmix", llama, [qwen], seq_len=32, start=start)
+        dataset = AlignedWindows(
+            "someone/climbmix", llama, [qwen], seq_len=32, start=start, pack=False
+        )
         return list(loader(dataset, batch_size=2, num_workers=2))
 
     whole = batches()
@@ -334,10 +467,35 @@ def test_tiny_corpus_is_deterministic_and_has_the_promised_content(tmp_path):
     assert "\u200d" in text and "東京" in text and "def " in text
 
 
-def test_special_token_text_in_a_document_is_never_a_label_nor_in_a_chunk(tmp_path, llama, qwen):
-    write_jsonl(tmp_path / "s.jsonl", ["see <|begin_of_text|> here and 201 there"])
-    item = next(iter(AlignedWindows(str(tmp_path), llama, [qwen], seq_len=32)))
-    ids = item["student_ids"].tolist()
-    inside = ids.index(llama.bos_token_id, 1)  # Llama reads the marker as its BOS token
-    assert item["labels"][inside - 1] == -100 and item["student_chunk_0"][inside - 1] == -1
-    assert item["labels"][inside] == ids[inside + 1]
+def test_special_token_text_in_a_document_is_labelled_text_in_chunks(tmp_path, llama, qwen):
+    from tokens import token_bytes
+
+    def first_window(name, doc):
+        write_jsonl(tmp_path / f"{name}.jsonl", [doc])
+        dataset = AlignedWindows(str(tmp_path / f"{name}.jsonl"), llama, [qwen], seq_len=64)
+        return next(iter(dataset))
+
+    def around(ids, added):  # (leading, trailing) special ids of a window
+        text = [k for k, i in enumerate(ids) if i not in added]
+        return ids[: text[0]], ids[text[-1] + 1 :]
+
+    doc = "see <|begin_of_text|> here, <|im_end|> and <think> 201 there<|eot_id|>"
+    plain, item = first_window("plain", "see here"), first_window("markers", doc)
+    s_ids, t_ids = item["student_ids"].tolist(), item["teacher_ids_0"].tolist()
+    s_chunk, t_chunk = item["student_chunk_0"].tolist(), item["teacher_chunk_0"].tolist()
+    labels = item["labels"].tolist()
+    assert s_ids[0] == llama.bos_token_id
+    sides = ((llama, "student_ids", s_ids, s_chunk), (qwen, "teacher_ids_0", t_ids, t_chunk))
+    for tok, key, ids, chunk in sides:
+        # the window's own specials (those of a plain document: the leading BOS, ...) are its only
+        # special ids: the markers are text, spelling the document's bytes
+        added = tok.backend_tokenizer.get_added_tokens_decoder().keys()
+        lead, trail = around(plain[key].tolist(), added)
+        n = len(ids) - len(trail)
+        assert (ids[: len(lead)], ids[n:]) == (lead, trail) and not set(ids[len(lead) : n]) & added
+        assert b"".join(token_bytes(tok)[i] for i in ids[len(lead) : n]) == doc.encode()
+        # every position that predicts a text token after the first is in a chunk
+        assert -1 not in chunk[len(lead) : n - 1], tok.name_or_path
+    # ... which both sides have, and every text token is a label
+    assert {c for c in s_chunk if c >= 0} == {c for c in t_chunk if c >= 0}
+    assert labels[: len(s_ids) - 1 - len(trail)] == s_ids[1 : len(s_ids) - len(trail)]

@@ -314,3 +314,159 @@ def test_out_dir_with_another_configuration_is_an_error(tmp_path, cache, capsys)
     assert "--resume" in message and "--overwrite" in message
     records = run(tmp_path, cache, "--loss", "gold", "--max-steps", "1", "--overwrite")
     assert [r["step"] for r in records] == [1]
+
+
+# ---- the exact objective under accumulation and DDP (METHOD.md 5.5) ---------------------------
+
+SHORT_DOCS = [
+    f"Note {i}: {i * 37} cats sat on {i + 2} mats in Zürich." * (1 + i % 3) for i in range(16)
+]
+
+
+def short_corpus(tmp_path) -> str:
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in SHORT_DOCS))
+    return str(path)
+
+
+def first_step(out_dir, cache, data_path, *extra) -> tuple[dict, dict]:
+    """(metrics, student weights) after one optimizer step on the short corpus."""
+    from safetensors.torch import load_file
+
+    records = run(out_dir, cache, "--data", data_path, "--max-steps", "1", "--save-every", "1",
+                  "--no-shuffle", "--no-pack", "--seq-len", "256", *extra)  # fmt: skip
+    return records[0], load_file(os.path.join(out_dir, "step_1", "model.safetensors"))
+
+
+def assert_same_update(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
+    # grad_norm is taken before clipping: unlike Adam's first step it sees the gradient's scale
+    for key in ("loss", "ce", "kd", "grad_norm", "tokens"):
+        assert a[0][key] == pytest.approx(b[0][key], rel=1e-5, abs=1e-7), key
+    for name, weight in a[1].items():
+        torch.testing.assert_close(weight, b[1][name], rtol=0, atol=1e-5)
+
+
+STATIC_TWO_TEACHERS = ("--teacher", "pkg:qwen3", "--loss", "pkl", "--teacher", "pkg:llama-3.2",
+                       "--loss", "kl", "--kd-scaling", "static", "--vocab-topk", "0")  # fmt: skip
+
+
+def test_accumulation_gives_the_update_of_one_big_batch(tmp_path, cache):
+    data_path = short_corpus(tmp_path)
+    whole = first_step(tmp_path / "a", cache, data_path, "--batch-size", "4", "--grad-accum", "1",
+                       *STATIC_TWO_TEACHERS)  # fmt: skip
+    halves = first_step(tmp_path / "b", cache, data_path, "--batch-size", "2", "--grad-accum", "2",
+                        *STATIC_TWO_TEACHERS)  # fmt: skip
+    assert_same_update(whole, halves)
+    # windows of very different lengths: a mean of micro-batch means would differ
+    quarters = first_step(tmp_path / "c", cache, data_path, "--batch-size", "1", "--grad-accum",
+                          "4", *STATIC_TWO_TEACHERS)  # fmt: skip
+    assert_same_update(whole, quarters)
+
+
+def test_two_ranks_give_the_update_of_one_rank_over_the_same_windows(tmp_path, cache):
+    # unpacked and unshuffled, document i goes to rank i % 2: 2 ranks x 1 window per micro-step
+    # see the windows that 1 rank sees in micro-steps of 2
+    data_path = short_corpus(tmp_path)
+    one = first_step(tmp_path / "one", cache, data_path, "--batch-size", "2", "--grad-accum", "2",
+                     *STATIC_TWO_TEACHERS)  # fmt: skip
+    argv = tiny_argv(tmp_path / "two", cache, "--data", data_path, "--max-steps", "1",
+                     "--save-every", "1", "--no-shuffle", "--no-pack", "--seq-len", "256",
+                     "--batch-size", "1", "--grad-accum", "2", *STATIC_TWO_TEACHERS)  # fmt: skip
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                    "--master_port=29517", os.path.join(ROOT, "train.py"), *argv],
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                   capture_output=True)  # fmt: skip
+    from safetensors.torch import load_file
+
+    two = (read_metrics(tmp_path / "two")[0],
+           load_file(os.path.join(tmp_path / "two", "step_1", "model.safetensors")))  # fmt: skip
+    assert_same_update(one, two)
+
+
+def test_dynamic_scale_is_taken_per_micro_step_from_its_own_means(tmp_path, cache):
+    data_path = short_corpus(tmp_path)
+    frozen = ("--lr", "1e-30", "--min-lr", "1e-30")  # two steps that see the same weights
+    singles = run(tmp_path / "a", cache, "--data", data_path, "--max-steps", "2", "--no-shuffle",
+                  "--no-pack", "--seq-len", "256", "--batch-size", "2", *frozen)  # fmt: skip
+    accumulated = run(tmp_path / "b", cache, "--data", data_path, "--max-steps", "1",
+                      "--no-shuffle", "--no-pack", "--seq-len", "256", "--batch-size", "2",
+                      "--grad-accum", "2", *frozen)  # fmt: skip
+    ratios = [r["ce"] / r["kd"] for r in singles]  # each micro-batch's own CE / KD
+    assert ratios[0] != pytest.approx(ratios[1], rel=1e-3)
+    assert accumulated[0]["kd_scale"] == pytest.approx(sum(ratios) / 2, rel=1e-5)
+    assert [r["kd_scale"] for r in singles] == pytest.approx(ratios, rel=1e-5)
+
+
+def test_metrics_count_the_real_tokens_of_packed_steps(tmp_path, cache):
+    records = run(tmp_path, cache, "--loss", "pkl", "--max-steps", "2", "--grad-accum", "2")
+    for r in records:  # tiny preset: 2 windows of 64 per micro-step, packed full
+        assert 0.95 * 2 * 2 * 64 <= r["tokens"] <= 2 * 2 * 64
+
+
+def test_non_finite_gradients_and_teacher_logits_skip_the_step(tmp_path, cache, monkeypatch):
+    calls = {"clip": 0, "pkl": 0}
+    clip, pkl = torch.nn.utils.clip_grad_norm_, losses.pkl_loss
+
+    def nan_norm_at_step_2(*args, **kwargs):
+        calls["clip"] += 1
+        norm = clip(*args, **kwargs)
+        return norm * float("nan") if calls["clip"] == 2 else norm
+
+    def bad_teacher_at_call_3(*args, **kwargs):
+        calls["pkl"] += 1
+        if calls["pkl"] == 3:
+            raise ValueError(losses.NON_FINITE)
+        return pkl(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_norm_at_step_2)
+    monkeypatch.setattr(losses, "pkl_loss", bad_teacher_at_call_3)
+    records = run(tmp_path, cache, "--loss", "pkl", "--max-steps", "4")
+    assert [r["skipped"] for r in records] == [0, 1, 2, 2]
+    assert math.isfinite(records[1]["loss"]) and not math.isfinite(records[1]["grad_norm"])
+    assert not math.isfinite(records[2]["loss"])
+
+
+def test_a_sentencepiece_student_distils_from_its_own_tokenizer_with_kl(tmp_path, cache):
+    records = run(tmp_path, cache, "--student", "pkg:mistral-v1", "--teacher", "pkg:mistral-v1",
+                  "--loss", "kl", "--max-steps", "3")  # fmt: skip
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r["kd"]) and r["kd"] > 0 for r in records)
+
+
+# ---- padded teacher vocabularies (METHOD.md 0) --------------------------------------------------
+
+
+def test_padded_teacher_rows_never_reach_the_losses(W_llama_qwen, qwen, llama):
+    n = len(qwen)
+    padded = train.tiny_model("qwen3", n + 64, 32)
+    with torch.no_grad():  # padded rows that win every softmax and every top-k
+        padded.get_output_embeddings().weight[n:] = 50.0 * padded.model.norm.weight.sign()
+    ids = torch.tensor([qwen("The 201 cats sat.")["input_ids"]])
+    before = padded(input_ids=ids).logits
+    assert before[..., n:].max() > before[..., :n].max() + 10
+    train.trim_output_vocabulary(padded, n)
+    after = padded(input_ids=ids).logits
+    assert after.shape[-1] == n
+    torch.testing.assert_close(after, before[..., :n])
+    # a W built for the padded layer has empty padded columns: cut, it equals W for n columns
+    from build_projection import build_projection
+
+    wide = build_projection(llama, qwen, teacher_vocab_size=n + 64)["W"]
+    cut = train.drop_padded_columns(wide, n, "W.pt")
+    assert cut.shape == (W_llama_qwen["W"].shape[0], n)
+    want = W_llama_qwen["W"].coalesce()
+    assert torch.equal(cut.indices(), want.indices()) and torch.equal(cut.values(), want.values())
+
+
+def test_same_tokenizer_teacher_padding_is_masked_out_of_kl():
+    t = train.Teacher("t", None, None, "kl", 1.0, vocab=5)
+    args = train.parse_args(["--vocab-topk", "0"])
+    s_logits = torch.randn(1, 3, 8)
+    t_logits = torch.randn(1, 3, 8)
+    t_logits[..., 5:] = 100.0  # padding that would take all of p_T
+    batch = {"labels": torch.tensor([[1, 2, -100]])}
+    got = train.kd_loss(t, s_logits, t_logits.clone(), None, None, batch, args)
+    p_t = torch.softmax(t_logits[..., :5], -1)  # the reference: KL over the real ids only
+    log_ps = torch.log_softmax(s_logits, -1)[..., :5]
+    want = (p_t * (p_t.log() - log_ps)).sum(-1)[0, :2].mean()
+    torch.testing.assert_close(got, want)
