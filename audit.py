@@ -9,6 +9,7 @@ which has no partition, is the loss to use. o200k (Phi-4-mini) has all 1,100: H-
 For each category of student tokens the audit counts: in the strict common set (exact pass),
 added by the H-KL set (top W weight >= threshold), mapped only through several teacher pieces,
 unmapped. Then it recommends pkl or hkl from the critical category's coverage (METHOD.md sec. 3).
+It also lists the special tokens W pairs (end of document, bos, pad, unk: by meaning).
 
     python audit.py --student pkg:llama-3.2 --teacher pkg:qwen3
     python audit.py --student S --teacher T --projection W.pt --json audit.json --show 201 " the"
@@ -112,6 +113,7 @@ def audit(
         "other": other,
         "recommended": recommended,
         "reason": reason,
+        "special_pairs": list(projection.get("special_pairs", [])),
         "student": projection["student"],
         "teacher": projection["teacher"],
         "threshold": threshold,
@@ -124,6 +126,13 @@ def format_table(report: dict) -> str:
     rows = {**report["categories"], "other": report["other"]}
     for name, row in rows.items():
         lines.append(f"{name:<14}" + "".join(f"{row[k]:>12,}" for k in keys))
+    pairs = report.get("special_pairs", [])
+    lines.append("special tokens paired:" + ("" if pairs else " none"))
+    for p in pairs:
+        lines.append(
+            f"  {p['role']:<17}{p['student_token']!r} ({p['student_id']}) <-> "
+            f"{p['teacher_token']!r} ({p['teacher_id']})"
+        )
     lines.append(f"recommended loss: {report['recommended']} ({report['reason']})")
     return "\n".join(lines)
 

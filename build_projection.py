@@ -5,7 +5,8 @@ W[s, t] is the share of student token s's probability mass that lands on teacher
   1. exact pass: student bytes == teacher bytes -> one-hot row (the strict common set);
   2. multi-token pass: re-encode the student token's bytes with the teacher tokenizer, give piece i
      the weight 0.9 * 0.1**i, keep the first 4 pieces ("201" -> "2" .9009, "0" .0901, "1" .0090);
-  3. special tokens by role (bos->bos, eos->eos, pad->pad, unk->unk), other specials empty;
+  3. special tokens by meaning (special_pairs): end of document <-> end of document, then bos,
+     pad, unk where both sides have a distinct such token; other specials empty;
   4. top-4 per row, rows normalized to 1 (or empty); optional reverse pass (--reverse).
 W is never dense: [128k x 152k] would be ~78 GB in fp32.
 
@@ -27,6 +28,7 @@ import numpy as np
 from tokens import (
     atomic_write,
     encode_bytes,
+    end_of_document_id,
     is_byte_fallback_piece,
     load_tokenizer,
     special_roles,
@@ -34,7 +36,9 @@ from tokens import (
     tokenizer_hash,
 )
 
-FORMAT_VERSION = 1
+# 2: special tokens paired by meaning, "special_pairs" recorded (1 paired them by role name)
+FORMAT_VERSION = 2
+SPECIAL_ROLES = ("end_of_document", "bos", "pad", "unk")  # pairing priority
 DEFAULTS = {
     "first_weight": 0.9,
     "decay": 0.1,
@@ -78,6 +82,29 @@ def _teacher_index(t_bytes: list[bytes | None], t_vocab: dict[str, int]) -> dict
 def _piece_weights(n: int, first_weight: float, decay: float, max_pieces: int) -> list[float]:
     # w_i = 0.9 * 0.1**i for the first max_pieces pieces (strictly decreasing: this is the top-k)
     return [first_weight * decay**i for i in range(min(n, max_pieces))]
+
+
+def special_pairs(student_tok, teacher_tok) -> list[tuple[str, int, int]]:
+    """(role, student id, teacher id) of the special tokens W pairs, by meaning, not config name:
+    end of document <-> end of document (tokens.end_of_document_id: Llama's <|end_of_text|> with
+    Qwen3's <|endoftext|>, not with <|im_end|>, which Qwen3's config calls eos); then bos, pad,
+    unk, each only where BOTH sides have it as a token distinct from the roles before it (o200k's
+    <|endoftext|> is bos and eos: it is its end of document, never also its bos; Qwen3's pad is
+    its end of document). Only added tokens (no bytes): text is matched by its bytes."""
+    sides = []
+    for tok in (student_tok, teacher_tok):
+        table, roles = token_bytes(tok), special_roles(tok)
+        ids = [("end_of_document", end_of_document_id(tok))]
+        ids += [(role, roles.get(role)) for role in SPECIAL_ROLES[1:]]
+        taken: set[int] = set()
+        available = {}
+        for role, i in ids:
+            if i is not None and i not in taken and i < len(table) and table[i] is None:
+                available[role] = i
+            taken.add(i)
+        sides.append(available)
+    s_roles, t_roles = sides
+    return [(r, s_roles[r], t_roles[r]) for r in SPECIAL_ROLES if r in s_roles and r in t_roles]
 
 
 def build_projection(
@@ -130,14 +157,15 @@ def build_projection(
         for t, w in zip(ids, _piece_weights(len(ids), first_weight, decay, max_pieces)):
             rows.append(s), cols.append(t), vals.append(w)
 
-    # 3. special tokens by role; other specials keep an empty row
-    s_roles, t_roles = special_roles(student_tok), special_roles(teacher_tok)
-    for role, s in s_roles.items():
-        if role in t_roles:
-            rows.append(s), cols.append(t_roles[role]), vals.append(1.0)
-            if t_roles[role] not in claimed:
-                claimed.add(t_roles[role])
-                exact_pairs.append((s, t_roles[role]))
+    # 3. special tokens by meaning, each an exact pair; other specials keep an empty row
+    specials = []
+    for role, s, t in special_pairs(student_tok, teacher_tok):
+        rows.append(s), cols.append(t), vals.append(1.0)
+        claimed.add(t)  # an added token has no bytes: the exact pass never claimed it
+        exact_pairs.append((s, t))
+        specials.append({"role": role, "student_id": s, "teacher_id": t,
+                         "student_token": student_tok.convert_ids_to_tokens(s),
+                         "teacher_token": teacher_tok.convert_ids_to_tokens(t)})  # fmt: skip
 
     # 5. optional reverse pass: teacher token t re-encoded by the student, piece s_i adds w_i
     if reverse:
@@ -145,7 +173,8 @@ def build_projection(
         s_pieces = encode_bytes(student_tok, [t_bytes[t] for t in t_ids])
         for t, ids in zip(t_ids, s_pieces):
             for s, w in zip(ids, _piece_weights(len(ids), first_weight, decay, max_pieces)):
-                rows.append(s), cols.append(t), vals.append(w)
+                if s_bytes[s] is not None:  # never a special row (text "</s>" -> Mistral's </s>)
+                    rows.append(s), cols.append(t), vals.append(w)
 
     # 4. sum duplicate entries, keep the top-k of each row, normalize rows to 1
     r, c, v = _top_k_normalized(np.array(rows), np.array(cols), np.array(vals), vt, top_k)
@@ -162,6 +191,7 @@ def build_projection(
     return {
         "W": W,
         "exact_pairs": exact,
+        "special_pairs": specials,
         "student": identity(student_tok, vs),
         "teacher": identity(teacher_tok, vt),
         "params": {
@@ -218,11 +248,13 @@ def load_projection(path: str, student_tok=None, teacher_tok=None) -> dict:
     if not isinstance(projection, dict) or "version" not in projection:
         raise ValueError(f"{path} is not a W file written by build_projection.py; rebuild it")
     if projection["version"] != FORMAT_VERSION:
+        why = " (it paired special tokens by role name)" if projection["version"] == 1 else ""
         raise ValueError(
-            f"{path} has W format version {projection['version']!r}, this code reads version "
-            f"{FORMAT_VERSION}; rebuild it with build_projection.py"
+            f"{path} has W format version {projection['version']!r}{why}, this code reads "
+            f"version {FORMAT_VERSION}; rebuild it with build_projection.py"
         )
-    missing = {"W", "exact_pairs", "student", "teacher", "params"} - set(projection)
+    missing = {"W", "exact_pairs", "special_pairs", "student", "teacher", "params"}
+    missing -= set(projection)
     if missing:
         raise ValueError(f"{path} lacks {sorted(missing)}; rebuild it with build_projection.py")
     for side, tok in (("student", student_tok), ("teacher", teacher_tok)):

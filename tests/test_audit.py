@@ -51,7 +51,7 @@ def test_categorize_follows_the_definitions():
     assert categorize(b"\xe4\xb8") == "utf8_fragment" and categorize(None) == "special"
 
 
-def test_cli_writes_the_json_schema_and_shows_rows(tmp_path, capsys):
+def test_cli_writes_the_json_schema_and_shows_rows(tmp_path, capsys, llama, qwen):
     out = tmp_path / "audit.json"
     code = audit.main(
         ["--student", "pkg:llama-3.2", "--teacher", "pkg:qwen3", "--json", str(out),
@@ -67,6 +67,26 @@ def test_cli_writes_the_json_schema_and_shows_rows(tmp_path, capsys):
     assert "recommended loss: pkl" in printed
     assert "'201' (679) -> '2' (17) 0.9009, '0' (15) 0.0901, '1' (16) 0.0090" in printed
     assert "'Ġthe' (279) -> 'Ġthe' (279) 1.0000" in printed
+    # the special tokens paired, by meaning: Llama's end of text with Qwen3's end of document
+    # <|endoftext|> (151643), not with <|im_end|> (151645), which Qwen3's config calls eos
+    end_of_text, endoftext = "<|end_of_text|>", "<|endoftext|>"
+    assert report["special_pairs"] == [
+        {"role": "end_of_document",
+         "student_id": llama.convert_tokens_to_ids(end_of_text), "student_token": end_of_text,
+         "teacher_id": qwen.convert_tokens_to_ids(endoftext), "teacher_token": endoftext}
+    ]  # fmt: skip
+    assert "special tokens paired:\n  end_of_document  '<|end_of_text|>' (128001) <-> " \
+        "'<|endoftext|>' (151643)\nrecommended loss" in printed  # fmt: skip
+
+
+def test_llama_vs_o200k_pairs_only_the_end_of_document(llama, o200k, W_llama_o200k):
+    # o200k's <|endoftext|> is its bos and its eos: Llama's <|begin_of_text|> stays unpaired
+    report = audit.audit(llama, W_llama_o200k)
+    pairs = [(p["role"], p["student_token"], p["teacher_token"]) for p in report["special_pairs"]]
+    assert pairs == [("end_of_document", "<|end_of_text|>", "<|endoftext|>")]
+    assert report["special_pairs"][0]["teacher_id"] == o200k.convert_tokens_to_ids("<|endoftext|>")
+    assert report["categories"]["special"]["common"] == 1  # only that pair among Llama's specials
+    assert "special tokens paired:\n  end_of_document " in audit.format_table(report)
 
 
 def test_cli_uses_a_W_file_and_rejects_one_from_another_pair(tmp_path, capsys, W_llama_qwen):

@@ -13,7 +13,7 @@ import build_projection
 from build_projection import build_projection as build
 from build_projection import load_projection, save_projection
 from conftest import ROOT, get_projection, get_tokenizer
-from tokens import token_bytes, tokenizer_hash
+from tokens import end_of_document_id, load_tokenizer, token_bytes, tokenizer_hash
 
 
 def row(projection: dict, student_id: int) -> dict[int, float]:
@@ -88,13 +88,116 @@ def test_rows_sum_to_one_or_are_empty(W_llama_qwen, W_llama_o200k):
         assert int(counts.max()) <= 4  # top-4
 
 
-def test_special_tokens_map_by_role(llama, qwen, W_llama_qwen):
-    # Llama's BOS has no Qwen counterpart (Qwen3 declares no BOS): empty row
-    assert row(W_llama_qwen, llama.bos_token_id) == {}
-    assert row(W_llama_qwen, llama.eos_token_id) == {qwen.eos_token_id: 1.0}
-    assert row(W_llama_qwen, llama.pad_token_id) == {qwen.pad_token_id: 1.0}
-    reserved = llama.convert_tokens_to_ids("<|reserved_special_token_10|>")
-    assert row(W_llama_qwen, reserved) == {}
+def special(projection: dict) -> list[tuple[str, str, str]]:
+    """(role, student token, teacher token) of the special pairs a W records."""
+    return [
+        (p["role"], p["student_token"], p["teacher_token"]) for p in projection["special_pairs"]
+    ]
+
+
+def test_llama_end_of_text_pairs_with_qwens_endoftext_not_its_im_end(llama, qwen, W_llama_qwen):
+    # Qwen3's config calls <|im_end|> (end of a chat turn) eos and <|endoftext|> (end of a
+    # document) pad; Llama-3.2's eos <|end_of_text|> ends a document: it pairs with <|endoftext|>
+    end_of_text = llama.convert_tokens_to_ids("<|end_of_text|>")
+    endoftext = qwen.convert_tokens_to_ids("<|endoftext|>")
+    im_end = qwen.convert_tokens_to_ids("<|im_end|>")
+    assert (end_of_text, endoftext, im_end) == (128001, 151643, 151645)
+    assert row(W_llama_qwen, end_of_text) == {endoftext: 1.0}
+    assert not (W_llama_qwen["W"].coalesce().indices()[1] == im_end).any()  # no row reaches it
+    assert [end_of_text, endoftext] in W_llama_qwen["exact_pairs"].tolist()
+    # Qwen3 declares no BOS; Llama's pad would pair with <|endoftext|>, already its end of text
+    assert row(W_llama_qwen, llama.convert_tokens_to_ids("<|begin_of_text|>")) == {}
+    assert row(W_llama_qwen, llama.convert_tokens_to_ids("<|finetune_right_pad_id|>")) == {}
+    assert row(W_llama_qwen, llama.convert_tokens_to_ids("<|eot_id|>")) == {}
+    assert row(W_llama_qwen, llama.convert_tokens_to_ids("<|reserved_special_token_10|>")) == {}
+    assert special(W_llama_qwen) == [("end_of_document", "<|end_of_text|>", "<|endoftext|>")]
+    assert W_llama_qwen["special_pairs"][0]["student_id"] == end_of_text
+    assert W_llama_qwen["special_pairs"][0]["teacher_id"] == endoftext
+
+
+def test_llama_vs_o200k_pairs_end_of_text_and_leaves_bos_unpaired(llama, o200k, W_llama_o200k):
+    # o200k has one <|endoftext|> (id 199999) as both bos and eos: it is the end of a document
+    begin, end = (llama.convert_tokens_to_ids(t) for t in ("<|begin_of_text|>", "<|end_of_text|>"))
+    endoftext = o200k.convert_tokens_to_ids("<|endoftext|>")
+    assert endoftext == 199_999
+    assert row(W_llama_o200k, end) == {endoftext: 1.0}
+    assert row(W_llama_o200k, begin) == {}
+    pairs = W_llama_o200k["exact_pairs"].tolist()
+    assert [end, endoftext] in pairs and begin not in [s for s, _ in pairs]
+    assert special(W_llama_o200k) == [("end_of_document", "<|end_of_text|>", "<|endoftext|>")]
+
+
+def test_llama_vs_mistral_pairs_end_of_document_and_bos(llama, mistral):
+    projection = get_projection("llama-3.2", "mistral-v1")
+    end, begin = mistral.convert_tokens_to_ids("</s>"), mistral.convert_tokens_to_ids("<s>")
+    assert (begin, end) == (1, 2)
+    assert row(projection, llama.convert_tokens_to_ids("<|end_of_text|>")) == {end: 1.0}
+    assert row(projection, llama.convert_tokens_to_ids("<|begin_of_text|>")) == {begin: 1.0}
+    assert special(projection) == [
+        ("end_of_document", "<|end_of_text|>", "</s>"),
+        ("bos", "<|begin_of_text|>", "<s>"),
+    ]
+
+
+def test_mistral_v1_vs_v3_pairs_every_role_and_unk(mistral):
+    projection = build(mistral, get_tokenizer("mistral-v3"))
+    assert special(projection) == [
+        ("end_of_document", "</s>", "</s>"), ("bos", "<s>", "<s>"), ("unk", "<unk>", "<unk>")
+    ]  # fmt: skip
+    for s, t in ((2, 2), (1, 1), (0, 0)):
+        assert row(projection, s) == {t: 1.0}
+        assert [s, t] in projection["exact_pairs"].tolist()
+
+
+def test_reverse_pass_keeps_special_rows_one_hot(mistral, qwen):
+    # Qwen3 has "</s>" as plain TEXT (not its special token); re-encoded by Mistral it could
+    # spell Mistral's special </s> (it did before encode_bytes read every string as text): the
+    # reverse pass adds nothing to a special token's row, which stays its exact pair
+    text_eos = qwen.backend_tokenizer.get_vocab()["</s>"]
+    assert token_bytes(qwen)[text_eos] == b"</s>"
+    projection = build(mistral, qwen, reverse=True)
+    assert row(projection, mistral.convert_tokens_to_ids("</s>")) == {
+        qwen.convert_tokens_to_ids("<|endoftext|>"): 1.0
+    }
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [("llama-3.2", "<|end_of_text|>"), ("qwen3", "<|endoftext|>"), ("o200k", "<|endoftext|>"),
+     ("mistral-v1", "</s>"), ("mistral-v3", "</s>")],
+)  # fmt: skip
+def test_end_of_document_id_of_each_packaged_tokenizer(name, expected):
+    tok = get_tokenizer(name)
+    token_id = end_of_document_id(tok)
+    assert token_id == tok.convert_tokens_to_ids(expected)
+    assert token_bytes(tok)[token_id] is None  # an added token, not text
+
+
+@pytest.mark.parametrize("eos", ["<|im_end|>", "<|endoftext|>", None])
+def test_end_of_document_id_of_qwen3_instruct_base_and_bare_configs(eos):
+    # Qwen3 (instruct): eos <|im_end|>, pad <|endoftext|>; Qwen3-Base: eos <|endoftext|>
+    tok = load_tokenizer("pkg:qwen3")  # a fresh object: the session fixture stays as shipped
+    tok.eos_token = eos
+    assert tok.eos_token_id == (None if eos is None else tok.convert_tokens_to_ids(eos))
+    assert end_of_document_id(tok) == tok.convert_tokens_to_ids("<|endoftext|>") == 151643
+
+
+def test_end_of_document_id_of_llama_instruct_config():
+    tok = load_tokenizer("pkg:llama-3.2")
+    tok.eos_token = "<|eot_id|>"  # Llama-3.2-Instruct's config
+    assert tok.eos_token_id == 128009
+    assert end_of_document_id(tok) == tok.convert_tokens_to_ids("<|end_of_text|>") == 128001
+
+
+def test_end_of_document_id_falls_back_to_eos_and_ignores_plain_text():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"a": 0, "</s>": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    backend.add_special_tokens(["<|im_end|>"])  # id 3
+    turn_only = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>")
+    assert end_of_document_id(turn_only) == 3  # "</s>" here is text, not an end of document
+    assert end_of_document_id(PreTrainedTokenizerFast(tokenizer_object=backend)) is None
 
 
 def test_sentencepiece_and_byte_level_match_through_bytes(llama, mistral):
@@ -154,6 +257,8 @@ def test_file_loads_with_weights_only_and_has_the_documented_keys(tmp_path, llam
     save_projection(get_projection("llama-3.2", "qwen3"), path)
     loaded = torch.load(path, weights_only=True)
     assert {"W", "exact_pairs", "student", "teacher", "params", "version"} <= loaded.keys()
+    assert loaded["version"] == 2
+    assert [p["role"] for p in loaded["special_pairs"]] == ["end_of_document"]
     assert loaded["W"].is_sparse and loaded["W"].dtype == torch.float32
     assert loaded["exact_pairs"].dtype == torch.long and loaded["exact_pairs"].shape[1] == 2
     assert loaded["student"]["sha256"] == tokenizer_hash(llama)
@@ -232,6 +337,25 @@ def test_W_from_another_tokenizer_pair_names_both_hashes(tmp_path, llama, qwen, 
         load_projection(path, llama, o200k)
     message = str(info.value)
     assert tokenizer_hash(qwen)[:16] in message and tokenizer_hash(o200k)[:16] in message
+
+
+def test_W_of_format_version_1_is_refused_in_one_line(tmp_path, capsys, llama, qwen):
+    # version 1 paired special tokens by config role name: it must be rebuilt, never reused
+    old = {k: v for k, v in get_projection("llama-3.2", "qwen3").items() if k != "special_pairs"}
+    path = str(tmp_path / "W.pt")
+    save_projection(dict(old, version=1), path)
+    with pytest.raises(ValueError, match="version 1 .*role name.*rebuild it"):
+        load_projection(path, llama, qwen)
+    import audit
+
+    code = audit.main(
+        ["--student", "pkg:llama-3.2", "--teacher", "pkg:qwen3", "--projection", path]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "version 1" in err and err.count("\n") == 1
+    save_projection(dict(old, version=build_projection.FORMAT_VERSION), path)
+    with pytest.raises(ValueError, match="lacks \\['special_pairs'\\]"):
+        load_projection(path, llama, qwen)
 
 
 def test_W_of_an_unknown_version_is_a_clear_error(tmp_path):
