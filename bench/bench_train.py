@@ -39,8 +39,8 @@ def step_seconds(args: list[str], steps: int, cache: str) -> float:
                     str(10 * steps), *args])  # fmt: skip
         with open(os.path.join(out, "metrics.jsonl")) as f:
             records = [json.loads(line) for line in f][2:]
-    tokens_per_step = 2 * 64  # the preset's batch x seq-len (one process)
-    return statistics.median(tokens_per_step / r["tokens_per_s"] for r in records)
+    # tokens_per_s = the step's real student tokens ("tokens") / its seconds
+    return statistics.median(r["tokens"] / r["tokens_per_s"] for r in records)
 
 
 def main() -> None:

@@ -431,6 +431,8 @@ def test_a_hub_dataset_is_streamed_through_datasets(llama, qwen, monkeypatch):
     texts = [text_of(llama, item["student_ids"].tolist()) for item in dataset]
     assert texts == ["streamed document one", "streamed two"]
     assert asked[0][0][0] == "someone/climbmix" and asked[0][1]["streaming"] is True
+    AlignedWindows("someone/climbmix", llama, [qwen], seq_len=32, data_config="en", split="dev")
+    assert asked[-1][0][:2] == ("someone/climbmix", "en") and asked[-1][1]["split"] == "dev"
 
 
 def test_a_hub_stream_splits_across_workers_and_resumes_exactly(llama, qwen, monkeypatch):

@@ -115,6 +115,7 @@ def test_static_weights_and_first_chunk_merge(tmp_path, cache):
     )
     r = records[-1]
     assert r["loss"] == pytest.approx(0.1 * r["kd"] + r["ce"], rel=1e-5)
+    assert r["kd_scale"] == pytest.approx(0.1)  # the applied scale
 
 
 def test_first_positions_only_keeps_each_chunks_first_position():
