@@ -5,7 +5,9 @@ never through decoded text (METHOD.md section 1):
 - byte-level BPE (Llama-3, Qwen3, o200k): token strings map to bytes through the GPT-2
   byte-to-unicode table ("Ġ" is a space);
 - SentencePiece (Llama-2, Mistral): "▁" is a space, "<0xHH>" is the byte HH, else UTF-8;
-- added/special tokens (BOS, EOS, chat markers) are not text: they have no bytes (None).
+- added/special tokens (BOS, EOS, chat markers) are not text: they have no bytes (None); and
+  their STRINGS inside a text ("<|eot_id|>" in a web page, "<s>" in HTML) are text: they are
+  never encoded as those tokens (`text_only`).
 
 A tokenizer is named by a hub id, a local directory, a tokenizer.json / *.tiktoken(.gz) /
 SentencePiece *.model file, or "pkg:NAME" for the real tokenizers that ship inside pip packages
@@ -240,6 +242,37 @@ def special_roles(tok: PreTrainedTokenizerFast) -> dict[str, int]:
     return roles
 
 
+# What a special token MEANS, whatever the config calls it (end_of_document_id).
+END_OF_DOCUMENT_TOKENS = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")
+END_OF_TURN_TOKENS = (
+    "<|eot_id|>",  # Llama-3 instruct
+    "<|eom_id|>",  # Llama-3 (end of message, tool call)
+    "<|eot|>",  # Llama-4
+    "<|im_end|>",  # Qwen (ChatML)
+    "<|end|>",  # Phi-3 / Phi-4-mini
+    "<end_of_turn>",  # Gemma
+    "<|return|>",  # gpt-oss
+)
+
+
+def end_of_document_id(tok: PreTrainedTokenizerFast) -> int | None:
+    """The id of the token that ends a DOCUMENT in pretraining text (not a chat turn), or None.
+
+    Chat configs often declare the end of a TURN as eos (Llama-3.2-Instruct <|eot_id|>, Qwen3
+    <|im_end|>): then a known end-of-document token among the ADDED tokens wins (Qwen3's
+    <|endoftext|>, which its config calls pad); so it does when no eos is declared. Otherwise the
+    config's eos (Llama-3.2 base <|end_of_text|>, Mistral </s>, o200k <|endoftext|>, also its bos).
+    Plain vocabulary entries never count: Qwen3 has "</s>" as ordinary text.
+    """
+    eos = tok.eos_token_id
+    if eos is None or tok.eos_token in END_OF_TURN_TOKENS:
+        added = {t.content: i for i, t in tok.backend_tokenizer.get_added_tokens_decoder().items()}
+        for name in END_OF_DOCUMENT_TOKENS:
+            if name in added:
+                return int(added[name])
+    return None if eos is None else int(eos)
+
+
 # ----------------------------------------------------------------------------- bytes
 
 
@@ -311,6 +344,23 @@ def is_byte_fallback_piece(text: str) -> bool:
     return text.startswith("<0x") and bool(_SP_BYTE.match(text))
 
 
+def text_only(backend: Tokenizer) -> Tokenizer:
+    """A tokenizer that reads every string as text: backend's model, normalizer, pre-tokenizer and
+    post-processor (shared, not copied: ~1 us, so it is built per call and never goes stale)
+    without its added tokens, so that none is matched inside the text, special or not (Qwen3's
+    <think> is an added token with special=false, which `encode_special_tokens` would still match);
+    the post-processor still adds the tokenizer's own BOS/EOS around the text (by id, as today);
+    no truncation or padding.
+    A SentencePiece model's <s>, </s>, <unk> stay in its vocabulary (ids 0-2), but no merge spells
+    them (Mistral v1/v3): the text "<s>" is "<", "s", ">" pieces, whose bytes are the text's. Were a
+    model to spell an added id itself, that id has no bytes: token_spans puts it in no chunk."""
+    plain = Tokenizer(backend.model)
+    for part in ("normalizer", "pre_tokenizer", "post_processor"):
+        if getattr(backend, part) is not None:
+            setattr(plain, part, getattr(backend, part))
+    return plain
+
+
 def _without_prefix_space(backend: Tokenizer) -> Tokenizer:
     """The backend, or a copy that adds no prefix space: a token's pieces must cover its bytes."""
     components = _component_json(backend)
@@ -350,13 +400,15 @@ def _is_prepend(node) -> bool:
 def encode_bytes(tok: PreTrainedTokenizerFast, pieces: list[bytes]) -> list[list[int]]:
     """Teacher ids for each byte string, with no special tokens and no added prefix space.
 
+    Every string is text (`text_only`): Qwen3's ordinary tokens "<s>", "</s>", "<unk>" become
+    Mistral's text pieces "<", "s", ">", never its BOS, EOS or unk.
     Valid UTF-8 goes through the full tokenizer (its normalizer included). A UTF-8 fragment (a
     student token that ends inside a multi-byte character) is not text: a byte-level teacher runs
     its BPE model directly on the bytes, a SentencePiece teacher uses its <0xHH> byte pieces; both
     give teacher tokens that cover exactly the same bytes (never the U+FFFD token).
     """
     kind = tokenizer_kind(tok)
-    backend = _without_prefix_space(tok.backend_tokenizer)
+    backend = text_only(_without_prefix_space(tok.backend_tokenizer))
     result: list[list[int] | None] = [None] * len(pieces)
     texts, text_index = [], []
     for i, piece in enumerate(pieces):
@@ -411,15 +463,19 @@ def atomic_write(path: str, write: Callable) -> None:
 # ----------------------------------------------------------------------------- alignment
 #
 # Byte-offset alignment (METHOD.md section 4). Each tokenizer encodes the same source text with its
-# own special-token convention; every non-special token gets an exact byte span of the SOURCE text
-# (`token_spans`), and a chunk boundary is a source byte offset where both sides have a token
-# boundary (`chunk_ids`): two boolean masks over the text's bytes, AND, cumsum. Linear time.
+# own special-token convention around it (its post-processor: Llama-3 its BOS, Mistral its <s>,
+# Qwen3/o200k nothing) and reads everything inside it as text: a special-token string in the text
+# ("<|eot_id|>", "<think>", "<s>") is never matched as that token (`text_only`), so both sides
+# spell the same bytes and no control token appears mid-document. Every non-special token gets an
+# exact byte span of the SOURCE text (`token_spans`), and a chunk boundary is a source byte offset
+# where both sides have a token boundary (`chunk_ids`): two boolean masks over the text's bytes,
+# AND, cumsum. Linear time.
 #
 # Exact spans. Fast path (almost all text): the concatenated canonical bytes of the tokens equal the
 # source bytes (for a SentencePiece model, after the one prefix space it adds, which belongs to no
 # source byte), so a token's span is a cumulative sum of byte lengths; this is exact even where a
-# byte-level token ends inside a multi-byte character. Slow path (a normalizer changed the text, or
-# a special token was matched inside it): the tokenizer's character offsets, which are lossy there.
+# byte-level token ends inside a multi-byte character. Slow path (a normalizer changed the text):
+# the tokenizer's character offsets, which are lossy there.
 #  1. Tokens whose character spans overlap (pieces of one character) form a group; a group is clean
 #     when its bytes equal the source bytes it claims: its inner boundaries are cumulative lengths.
 #  2. Any other group was changed by the normalizer (NFC merges "e" + U+0301 into "é" and leaves
@@ -429,7 +485,8 @@ def atomic_write(path: str, write: Callable) -> None:
 #     sides are equal after that tokenizer's own normalization. If nothing matches (no known real
 #     tokenizer), the group and its neighbouring uncovered text form one region, merged with
 #     touching ones of that kind: coarser chunks, never wrong ones.
-#  3. Special/added tokens get chunk -1; one matched inside the text keeps its span's edges.
+#  3. Special/added tokens get chunk -1. None is matched inside the text; were a model to spell an
+#     added id itself (no known real tokenizer), that token keeps its span's edges.
 
 
 @dataclass
@@ -470,9 +527,10 @@ def char_byte_offsets(text: str) -> np.ndarray:
 
 
 def token_spans(tok: PreTrainedTokenizerFast, text: str) -> TokenSpans:
-    """Encode text with tok's own special tokens and give every token its exact source byte span."""
+    """Encode text with tok's own special tokens around it, every added-token string inside it
+    read as text (`text_only`), and give every token its exact source byte span."""
     table, lengths, is_added = _vocab_tables(tok)
-    encoding = tok.backend_tokenizer.encode(text)  # add_special_tokens=True, as tok(text) does
+    encoding = text_only(tok.backend_tokenizer).encode(text)  # its own BOS/EOS, as tok(text) adds
     ids = encoding.ids
     idx = np.asarray(ids, dtype=np.int64)
     added = is_added[idx]

@@ -10,7 +10,7 @@ some of transformers' Python work), then the byte spans and chunks: the last col
 over those two backend calls alone. Texts: prose (this repo's LICENSE), code (tokens.py),
 number-heavy text with CJK and emoji (generated, deterministic), and prose with accents written as
 combining marks (NFD), which sends Qwen3's side through the slower offsets path (its NFC normalizer
-changes the text); tokens.py also takes that path, because it holds special-token strings.
+changes the text); tokens.py holds special-token strings, which are read as text (fast path).
 Each figure is the best of --repeats, the two timings alternate; tokens/s counts student tokens.
 The per-tokenizer byte table is built once before timing (~0.6 s per tokenizer).
 """
@@ -85,7 +85,7 @@ def main() -> None:
     texts = {
         "prose (LICENSE)": prose,
         "numbers + CJK + emoji": number_text(),
-        "code (tokens.py; special-token strings: offsets path)": code,
+        "code (tokens.py, with special-token strings as text)": code,
         "prose, combining accents (NFC: offsets path)": unicodedata.normalize("NFD", accented),
     }
     align_text(student, teacher, "warm up: builds both byte tables once")

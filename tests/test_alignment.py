@@ -4,8 +4,10 @@ normalization (Qwen3: NFC); never from the aligner's own intermediate results.""
 
 from __future__ import annotations
 
+import functools
 import json
 import random
+import re
 import unicodedata
 
 import numpy as np
@@ -199,13 +201,139 @@ def test_sentencepiece_prefix_space_belongs_to_no_source_byte(llama, mistral):
     assert s_chunk == [-1, 0, 1] and t_chunk == [-1, 0, 0, 0, 0, 1]
 
 
-def test_special_token_text_inside_the_text_is_in_no_chunk(llama, qwen):
+def test_special_token_text_inside_the_text_is_text_on_both_sides(llama, qwen):
     s_ids, t_ids, s_chunk, t_chunk = align_text(llama, qwen, "a<|endoftext|>b c")
-    eot = qwen.convert_tokens_to_ids("<|endoftext|>")
-    assert t_chunk[t_ids.index(eot)] == -1
-    # "a" and " c" still pair up; Llama's pieces of the marker form a chunk with no Qwen token
-    assert t_chunk[0] == s_chunk[1] == 0 and t_chunk[-1] == s_chunk[-1]
-    assert set(s_chunk[2:-3]) - set(t_chunk) and -1 not in s_chunk[1:]
+    assert qwen.convert_tokens_to_ids("<|endoftext|>") not in t_ids
+    assert s_ids[0] == llama.bos_token_id and llama.bos_token_id not in s_ids[1:]
+    assert b"".join(bytes_of("qwen3")[i] for i in t_ids) == b"a<|endoftext|>b c"
+    # the marker's pieces pair up like any text: every chunk is on both sides
+    assert s_chunk[0] == -1 and -1 not in s_chunk[1:] + t_chunk
+    assert set(s_chunk[1:]) == set(t_chunk) and len(set(t_chunk)) > 3
+
+
+# ----------------------------------------------------------------------------- special-token text
+# Every added-token string of both tokenizers, in a text, is TEXT on both sides: each side adds only
+# its own specials around the text (what it adds to a plain word). Checked from each token's
+# vocabulary string and the tokenizer's added-token table, not from tokens.py's byte tables.
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-to-unicode table inverted, character -> byte."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    kept += range(ord("®"), ord("ÿ") + 1)
+    moved = [b for b in range(256) if b not in kept]
+    return {chr(b): b for b in kept} | {chr(256 + k): b for k, b in enumerate(moved)}
+
+
+BYTE_LEVEL_DECODER = _byte_level_decoder()
+
+
+@functools.cache
+def spelled(name: str, token_id: int) -> bytes:
+    """The bytes a text token spells, from its vocabulary string."""
+    piece = get_tokenizer(name).convert_ids_to_tokens(token_id)
+    if name.startswith("mistral"):  # SentencePiece: "▁" is a space, "<0xHH>" the byte HH
+        if re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("▁", " ").encode()
+    return bytes(BYTE_LEVEL_DECODER[c] for c in piece)
+
+
+@functools.cache
+def added_tokens(name: str) -> dict[int, str]:
+    decoder = get_tokenizer(name).backend_tokenizer.get_added_tokens_decoder()
+    return {i: t.content for i, t in decoder.items()}
+
+
+@functools.cache
+def own_specials(name: str) -> tuple[list[int], list[int], bytes]:
+    """(ids before, ids after, prefix space) that the tokenizer puts around any text: those of a
+    plain word through the ordinary tokenizer call."""
+    ids = get_tokenizer(name)("word")["input_ids"]
+    text = [k for k, i in enumerate(ids) if i not in added_tokens(name)]
+    prefix = b"".join(spelled(name, ids[k]) for k in text).removesuffix(b"word")
+    assert prefix in (b"", b" ")
+    return ids[: text[0]], ids[text[-1] + 1 :], prefix
+
+
+def special_string_texts(*names: str) -> list[str]:
+    """Texts holding every added-token string of these tokenizers: one text per string (at the
+    start, between words, glued to words, twice in a row, after a newline, at the end), then all
+    of them in one text, between words and back to back."""
+    strings = sorted({s for name in names for s in added_tokens(name).values()})
+    texts = [f"{s}start and {s} between words{s}glued{s}{s} 201\n{s}" for s in strings]
+    texts.append(" ".join(strings) + " mixed " + "".join(f"w{k}{s}" for k, s in enumerate(strings)))
+    texts.append(" " + "".join(strings) + " é日本\U0001f600 " + "".join(reversed(strings)))
+    return texts
+
+
+def check_special_strings_are_text(student: str, teacher: str, text: str) -> None:
+    s_tok, t_tok = get_tokenizer(student), get_tokenizer(teacher)
+    s_ids, t_ids, s_chunk, t_chunk = align_text(s_tok, t_tok, text)
+    source = text.encode()
+    sides = []
+    for name, ids, chunk in ((student, s_ids, s_chunk), (teacher, t_ids, t_chunk)):
+        lead, trail, prefix = own_specials(name)
+        n = len(ids) - len(trail)
+        # (b) no added token but the side's own ones around the text, which are in no chunk
+        assert ids[: len(lead)] == lead and ids[n:] == trail, name
+        assert not set(ids[len(lead) : n]) & added_tokens(name).keys(), name
+        assert set(chunk[: len(lead)] + chunk[n:]) <= {-1}, name
+        # (c) the text tokens spell the source bytes (after a SentencePiece prefix space, which
+        # Mistral leaves out before a leading space)
+        pieces = [spelled(name, i) for i in ids[len(lead) : n]]
+        assert b"".join(pieces) in (source, prefix + source), name
+        if prefix and b"".join(pieces) != source:
+            pieces[0] = pieces[0][len(prefix) :]
+        # each chunk's span of the source, from the token bytes: contiguous, in text order
+        spans, pos = {}, 0
+        for piece, c in zip(pieces, chunk[len(lead) : n]):
+            lo, pos = pos, pos + len(piece)
+            assert c >= 0, name
+            if c in spans:
+                assert spans[c][1] == lo and c == max(spans), name
+            spans[c] = (spans.get(c, (lo, pos))[0], pos)
+        sides.append((spans, {c: source[lo:hi] for c, (lo, hi) in spans.items()}))
+    (s_spans, s_bytes), (t_spans, t_bytes) = sides
+    # (a) every chunk is on both sides and covers the same source bytes there
+    assert s_spans.keys() == t_spans.keys()
+    for c in s_spans:
+        assert s_spans[c] == t_spans[c] and s_bytes[c] == t_bytes[c], c
+
+
+@pytest.mark.parametrize("student,teacher", [*PAIRS, ("qwen3", "llama-3.2")])
+def test_every_added_token_string_in_text_is_text_on_both_sides(student, teacher):
+    texts = special_string_texts(student, teacher)
+    assert len(texts) > len(added_tokens(student)) + len(added_tokens(teacher)) // 2
+    for text in texts:
+        check_special_strings_are_text(student, teacher, text)
+
+
+TEXT_PIECES = [*"ab e12 \n\t.,;'\"-_()<>|/", "the", " word", "日本", "é", "\U0001f600", "  "]
+TEXT_PIECES += ["\r\n", "<|", "|>", "<s", "/s>"]  # and halves of special-token strings
+
+
+@pytest.mark.parametrize("student,teacher", [*PAIRS, ("qwen3", "llama-3.2")])
+def test_random_texts_with_added_token_strings_are_text_on_both_sides(student, teacher):
+    rng = random.Random(f"special-{student}-{teacher}")
+    strings = sorted({*added_tokens(student).values(), *added_tokens(teacher).values()})
+    for _ in range(60):
+        pools = [strings if rng.random() < 0.25 else TEXT_PIECES for _ in range(rng.randint(1, 30))]
+        text = "".join(map(rng.choice, pools))
+        check_special_strings_are_text(student, teacher, text)
+
+
+@pytest.mark.parametrize("name", ["mistral-v1", "mistral-v3"])
+def test_sentencepiece_control_piece_strings_are_ordinary_text_pieces(name):
+    # <s>, </s>, <unk> (and v3's [INST], ...) are also pieces of the model's own vocabulary: their
+    # strings in a text are "<", "s", ">"-like pieces whose canonical bytes are the text's bytes
+    tok = get_tokenizer(name)
+    strings = list(added_tokens(name).values())
+    text = "".join(strings) + " x" + " ".join(strings)
+    spans = token_spans(tok, text)
+    assert spans.ids[0] == tok.bos_token_id and not spans.text[0] and spans.text[1:].all()
+    assert not set(spans.ids[1:]) & added_tokens(name).keys()
+    assert b"".join(token_bytes(tok)[i] for i in spans.ids[1:]) == b" " + text.encode()
 
 
 def test_unverifiable_normalization_falls_back_to_a_coarser_chunk(llama, qwen):

@@ -81,6 +81,21 @@ def test_encode_bytes_adds_no_prefix_space_and_handles_fragments(qwen, mistral):
             assert b"".join(table[i] for i in ids) == piece, (tok.name_or_path, piece)
 
 
+def test_encode_bytes_reads_special_token_strings_as_text(llama, qwen, o200k, mistral):
+    # a token's bytes are text: Qwen3's ORDINARY tokens "<s>", "</s>", "<unk>" spell Mistral's BOS,
+    # EOS and unk strings, and W must map them to Mistral's text pieces, never to those tokens
+    assert token_bytes(qwen)[qwen.convert_tokens_to_ids("<s>")] == b"<s>"
+    toks = (llama, qwen, o200k, mistral)
+    added = [tok.backend_tokenizer.get_added_tokens_decoder() for tok in toks]
+    strings = sorted({t.content for decoder in added for t in decoder.values()})
+    pieces = [s.encode() for s in strings] + [b"x<s>y", b"<|eot_id|><think>", b"<s>\xf0\x9f"]
+    for tok, decoder in zip(toks, added):
+        table = token_bytes(tok)
+        for piece, ids in zip(pieces, encode_bytes(tok, pieces)):
+            assert not set(ids) & decoder.keys(), (tok.name_or_path, piece)
+            assert b"".join(table[i] for i in ids) == piece, (tok.name_or_path, piece)
+
+
 def test_unknown_packaged_name_and_non_tokenizer_file_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown packaged tokenizer"):
         load_tokenizer("pkg:gpt-17")
