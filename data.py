@@ -124,7 +124,7 @@ def _records(path: str, text_field: str):
         parquet = pq.ParquetFile(path)
         if text_field not in parquet.schema_arrow.names:
             raise LookupError(f"{path} has no column {text_field!r}")
-        for batch in parquet.iter_batches(columns=[text_field]):
+        for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):  # bounded
             for value in batch.column(0).to_pylist():
                 yield path, lambda issues, value=value: _text(value, issues, path)
     else:
@@ -440,18 +440,18 @@ class AlignedWindows(IterableDataset):
                 start_char = max(skip_to - part_start, 0)
                 pieces = self._segments(part, ends_document, issues, start_char, window)
                 for seg, next_char in pieces:
-                    if seg is None:  # no room left for the next piece: the window is done
-                        item = emit()
-                        if item is not None:
-                            yield item, (doc, part_start + next_char)
-                        continue
-                    window.segments.append(seg)
-                    window.room -= len(seg.student.ids)
-                    window.room -= seg.ends_document and self.eod[0] is not None
-                    if not seg.ends_document and next_char < len(part) and not split_counted:
-                        _count(issues, "split_document", f"{len(text)} characters, several windows")
-                        split_counted = True
-                    if window.room <= 0 or (not self.pack and seg.ends_document):
+                    if seg is not None:
+                        window.segments.append(seg)
+                        window.room -= len(seg.student.ids)
+                        window.room -= seg.ends_document and self.eod[0] is not None
+                    # the window is done: full, or no room for the next piece, or --no-pack
+                    done = seg is None or window.room <= 0 or (not self.pack and seg.ends_document)
+                    if done and window.segments:
+                        if not window.segments[-1].ends_document and not split_counted:
+                            _count(
+                                issues, "split_document", f"{len(text)} characters, several windows"
+                            )
+                            split_counted = True  # once per document: it continues elsewhere
                         item = emit()
                         if item is not None:
                             yield item, (doc, part_start + next_char)
@@ -474,8 +474,12 @@ class AlignedWindows(IterableDataset):
         # a segment may start before token k when k starts at an exact boundary of the student's
         # that is also a character boundary (the segment's text must be a string)
         cuts = np.flatnonzero(spans.cut & on_char[starts])
+        # ...and never right after a token of no source bytes (a SentencePiece model's prefix
+        # space): that token would be a piece of its own, and a resume would repeat it
+        cuts = cuts[(cuts == 0) | (starts[cuts] > starts[np.maximum(cuts - 1, 0)])]
         eod = int(ends_document and self.eod[0] is not None)  # the separator needs a place too
         i = int(np.searchsorted(starts, char_bytes[start_char])) if start_char else 0
+        ended = False
         while i < n:
             r = window.room
             if n - i + eod <= r:
@@ -505,8 +509,13 @@ class AlignedWindows(IterableDataset):
                 boundaries=np.union1d(bounds - byte_lo, [0, byte_hi - byte_lo]),
                 n_bytes=int(byte_hi - byte_lo),
             )
-            yield _Segment(student, part[char_lo:char_hi], ends_document and j == n), char_hi
+            ended = ends_document and j == n
+            yield _Segment(student, part[char_lo:char_hi], ended), char_hi
             i = j
+        if ends_document and not ended:  # its tail was dropped: the document still ends here
+            empty = TokenSpans([], np.zeros(0, bool), np.zeros(0, np.int64), np.zeros(0, bool),
+                               np.zeros(1, np.int64), 0)  # fmt: skip
+            yield _Segment(empty, "", True), len(part)
 
     def _item(self, segments: list[_Segment], issues: Counter) -> dict | None:
         """One window: the student's prefix, then each segment (+ the end-of-document token after a
@@ -523,7 +532,7 @@ class AlignedWindows(IterableDataset):
         for seg in segments:
             ids.append(seg.student.ids)
             target.append(seg.student.text)
-            for i, tok in enumerate(self.teacher_toks):
+            for i, tok in enumerate(self.teacher_toks if seg.text else []):
                 teacher = seg.student if self.same[i] else _body(token_spans(tok, seg.text))
                 s_chunk, t_chunk = chunk_ids(seg.student, teacher)
                 s_chunks[i].append(np.where(s_chunk >= 0, s_chunk + first_free[i], -1))

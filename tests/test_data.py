@@ -501,3 +501,21 @@ def test_special_token_text_in_a_document_is_labelled_text_in_chunks(tmp_path, l
     # ... which both sides have, and every text token is a label
     assert {c for c in s_chunk if c >= 0} == {c for c in t_chunk if c >= 0}
     assert labels[: len(s_ids) - 1 - len(trail)] == s_ids[1 : len(s_ids) - len(trail)]
+
+
+def test_a_sentencepiece_student_resumes_exactly_after_any_window(tmp_path, mistral, qwen):
+    # Mistral starts a text with a prefix-space token of no source bytes ("▁", "1", "9", ...): a
+    # window must never end right after it, or a resumed run would emit it twice
+    write_jsonl(
+        tmp_path / "a.jsonl", [f"{1900 + 7 * i} was a year of {13 * i} events" for i in range(12)]
+    )
+
+    def windows(start=None, n=14):
+        stream = iter(AlignedWindows(str(tmp_path), mistral, [qwen], 16, start=start, repeat=True))
+        return [{k: torch.as_tensor(v)[None] for k, v in next(stream).items()} for _ in range(n)]
+
+    whole, state = windows(), None
+    for k in range(len(whole) - 1):
+        state = advance_state(state, whole[k])
+        resumed = windows(state, 1)[0]
+        assert all(torch.equal(resumed[key], whole[k + 1][key]) for key in resumed), k
