@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
+import errno
 import functools
 import gc
 import hashlib
@@ -26,6 +27,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -98,6 +100,66 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr with exit code 2, no traceback."""
 
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # what both the hf and vllm backends take
+DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
+
+
+# -----------------------------------------------------------------------------
+# Flag values with a range, checked as the command line is parsed (before any work, --paper too).
+
+
+def whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def fewshot_count(text: str) -> int:
+    n = whole_number(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (solved examples), got {n}")
+    return n
+
+
+def limit_value(text: str) -> int | float:
+    """lm-eval reads a limit < 1 as a fraction of each task, >= 1 as a count of examples."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a count >= 1 or a fraction in (0, 1), got {text!r}"
+        )
+    if value >= 1:
+        if not value.is_integer():
+            raise argparse.ArgumentTypeError(
+                f"a count of examples must be a whole number, got {text!r}"
+            )
+        return int(value)
+    return value
+
+
+def batch_size_value(text: str) -> int | str:
+    """An int >= 1, "auto" (largest that fits), or "auto:N" (lm-eval re-finds it N times)."""
+    if text == "auto":
+        return text
+    auto = text.startswith("auto:")
+    try:
+        n = int(text.removeprefix("auto:"))
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, auto or auto:N, got {text!r}")
+    return text if auto else n
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own prints the usage too: one line, exit 2
+        raise UsageError(f"{message} (python evaluate.py --help lists the flags)")
+
+
 # -----------------------------------------------------------------------------
 # Input checks, cheapest first, so a typo fails in a second rather than after the model loads.
 
@@ -134,7 +196,118 @@ def check_out_dir(out_dir: Path) -> None:
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write to --out-dir {out_dir} ({parent} is not a writable dir)")
+        raise UsageError(
+            f"cannot write to --out-dir {out_dir} ({parent} is not a writable dir); choose another"
+        )
+
+
+def check_device(device: str | None, backend: str) -> None:
+    if device is None:
+        return
+    if backend != "hf":
+        raise UsageError(
+            f"--device is for the hf backend; {backend} places the model itself "
+            "(pick GPUs with CUDA_VISIBLE_DEVICES)"
+        )
+    if not DEVICE.fullmatch(device):
+        raise UsageError(f"--device {device!r}: use cpu, cuda, cuda:N or mps")
+    if device == "cpu":
+        return
+    import torch
+
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError("--device mps: no MPS device here; use --device cpu")
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise UsageError(f"--device {device}: no CUDA device here; use --device cpu")
+    if int(device.partition(":")[2] or 0) >= count:
+        raise UsageError(f"--device {device}: this machine has cuda:0 to cuda:{count - 1}; use one")
+
+
+def check_hub_model(label: str, model: str) -> None:
+    """A hub id must be reachable now (or cached, offline), not a row of "failed" after hours."""
+    if Path(model).expanduser().is_dir():
+        return
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    where = f"--model {label}={model}"
+    try:
+        hf_hub_download(model, "config.json")  # what loading reads first; cached after this
+    except GatedRepoError:
+        raise UsageError(
+            f"{where}: gated; accept its terms on huggingface.co/{model}, then hf auth login"
+        ) from None
+    except RepositoryNotFoundError:
+        raise UsageError(f"{where}: no such model on the hub (private? hf auth login)") from None
+    except LocalEntryNotFoundError:
+        if constants.is_offline_mode():
+            raise UsageError(
+                f"{where}: not in the local hub cache and HF_HUB_OFFLINE is set; "
+                f"download it first (hf download {model}) or unset HF_HUB_OFFLINE"
+            ) from None
+        raise UsageError(
+            f"{where}: the hub is unreachable and the model is not in the local cache; "
+            "check the network (or HF_ENDPOINT), or give a local checkpoint dir"
+        ) from None
+    except EntryNotFoundError:
+        raise UsageError(
+            f"{where}: the hub repo has no config.json: not a transformers model"
+        ) from None
+    except HFValidationError as e:
+        raise UsageError(f"{where}: not a valid hub id: {one_line(e)}") from None
+    except OSError as e:
+        raise UsageError(f"{where}: cannot reach it on the hub: {one_line(e)}") from None
+
+
+def check_outputs(
+    out_dir: Path, models: dict[str, str], tasks: list[str], args: argparse.Namespace
+) -> None:
+    """Nothing stands where a file or directory will be written (os.replace cannot put a file
+    over a directory): checked before the evaluation, not found after it."""
+    for path in (out_dir, out_dir / "cache", out_dir / "raw"):
+        if path.exists() and not path.is_dir():
+            raise UsageError(
+                f"--out-dir {out_dir}: {path} is a file, not a directory; "
+                "move it or choose another --out-dir"
+            )
+    files = [out_dir / name for name in ("results.md", "results.csv", "results.png")]
+    files += [out_dir / "raw" / f"{label}.json" for label in models]
+    files += [cache_path(model, task, args)[1] for model in models.values() for task in tasks]
+    for path in files:
+        if path.exists() and not path.is_file():
+            raise UsageError(
+                f"--out-dir {out_dir}: {path} is a directory, not a file; "
+                "move it or choose another --out-dir"
+            )
+
+
+def write_error(path: Path, e: OSError, resume: bool) -> UsageError:
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    todo = "free some space" if full else "choose another --out-dir"
+    done = " (finished tasks are cached: rerunning resumes)" if resume else ""
+    return UsageError(f"cannot write {path}: {e.strerror or one_line(e)}; {todo}{done}")
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Make the output dirs and open an unnamed file in each: a read-only or full --out-dir fails
+    here, after every input check and before the evaluation (os.access trusts root and modes)."""
+    for path in (out_dir, out_dir / "cache", out_dir / "raw"):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path) as f:
+                f.write(b"x")
+                f.flush()
+        except OSError as e:
+            raise write_error(path, e, resume=False) from None
 
 
 def check_backend(backend: str, tasks: list[str]) -> None:
@@ -161,6 +334,9 @@ def check_tasks(tasks: list[str], include_paths: list[str]) -> None:
             raise UsageError(f"--include-path {path} is not a directory of lm-eval task YAMLs")
     if not tasks:
         raise UsageError(f"--tasks is empty; the paper's are {DEFAULT_TASKS}")
+    twice = next((task for task in tasks if tasks.count(task) > 1), None)
+    if twice:
+        raise UsageError(f"--tasks names {twice!r} twice; give each task once")
     known = task_manager(tuple(include_paths)).all_tasks
     for task in tasks:
         if task not in known:
@@ -198,6 +374,22 @@ def cache_path(model: str, task: str, args: argparse.Namespace) -> tuple[dict, P
     return key, Path(args.out_dir) / "cache" / f"{task}-{digest}.json"
 
 
+def read_cache(path: Path, key: dict, task: str) -> tuple[dict | None, str]:
+    """(lm-eval's output, "") from a cache file that holds a result, else (None, why not)."""
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # truncated, unreadable
+        return None, f"is unreadable ({one_line(e)})"
+    if not (
+        isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("raw"), dict)
+    ):
+        return None, "is not a cache entry of this model x task"
+    value, why = score(task, entry["raw"])
+    if value == "failed":
+        return None, f"holds no result ({why})"
+    return entry["raw"], ""
+
+
 def load_lm(model: str, args: argparse.Namespace) -> LM:
     import torch
     from lm_eval.api.registry import get_model
@@ -225,12 +417,16 @@ def evaluate_model(
     raw, todo = {}, {}
     for task in tasks:
         key, cached = cache_path(model, task, args)
-        if cached.is_file():
-            raw[task] = json.loads(cached.read_text())["raw"]
+        entry, why = read_cache(cached, key, task) if cached.exists() else (None, "")
+        if entry is not None:
+            raw[task] = entry
             pbar.write(f"{label} / {task}: cached")
             pbar.update(1)
-        else:
-            todo[task] = (key, cached)
+            continue
+        if why:  # a result that is not there is evaluated again, never shown as "failed" for good
+            warning = f"evaluate.py: warning: {label} / {task}: cache file {cached} {why}"
+            pbar.write(f"{warning}; evaluating it again", file=sys.stderr)
+        todo[task] = (key, cached)
 
     lm, load_error = None, None
     if todo:  # load the model once, and only when some task is not cached yet
@@ -251,11 +447,18 @@ def evaluate_model(
                 task_manager=task_manager(tuple(args.include_path)),
                 log_samples=False,  # per-sample logs of MMLU alone run to hundreds of MB
             )
+            if not isinstance(out, dict):
+                raise RuntimeError(f"lm-eval returned {out!r}, not results")
             raw[task] = json.loads(json.dumps(out, default=handle_non_serializable))
-            write_atomic(cached, json.dumps({"key": key, "raw": raw[task]}))
         except Exception as e:  # one broken task must not cost the rest of the table
             raw[task] = {"error": load_error or one_line(e)}  # not cached: the next run retries
             pbar.write(f"{label} / {task}: failed: {raw[task]['error']}")
+        else:
+            value, why = score(task, raw[task])
+            if value == "failed":  # not cached either
+                pbar.write(f"{label} / {task}: failed: {why}")
+            else:  # outside the try: a full disk stops the run (one line), it is no task failure
+                write_atomic(cached, json.dumps({"key": key, "raw": raw[task]}))
         pbar.update(1)
     if lm is not None:
         del lm  # free the card before the next model loads
@@ -273,15 +476,20 @@ def evaluate_model(
 def score(task: str, raw: dict) -> tuple[float | str, str]:
     """(accuracy in percent, the metric read), or ("failed", why)."""
     if "error" in raw:
-        return "failed", raw["error"]
-    metrics = raw["results"].get(task, {})
+        return "failed", str(raw["error"])
+    results = raw.get("results")
+    metrics = results.get(task) if isinstance(results, dict) else None
+    if not isinstance(metrics, dict):
+        return "failed", f"lm-eval reported no results for {task}"
     if task in TASK_METRICS:
         metric = TASK_METRICS[task][1]
     else:  # a local task: the first metric it reports, in its YAML's order
         metric = next((k for k in metrics if "," in k and "_stderr" not in k), "?")
-    if not isinstance(metrics.get(metric), (int, float)):
-        return "failed", f"lm-eval reported no {metric} for {task}"
-    return 100.0 * metrics[metric], metric
+    value = metrics.get(metric)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        got = "" if value is None else f" (got {value!r})"
+        return "failed", f"lm-eval reported no {metric} for {task}{got}"
+    return 100.0 * value, metric
 
 
 # -----------------------------------------------------------------------------
@@ -372,11 +580,20 @@ def paper_markdown() -> str:
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """tokens.atomic_write (temp file, then rename): an interrupted run never leaves half a file."""
+    """tokens.atomic_write (temp file, then rename): an interrupted run never leaves half a file,
+    and the file gets the user's umask. An OS error (disk full, read-only, a directory in the way)
+    ends the run in one line, exit 2: atomic_write reports those as a ValueError naming the path."""
     from tokens import atomic_write  # imported here: --paper and input errors stay instant
 
     payload = data.encode() if isinstance(data, str) else data
-    atomic_write(str(path), lambda f: f.write(payload))
+    try:
+        atomic_write(str(path), lambda f: f.write(payload))
+    except OSError as e:
+        raise write_error(path, e, resume=True) from None
+    except ValueError as e:
+        if isinstance(e.__cause__, OSError):
+            raise write_error(path, e.__cause__, resume=True) from None
+        raise UsageError(f"{e} (finished tasks are cached: rerunning resumes)") from None
 
 
 # -----------------------------------------------------------------------------
@@ -395,18 +612,19 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"--paper-row {label}={row_id}: need a --model label and a row: {rows}"
             )
-    if args.limit is not None and args.limit >= 1:
-        args.limit = int(args.limit)  # lm-eval reads < 1 as a fraction, >= 1 as a count
     out_dir = Path(args.out_dir)
     check_out_dir(out_dir)
+    check_device(args.device, args.backend)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     check_backend(args.backend, tasks)
     check_tasks(tasks, args.include_path)
+    check_outputs(out_dir, models, tasks, args)
+    for label, path in models.items():  # may ask the hub: last
+        check_hub_model(label, path)
+    prepare_out_dir(out_dir)  # the first write, once every input is known good
 
     from tqdm import tqdm
 
-    (out_dir / "cache").mkdir(parents=True, exist_ok=True)
-    (out_dir / "raw").mkdir(exist_ok=True)
     start, raws = time.time(), {}
     with tqdm(total=len(models) * len(tasks), desc="models x tasks", unit="task") as pbar:
         for label, model in models.items():
@@ -455,15 +673,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # fmt: off
     p.add_argument("--model", action="append", default=[], metavar="LABEL=PATH",
                    help="checkpoint dir (save_pretrained + tokenizer) or hub id; repeatable")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated lm-eval task names")
-    p.add_argument("--num-fewshot", type=int, default=3)
-    p.add_argument("--limit", type=float, default=None,
+    p.add_argument("--num-fewshot", type=fewshot_count, default=3, help="an integer >= 0")
+    p.add_argument("--limit", type=limit_value, default=None,
                    help="examples per task (a fraction if < 1): quick checks only")
     p.add_argument("--include-path", action="append", default=[], metavar="DIR",
                    help="extra directory of lm-eval task YAMLs; repeatable")
@@ -472,23 +688,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"show the paper's ROW beside model LABEL; rows: {', '.join(PAPER_SCORES)}")
     p.add_argument("--paper", action="store_true", help="print the paper's table and exit")
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf")
-    p.add_argument("--dtype", default="auto", help="auto: the checkpoint's own (bf16 for Llama)")
-    p.add_argument("--batch-size", type=lambda s: s if s.startswith("auto") else int(s),
-                   help="default: auto on GPU, 8 on CPU")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="auto: the checkpoint's own (bf16 for Llama)")
+    p.add_argument("--batch-size", type=batch_size_value,
+                   help="an integer >= 1, auto or auto:N; default: auto on GPU, 8 on CPU")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:N or mps (hf backend); default: cuda if available")
     # fmt: on
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.paper:
-        print(paper_markdown())
-        return 0
     try:
+        args = parse_args(argv)
+        if args.paper:
+            if args.model or args.paper_row:
+                raise UsageError("--paper prints the paper's table alone; drop --model/--paper-row")
+            print(paper_markdown())
+            return 0
         return run(args)
     except UsageError as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split("\n"))  # one line, even for a path with a newline in it
+        print(f"evaluate.py: error: {message}", file=sys.stderr)
         return 2
 
 

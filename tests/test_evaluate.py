@@ -12,6 +12,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import csv
+import errno
 import importlib.util
 import json
 import shutil
@@ -304,3 +305,316 @@ def test_bad_input_from_the_command_line_is_one_line_without_traceback(tmp_path)
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# Bad input, OS errors and the cache: one line on stderr and exit 2, nothing written, no traceback.
+
+
+@pytest.fixture
+def must_not_evaluate(monkeypatch):
+    import lm_eval
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("bad input reached the evaluation")
+
+    monkeypatch.setattr(ev, "load_lm", must_not_run)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", must_not_run)
+
+
+@pytest.fixture
+def fake_evaluate(monkeypatch):
+    """No model: every task scores 50% (acc,none); returns the tasks evaluated, in order."""
+    import lm_eval
+
+    evaluated = []
+
+    def fake(model, tasks, **kwargs):
+        evaluated.append(tasks[0])
+        return {"results": {tasks[0]: {"alias": tasks[0], "acc,none": 0.5}}}
+
+    monkeypatch.setattr(ev, "load_lm", lambda model, args: "a model")
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake)
+    return evaluated
+
+
+def one_task_argv(tiny_model, task_dir, out) -> list[str]:
+    argv = ["--model", f"tiny={tiny_model}", "--include-path", task_dir]
+    return [str(a) for a in [*argv, "--tasks", "xtoken_tiny_choice", "--out-dir", out]]
+
+
+def one_error_line(capsys, *argv) -> str:
+    err = bad_input(capsys, *argv)
+    assert "Traceback" not in err
+    return err
+
+
+# argv added to a good command line -> a fragment of the one-line error
+BAD_FLAGS = [
+    (["--num-fewshot", "-2"], "argument --num-fewshot: must be an integer >= 0"),
+    (["--num-fewshot", "2.5"], "argument --num-fewshot: must be an integer, got '2.5'"),
+    (["--num-fewshot", "three"], "argument --num-fewshot: must be an integer"),
+    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, auto or auto:N"),
+    (["--batch-size", "-8"], "argument --batch-size: must be an integer >= 1"),
+    (["--batch-size", "auto:0"], "argument --batch-size: must be an integer >= 1"),
+    (["--batch-size", "autox"], "argument --batch-size: must be an integer >= 1"),
+    (["--limit", "0"], "argument --limit: must be a count >= 1 or a fraction in (0, 1)"),
+    (["--limit", "-1"], "argument --limit: must be a count >= 1 or a fraction in (0, 1)"),
+    (["--limit", "nan"], "argument --limit: must be a count >= 1 or a fraction in (0, 1)"),
+    (["--limit", "inf"], "argument --limit: must be a count >= 1 or a fraction in (0, 1)"),
+    (["--limit", "2.5"], "argument --limit: a count of examples must be a whole number"),
+    (["--limit", "lots"], "argument --limit: must be a count >= 1 or a fraction"),
+    (["--dtype", "fp17"], "argument --dtype: invalid choice: 'fp17'"),
+    (["--backend", "jax"], "argument --backend: invalid choice: 'jax'"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--device", "gpu"], "--device 'gpu': use cpu, cuda, cuda:N or mps"),
+    (["--device", "cuda:99"], "--device cuda:99: "),
+    (["--backend", "vllm", "--device", "cpu"], "--device is for the hf backend"),
+    (["--tasks", "xtoken_tiny_choice,xtoken_tiny_choice"], "names 'xtoken_tiny_choice' twice"),
+    (["--tasks", ","], "--tasks is empty"),
+    (["--paper-row", "tiny=nope"], "--paper-row tiny=nope: need a --model label and a row"),
+    (["--model", "tiny"], "--model takes LABEL=VALUE"),
+    (["--include-path", "no/such/dir"], "--include-path no/such/dir is not a directory"),
+    (["--paper"], "--paper prints the paper's table alone"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flag_is_one_line_and_exit_2_before_any_work(
+    tiny_model, task_dir, tmp_path, capsys, must_not_evaluate, extra, message
+):
+    out = tmp_path / "out"
+    err = one_error_line(capsys, *one_task_argv(tiny_model, task_dir, out), *extra)
+    assert message in err
+    assert not out.exists()  # checked before anything is written
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--num-fewshot", "-2"], "--num-fewshot: must be an integer >= 0"),
+        (["--batch-size", "0"], "--batch-size: must be an integer >= 1"),
+        (["--limit", "inf", "--paper"], "--limit: must be a count >= 1"),  # --paper too
+    ],
+)
+def test_bad_flag_from_the_command_line_is_one_line_without_traceback(tmp_path, argv, message):
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), *argv]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert message in proc.stderr
+
+
+def test_limit_and_batch_size_parse_to_what_lm_eval_takes():
+    def parsed(flag, value):
+        return getattr(ev.parse_args([flag, value]), flag[2:].replace("-", "_"))
+
+    # lm-eval reads an int limit as a count, a float as a fraction: 4.0 must arrive as 4
+    assert [parsed("--limit", v) for v in ("4", "1e2", "0.25")] == [4, 100, 0.25]
+    assert [type(parsed("--limit", v)) for v in ("4", "1e2", "0.25")] == [int, int, float]
+    assert [parsed("--batch-size", v) for v in ("16", "auto", "auto:4")] == [16, "auto", "auto:4"]
+    assert parsed("--num-fewshot", "0") == 0
+
+
+def test_offline_hub_model_not_in_the_cache_is_rejected_before_evaluating(
+    tmp_path, capsys, monkeypatch, task_dir, must_not_evaluate
+):
+    from huggingface_hub import constants
+
+    assert constants.is_offline_mode()  # HF_HUB_OFFLINE=1, set at the top of this file
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    out = tmp_path / "out"
+    argv = ["--model", "base=meta-llama/Llama-3.2-1B", "--include-path", task_dir]
+    err = one_error_line(capsys, *argv, "--tasks", "xtoken_tiny_choice", "--out-dir", out)
+    assert "--model base=meta-llama/Llama-3.2-1B: not in the local hub cache" in err
+    assert "HF_HUB_OFFLINE" in err and not out.exists()
+
+
+IN_THE_WAY = [  # (path under --out-dir, made a "dir" or a "file", fragment of the error)
+    ("results.md", "dir", "results.md is a directory, not a file"),
+    ("raw/tiny.json", "dir", "tiny.json is a directory, not a file"),
+    ("cache", "file", "cache is a file, not a directory"),
+    ("raw", "file", "raw is a file, not a directory"),
+    ("CACHE_ENTRY", "dir", "is a directory, not a file"),
+]
+
+
+@pytest.mark.parametrize(("name", "kind", "message"), IN_THE_WAY, ids=[n for n, *_ in IN_THE_WAY])
+def test_output_path_in_the_way_is_rejected_before_evaluating(
+    tiny_model, task_dir, tmp_path, capsys, must_not_evaluate, name, kind, message
+):
+    out = tmp_path / "out"
+    argv = one_task_argv(tiny_model, task_dir, out)
+    if name == "CACHE_ENTRY":
+        path = ev.cache_path(str(tiny_model), "xtoken_tiny_choice", ev.parse_args(argv))[1]
+    else:
+        path = out / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir() if kind == "dir" else path.write_text("")
+    before = sorted(out.rglob("*"))
+    err = one_error_line(capsys, *argv)
+    assert message in err and "choose another --out-dir" in err
+    assert sorted(out.rglob("*")) == before
+
+
+@pytest.fixture
+def read_only_dir(tmp_path, monkeypatch):
+    """A directory nothing can be created in: mode 0555, and for root (whom modes do not stop)
+    os.open/os.mkdir refuse under it as the kernel would on a read-only mount."""
+    path = tmp_path / "read-only"
+    path.mkdir()
+    path.chmod(0o555)
+    if os.geteuid() == 0:
+        real_open, real_mkdir = os.open, os.mkdir
+
+        def refused(target) -> bool:
+            return str(os.path.abspath(target)).startswith(str(path))
+
+        def open_(file, flags, *args, **kwargs):
+            if refused(file) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+            return real_open(file, flags, *args, **kwargs)
+
+        def mkdir(target, *args, **kwargs):
+            if refused(target) and not os.path.isdir(target):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
+            return real_mkdir(target, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", open_)
+        monkeypatch.setattr(os, "mkdir", mkdir)
+    yield path
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("where", ["itself", "missing/parent"])
+def test_read_only_out_dir_is_rejected_before_evaluating(
+    tiny_model, task_dir, read_only_dir, capsys, must_not_evaluate, where
+):
+    out = read_only_dir if where == "itself" else read_only_dir / where
+    err = one_error_line(capsys, *one_task_argv(tiny_model, task_dir, out))
+    assert "cannot write" in err and "choose another" in err
+    assert not list(read_only_dir.iterdir())
+
+
+def full_disk(monkeypatch, fails):
+    """tokens.atomic_write whose write runs out of space (ENOSPC) for paths where fails(path)."""
+    import tokens
+
+    real = tokens.atomic_write
+
+    def atomic_write(path, write):
+        def out_of_space(f):
+            f.write(b"half a fi")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        return real(path, out_of_space if fails(path) else write)
+
+    monkeypatch.setattr(tokens, "atomic_write", atomic_write)
+
+
+@pytest.mark.parametrize("fails", ["results.md", "cache"])
+def test_full_disk_is_one_line_and_leaves_no_partial_file(
+    tiny_model, task_dir, tmp_path, capsys, monkeypatch, fake_evaluate, fails
+):
+    out = tmp_path / "out"
+    full_disk(monkeypatch, lambda path: fails in path)
+    assert run_main(*one_task_argv(tiny_model, task_dir, out)) == 2
+    err = capsys.readouterr().err  # the progress bar writes there too
+    lines = [line for line in err.splitlines() if line.startswith("evaluate.py:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert "No space left on device; free some space" in lines[0] and fails in lines[0]
+    assert not (out / "results.md").exists()
+    assert not [p for p in out.rglob("*") if p.name.startswith(".tmp")]  # no temp file left
+    cached = list((out / "cache").glob("*.json"))
+    assert len(cached) == (1 if fails == "results.md" else 0)  # what finished resumes
+
+
+def cache_file(tiny_model, task_dir, out):
+    argv = one_task_argv(tiny_model, task_dir, out)
+    key, path = ev.cache_path(str(tiny_model), "xtoken_tiny_choice", ev.parse_args(argv))
+    path.parent.mkdir(parents=True)
+    return argv, key, path
+
+
+BAD_CACHE = [  # (name, the cache file's text from its key, fragment of the warning)
+    ("empty", lambda key: "", "is unreadable (JSONDecodeError"),
+    ("truncated", lambda key: json.dumps({"key": key, "raw": {"results": {}}})[:40], "unreadable"),
+    ("a list", lambda key: "[1, 2]", "is not a cache entry of this model x task"),
+    ("raw not a dict", lambda key: json.dumps({"key": key, "raw": "x"}), "is not a cache entry"),
+    ("other key", lambda key: json.dumps({"key": {}, "raw": {}}), "is not a cache entry"),
+    ("failed", lambda key: json.dumps({"key": key, "raw": {"error": "boom"}}), "no result (boom)"),
+    ("empty raw", lambda key: json.dumps({"key": key, "raw": {}}), "holds no result"),
+    (
+        "no metric",
+        lambda key: json.dumps({"key": key, "raw": {"results": {"xtoken_tiny_choice": {}}}}),
+        "holds no result (lm-eval reported no ? for xtoken_tiny_choice)",
+    ),
+    ("not utf-8", lambda key: "\udcff", "is unreadable (UnicodeDecodeError"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "warning"), BAD_CACHE, ids=[n for n, *_ in BAD_CACHE])
+def test_bad_cache_entry_warns_once_and_is_evaluated_again(
+    tiny_model, task_dir, tmp_path, capsys, fake_evaluate, name, text, warning
+):
+    out = tmp_path / "out"
+    argv, key, path = cache_file(tiny_model, task_dir, out)
+    path.write_bytes(text(key).encode(errors="surrogateescape"))
+    assert run_main(*argv) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warning in warnings[0] and "evaluating it again" in warnings[0]
+    assert "Traceback" not in err
+    assert fake_evaluate == ["xtoken_tiny_choice"]
+    assert md_rows(out / "results.md")["tiny"] == ["50.00", "50.00"]
+    assert ev.read_cache(path, key, "xtoken_tiny_choice")[0]["results"]  # rewritten, whole
+
+
+def test_result_without_its_metric_is_not_cached(
+    tiny_model, task_dir, tmp_path, monkeypatch, fake_evaluate
+):
+    import lm_eval
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda model, tasks, **kw: {"results": {}})
+    out = tmp_path / "out"
+    assert run_main(*one_task_argv(tiny_model, task_dir, out)) == 1
+    assert md_rows(out / "results.md")["tiny"][0] == "failed"
+    assert not list((out / "cache").iterdir())  # so the next run evaluates it again
+
+
+@pytest.mark.parametrize(
+    ("umask", "mode"), [(0o022, 0o644), (0o002, 0o664)], ids=["umask 022", "umask 002"]
+)
+def test_outputs_get_the_users_umask(tiny_model, task_dir, tmp_path, fake_evaluate, umask, mode):
+    out = tmp_path / "out"
+    old = os.umask(umask)
+    try:
+        assert run_main(*one_task_argv(tiny_model, task_dir, out)) == 0
+    finally:
+        os.umask(old)
+    written = [out / name for name in ("results.md", "results.csv", "results.png", "raw/tiny.json")]
+    written += (out / "cache").glob("*.json")
+    assert len(written) == 5
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {
+        p.name: oct(mode) for p in written
+    }
+
+
+def test_directory_made_where_a_result_goes_during_the_run_is_one_line(
+    tiny_model, task_dir, tmp_path, capsys, monkeypatch, fake_evaluate
+):
+    import lm_eval
+
+    out = tmp_path / "out"
+    fake = lm_eval.simple_evaluate
+
+    def meanwhile(*args, **kwargs):
+        (out / "results.md").mkdir()  # after the checks, before the table is written
+        return fake(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", meanwhile)
+    assert run_main(*one_task_argv(tiny_model, task_dir, out)) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("evaluate.py:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert f"cannot write {out / 'results.md'}" in lines[0] and "rerunning resumes" in lines[0]
