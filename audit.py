@@ -17,8 +17,8 @@ It also lists the special tokens W pairs (end of document, bos, pad, unk: by mea
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import re
 import sys
 
@@ -68,6 +68,14 @@ def audit(
     min_coverage: float = 0.9,
 ) -> dict:
     """Coverage per category and the recommended loss; the dict that --json writes."""
+    if not 0 < threshold <= 1:  # also NaN
+        raise ValueError(f"threshold {threshold} is out of range; give a number in (0, 1]")
+    if not 0 <= min_coverage <= 1:
+        raise ValueError(f"min_coverage {min_coverage} is out of range; give a number in [0, 1]")
+    unknown = [c for c in critical if c not in (*CATEGORIES, "other")]
+    if unknown:
+        raise ValueError(f"unknown category {unknown}; choose from {', '.join(CATEGORIES)}, other")
+    critical = tuple(dict.fromkeys(critical))  # a repeated category counts once
     import torch
 
     from losses import hkl_pairs
@@ -162,10 +170,9 @@ def show_rows(student_tok, teacher_tok, projection: dict, tokens: list[str]) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from build_projection import build_projection, load_projection, model_vocab_size
-    from tokens import atomic_write, load_tokenizer
+    from build_projection import ArgumentParser, float_flag, os_error_line
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="audit.py", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--student", required=True, help="hub name, directory, tokenizer file, pkg:NAME"
     )
@@ -179,40 +186,72 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--show", nargs="+", metavar="TOKEN", help="print W's rows for these tokens"
     )
-    parser.add_argument("--threshold", type=float, default=0.6, help="H-KL top-weight threshold")
+    parser.add_argument(
+        "--threshold",
+        type=float_flag(0, 1, low_open=True, what=" (a top W weight)"),
+        default=0.6,
+        help="H-KL top-weight threshold, in (0, 1]",
+    )
     parser.add_argument("--critical", default=",".join(CRITICAL), help="critical categories")
-    parser.add_argument("--min-coverage", type=float, default=0.9, help="hkl at or above this")
+    parser.add_argument(
+        "--min-coverage",
+        type=float_flag(0, 1, what=" (a share of the critical tokens)"),
+        default=0.9,
+        help="hkl at or above this share, in [0, 1]",
+    )
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
     try:
-        critical = tuple(args.critical.split(","))
-        unknown = set(critical) - set(CATEGORIES)
-        if unknown:
-            raise ValueError(f"unknown category {sorted(unknown)}; choose from {CATEGORIES}")
-        student = load_tokenizer(args.student, trust_remote_code=args.trust_remote_code)
-        teacher = load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
-        if args.projection:
-            projection = load_projection(args.projection, student, teacher)
-        else:
-            projection = build_projection(
-                student,
-                teacher,
-                student_vocab_size=model_vocab_size(args.student),
-                teacher_vocab_size=model_vocab_size(args.teacher),
-            )
-        report = audit(
-            student,
-            projection,
-            threshold=args.threshold,
-            critical=critical,
-            min_coverage=args.min_coverage,
-        )
-        if args.json:
-            text = json.dumps(report, indent=2) + "\n"
-            atomic_write(args.json, lambda f: f.write(text.encode()))
+        return _run(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from build_projection import (
+        build_projection,
+        check_output_file,
+        load_projection,
+        model_vocab_size,
+    )
+    from tokens import atomic_write, load_tokenizer
+
+    critical = tuple(dict.fromkeys(args.critical.split(",")))  # a repeat counts once
+    unknown = [c for c in critical if c not in (*CATEGORIES, "other")]
+    if unknown:
+        raise ValueError(
+            f"--critical: unknown category {unknown}; choose from {', '.join(CATEGORIES)}, other"
+        )
+    if args.json is not None:
+        check_output_file(args.json, "--json", "audit.json")  # before the slow work
+    if args.projection is not None and not os.path.isfile(args.projection):
+        load_projection(args.projection)  # its error: a directory, or not there
+    student = load_tokenizer(args.student, trust_remote_code=args.trust_remote_code)
+    teacher = load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
+    if args.projection:
+        projection = load_projection(args.projection, student, teacher)
+    else:
+        hint = "--projection (a W from build_projection.py --{}-vocab-size N)"
+        projection = build_projection(
+            student,
+            teacher,
+            student_vocab_size=model_vocab_size(args.student, hint.format("student")),
+            teacher_vocab_size=model_vocab_size(args.teacher, hint.format("teacher")),
+        )
+    report = audit(
+        student,
+        projection,
+        threshold=args.threshold,
+        critical=critical,
+        min_coverage=args.min_coverage,
+    )
+    if args.json:
+        text = json.dumps(report, indent=2) + "\n"
+        atomic_write(args.json, lambda f: f.write(text.encode()))
     print(f"student {args.student}  teacher {args.teacher}")
     print(format_table(report))
     if args.show:

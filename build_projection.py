@@ -17,11 +17,15 @@ W is never dense: [128k x 152k] would be ~78 GB in fp32.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -48,24 +52,43 @@ DEFAULTS = {
 }
 
 
-def model_vocab_size(name_or_path: str) -> int | None:
-    """The model's embedding rows (config.json vocab_size) when a model is named, else None."""
+def model_vocab_size(name_or_path: str, flag: str = "--student-vocab-size") -> int | None:
+    """The model's embedding rows (config.json vocab_size) when a model is named, else None.
+    A config that cannot be read, or whose vocab_size is not a positive integer, is an error
+    (ValueError) that names `flag`, the way to give the size by hand."""
     if name_or_path.startswith("pkg:") or os.path.isfile(name_or_path):
         return None
     if os.path.isdir(name_or_path):
         path = os.path.join(name_or_path, "config.json")
         if not os.path.isfile(path):
             return None
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-        return config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
-    try:  # a hub name: its config, when reachable
-        from transformers import AutoConfig
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            why = e.strerror if isinstance(e, OSError) else f"not valid JSON: {e}"
+            raise ValueError(f"cannot read {path} ({why}); fix it or pass {flag}") from e
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} is not a model config (a JSON object); fix it or pass {flag}")
+        size, text_config = config.get("vocab_size"), config.get("text_config")
+        if size is None and isinstance(text_config, dict):  # multimodal: the text model's
+            size = text_config.get("vocab_size")
+    else:
+        try:  # a hub name: its config, when reachable
+            from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(name_or_path)
-        return getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
-    except Exception:
+            config = AutoConfig.from_pretrained(name_or_path)
+            size = getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
+        except Exception:
+            return None
+        path = f"{name_or_path}'s config"
+    if size is None:
         return None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(
+            f"{path} has vocab_size {size!r}, not a positive integer; fix it or pass {flag}"
+        )
+    return size
 
 
 def _teacher_index(t_bytes: list[bytes | None], t_vocab: dict[str, int]) -> dict[bytes, int]:
@@ -124,9 +147,11 @@ def build_projection(
 
     t_vocab = teacher_tok.backend_tokenizer.get_vocab(with_added_tokens=True)
     s_bytes, t_bytes = token_bytes(student_tok), token_bytes(teacher_tok, t_vocab)
-    vs = student_vocab_size or len(s_bytes)
-    vt = teacher_vocab_size or len(t_bytes)
+    vs = len(s_bytes) if student_vocab_size is None else student_vocab_size
+    vt = len(t_bytes) if teacher_vocab_size is None else teacher_vocab_size
     for side, size, n in (("student", vs, len(s_bytes)), ("teacher", vt, len(t_bytes))):
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise ValueError(f"{side} vocab size {size!r} is not an integer")
         if size < n:
             raise ValueError(
                 f"{side} vocab size {size} is smaller than its tokenizer ({n} ids); "
@@ -234,12 +259,16 @@ def load_projection(path: str, student_tok=None, teacher_tok=None) -> dict:
     """Load a W file (weights_only: no pickles) and check it against the given tokenizers."""
     import torch
 
+    if os.path.isdir(path):
+        raise ValueError(f"projection file {path} is a directory; pass the W file in it")
     if not os.path.isfile(path):
         raise ValueError(
             f"projection file {path} does not exist; build it with build_projection.py"
         )
     try:
         projection = torch.load(path, weights_only=True, map_location="cpu")
+    except OSError as e:  # the file is there but cannot be read (permissions, I/O)
+        raise ValueError(f"cannot read {path}: {e.strerror or e}; check its permissions") from e
     except Exception as e:
         raise ValueError(
             f"{path} is not a readable W file (corrupt or truncated: "
@@ -270,8 +299,123 @@ def load_projection(path: str, student_tok=None, teacher_tok=None) -> dict:
     return projection
 
 
+# ----------------------------------------------------------------------------- command line
+# Shared by build_projection.py, audit.py and mini.py. Bad input is ONE line on stderr,
+# "error: WHAT; WHAT TO DO", and exit status 2, checked before any slow work or any write.
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block): 'error: argument --x: ...'."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def int_flag(low: int, high: int | None = None, what: str = "") -> Callable:
+    """An argparse type: an integer in [low, high] (high None: no upper bound)."""
+    allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            message = f"{text!r} is not an integer; give {allowed}{what}"
+            raise argparse.ArgumentTypeError(message) from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is out of range; give {allowed}{what}")
+        return value
+
+    return parse
+
+
+def float_flag(low: float, high: float, *, low_open: bool = False, what: str = "") -> Callable:
+    """An argparse type: a finite number in [low, high], or (low, high] with low_open."""
+    allowed = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number; give a number in {allowed}{what}"
+            ) from None
+        if not math.isfinite(value) or not low <= value <= high or (low_open and value == low):
+            message = f"{text} is out of range; give a number in {allowed}{what}"
+            raise argparse.ArgumentTypeError(message)
+        return value
+
+    return parse
+
+
+def os_error_line(e: OSError) -> str:
+    """An OS error as one line that says what is wrong and what to do."""
+    where = f"{e.filename}: " if e.filename else ""
+    hint = {
+        errno.ENOSPC: "free some space or choose another location",
+        errno.EDQUOT: "free some space or choose another location",
+        errno.EACCES: "check the permissions or choose another location",
+        errno.EPERM: "check the permissions or choose another location",
+        errno.EROFS: "choose a location on a writable file system",
+        errno.ENOENT: "check the path",
+        errno.EISDIR: "name a file, not a directory",
+        errno.ENOTDIR: "a part of the path is a file, not a directory: check the path",
+    }.get(e.errno, "check the path and its permissions")
+    return f"{where}{e.strerror or e}; {hint}"
+
+
+def _probe_directory(directory: str, path: str) -> None:
+    """Create and remove a temp file in an existing directory: the only check that is right for
+    root, ACLs and read-only mounts alike (os.access is not). Leaves nothing behind."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".probe-")
+    except OSError as e:
+        raise ValueError(
+            f"cannot write {path}: {directory} is not writable ({e.strerror}); "
+            "choose a writable location"
+        ) from e
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _existing_ancestor(directory: str, path: str) -> str:
+    """The nearest directory on the way up from `directory` that exists (os.makedirs creates the
+    rest); an error if it is a file."""
+    existing = directory
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(
+            f"cannot write {path}: {existing} is a file, not a directory; choose another location"
+        )
+    return existing
+
+
+def check_output_file(path: str, flag: str, example: str) -> None:
+    """Fail fast (ValueError) when the file `path` could not be written: it is a directory, or
+    its directory is not writable and cannot be created. Writes nothing."""
+    if not path:
+        raise ValueError(f"{flag} is empty; name a file, e.g. {flag} {example}")
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        what = "is a directory" if os.path.isdir(path) else "ends with a slash (a directory)"
+        raise ValueError(
+            f"{flag} {path} {what}; name a file, e.g. {flag} {os.path.join(path, example)}"
+        )
+    directory = os.path.dirname(os.path.abspath(path))
+    _probe_directory(_existing_ancestor(directory, path), path)
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """Fail fast (ValueError) when the directory `path` could not be written or created."""
+    if not path:
+        raise ValueError(f"{flag} is empty; name a directory")
+    path_abs = os.path.abspath(path)
+    if os.path.lexists(path_abs) and not os.path.isdir(path_abs):
+        raise ValueError(f"{flag} {path} is a file, not a directory; name a directory")
+    _probe_directory(_existing_ancestor(path_abs, path), path)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="build_projection.py", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--student", required=True, help="hub name, directory, tokenizer file, pkg:NAME"
     )
@@ -279,11 +423,12 @@ def main(argv: list[str] | None = None) -> int:
         "--teacher", required=True, help="hub name, directory, tokenizer file, pkg:NAME"
     )
     parser.add_argument("--out", required=True, help="output file (torch.save dict)")
+    size = int_flag(1, what=" (the model's embedding rows, at least the tokenizer's size)")
     parser.add_argument(
-        "--student-vocab-size", type=int, help="default: model config, else tokenizer"
+        "--student-vocab-size", type=size, help="default: model config, else tokenizer"
     )
     parser.add_argument(
-        "--teacher-vocab-size", type=int, help="default: model config, else tokenizer"
+        "--teacher-vocab-size", type=size, help="default: model config, else tokenizer"
     )
     parser.add_argument(
         "--reverse", action="store_true", help="add the reverse pass (off by default)"
@@ -291,22 +436,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
 
-    # torch's import (~2 s) overlaps the tokenizer work; nothing here needs it until W is built
-    threading.Thread(target=__import__, args=("torch",), daemon=True).start()
     start = time.perf_counter()
     try:
+        check_output_file(args.out, "--out", "W.pt")  # before the slow work
+        # torch's import (~2 s) overlaps the tokenizer work; nothing here needs it until W is built
+        threading.Thread(target=__import__, args=("torch",), daemon=True).start()
         student = load_tokenizer(args.student, trust_remote_code=args.trust_remote_code)
         teacher = load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
+        sizes = {}
+        for side, name, given in (("student", args.student, args.student_vocab_size),
+                                  ("teacher", args.teacher, args.teacher_vocab_size)):  # fmt: skip
+            flag = f"--{side}-vocab-size"
+            sizes[side] = given if given is not None else model_vocab_size(name, flag)
         projection = build_projection(
             student,
             teacher,
-            student_vocab_size=args.student_vocab_size or model_vocab_size(args.student),
-            teacher_vocab_size=args.teacher_vocab_size or model_vocab_size(args.teacher),
+            student_vocab_size=sizes["student"],
+            teacher_vocab_size=sizes["teacher"],
             reverse=args.reverse,
         )
         save_projection(projection, args.out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 2
     W = projection["W"]
     print(

@@ -395,33 +395,73 @@ def summarize(results: dict, rows: list[str], seeds: list[int]) -> str:
 
 
 # ----------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="out/mini")
-    p.add_argument("--quick", action="store_true", help="3 rows, 1 seed, shorter training")
-    p.add_argument("--smoke", action="store_true", help="a plumbing check in a minute (tests)")
-    p.add_argument("--parallel", type=int, default=2, help="train.py runs at once (1 thread each)")
+def parse_seeds(text: str) -> list[int]:
+    """--seeds: comma-separated distinct integers in [0, 2**32 - 1] (numpy's seed range)."""
+    try:
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers; give e.g. 0,1,2"
+        ) from None
+    bad = [x for x in seeds if not 0 <= x < 2**32]
+    if bad:
+        message = f"seeds {bad} are out of range; give integers in [0, 2**32)"
+        raise argparse.ArgumentTypeError(message)
+    repeated = sorted({x for x in seeds if seeds.count(x) > 1})
+    if repeated:  # two runs of one seed would share, and overwrite, one run directory
+        raise argparse.ArgumentTypeError(f"seeds {repeated} are repeated; give each seed once")
+    return seeds
+
+
+def main(argv: list[str] | None = None) -> int:
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from build_projection import ArgumentParser, int_flag, os_error_line
+
+    p = ArgumentParser(prog="mini.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="out/mini", help="output directory (created if needed)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="3 rows, 1 seed, shorter training")
+    size.add_argument("--smoke", action="store_true", help="a plumbing check in a minute (tests)")
+    p.add_argument(
+        "--parallel",
+        type=int_flag(1, what=" (train.py runs at once)"),
+        default=2,
+        help="train.py runs at once (1 thread each), at least 1",
+    )
     p.add_argument(
         "--row",
         action="append",
         help="a row's label, repeatable (default: the "
         "setting's rows; 'hkl' is only run when named)",
     )
-    p.add_argument("--seeds", help="comma-separated student seeds (default: the setting's)")
+    p.add_argument(
+        "--seeds", type=parse_seeds, help="comma-separated student seeds (default: the setting's)"
+    )
     args = p.parse_args(argv)
-    sys.path.insert(0, ROOT)
+    try:
+        return _run(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from build_projection import check_output_dir
+
     setting = "smoke" if args.smoke else "quick" if args.quick else "full"
     s = SETTINGS[setting]
     wanted = args.row or (FULL_ROWS if setting == "full" else QUICK_ROWS)
     unknown = sorted(set(wanted) - {r[0] for r in ROWS})
     if unknown:
-        raise SystemExit(f"error: unknown rows {unknown}; choose from {[r[0] for r in ROWS]}")
+        raise ValueError(f"unknown rows {unknown}; choose from {[r[0] for r in ROWS]}")
     rows = [r for r in ROWS if r[0] in wanted]
-    if args.seeds:
-        try:
-            s = dict(s, seeds=[int(x) for x in args.seeds.split(",")])
-        except ValueError:
-            raise SystemExit(f"error: --seeds {args.seeds!r}: give integers, e.g. 0,1,2") from None
+    if args.seeds is not None:
+        s = dict(s, seeds=args.seeds)
+    check_output_dir(args.out, "--out")  # before any work
     out = args.out
     started = time.perf_counter()
 
@@ -510,7 +550,8 @@ def main(argv: list[str] | None = None) -> None:
                "minutes": minutes}  # fmt: skip
     write_text(os.path.join(out, "results.json"), json.dumps(summary, indent=2))
     print(md)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,6 +16,7 @@ SentencePiece *.model file, or "pkg:NAME" for the real tokenizers that ship insi
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import importlib.util
@@ -442,22 +443,57 @@ def _encode_fragment(backend: Tokenizer, kind: str, piece: bytes) -> list[int]:
 
 def atomic_write(path: str, write: Callable) -> None:
     """Call write(binary file) on a temp file beside path, then rename it over path: a crash
-    never leaves a half-written file, and readers see the old file or the new one."""
+    never leaves a half-written file, and readers see the old file or the new one. On any
+    failure the temp file is removed and the old file stays as it was.
+
+    The file gets the mode a plain open() gives, 0o666 less the umask (mkstemp's temp file is
+    0o600, which would make a shared W cache unreadable to the other users). An OS error (no
+    space, no permission, a directory in the way) is a ValueError that names path."""
+
+    def failure(e: OSError) -> ValueError:
+        hint = {errno.ENOSPC: "free some space or choose another location",
+                errno.EDQUOT: "free some space or choose another location",
+                errno.EISDIR: "name a file, not a directory"}  # fmt: skip
+        why = e.strerror or str(e) or type(e).__name__
+        message = f"cannot write {path}: {why}; {hint.get(e.errno, 'choose a writable location')}"
+        return ValueError(message)
+
+    if os.path.isdir(path):
+        raise failure(IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)))
+    # The umask, read without changing it (Linux); elsewhere set and restored at once, to the
+    # strict 0o077 in between, so that a file another thread creates meanwhile is never looser.
+    umask = None
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            umask = next((int(line.split()[1], 8) for line in status if line.startswith("Umask:")),
+                         None)  # fmt: skip
+    except (OSError, ValueError, IndexError):
+        pass
+    if umask is None:
+        umask = os.umask(0o077)
+        os.umask(umask)
     directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     except OSError as e:
-        raise ValueError(f"cannot write {path}: {e.strerror}; choose a writable location") from e
+        raise failure(e) from e
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o666 & ~umask)
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass  # already gone: the error came after the rename
+            raise
+    except OSError as e:
+        raise failure(e) from e
 
 
 # ----------------------------------------------------------------------------- alignment

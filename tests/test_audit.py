@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+
+import pytest
+from test_projection import (  # noqa: F401  (fixtures)
+    PAIR,
+    assert_one_line_error,
+    cached_tokenizers,
+    full_disk,
+    no_work,
+    readonly_dir,
+    run_main,
+)
 
 import audit
 from audit import CATEGORIES, categorize
@@ -103,3 +115,71 @@ def test_cli_uses_a_W_file_and_rejects_one_from_another_pair(tmp_path, capsys, W
     )
     err = capsys.readouterr().err
     assert code == 2 and "another teacher tokenizer" in err and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- bad input
+
+BAD_AUDIT_INPUTS = [
+    (["--min-coverage", "-1", "--threshold", "5"], "argument --min-coverage: -1 is out of range; "
+     "give a number in [0, 1]"),
+    (["--threshold", "5"], "argument --threshold: 5 is out of range; give a number in (0, 1]"),
+    (["--threshold", "0"], "argument --threshold: 0 is out of range"),
+    (["--threshold", "nan"], "argument --threshold: nan is out of range"),
+    (["--threshold", "inf"], "argument --threshold: inf is out of range"),
+    (["--min-coverage", "1.5"], "argument --min-coverage: 1.5 is out of range"),
+    (["--min-coverage", "most"], "argument --min-coverage: 'most' is not a number"),
+    (["--critical", "digits_2,digits_9"], "--critical: unknown category ['digits_9']; choose "
+     "from digits_1"),
+    (["--json", "{tmp}"], "--json {tmp} is a directory; name a file, e.g. --json "
+     "{tmp}/audit.json"),
+    (["--json", "{tmp}/file/audit.json"], "cannot write {tmp}/file/audit.json: {tmp}/file is a "
+     "file, not a directory"),
+    (["--projection", "{tmp}"], "projection file {tmp} is a directory"),
+    (["--projection", "{tmp}/W.pt"], "projection file {tmp}/W.pt does not exist; build it"),
+    (["--teacher", "no-such-org/no-such-model"], "cannot load tokenizer 'no-such-org/"
+     "no-such-model'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra, message", BAD_AUDIT_INPUTS, ids=[" ".join(a) for a, _ in BAD_AUDIT_INPUTS]
+)
+@pytest.mark.usefixtures("cached_tokenizers")
+def test_audit_bad_input_is_one_line_and_exit_2(extra, message, tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in [*PAIR, *extra]]
+    monkeypatch.setattr(audit, "audit", no_work)  # no bad input gets as far as the audit
+    monkeypatch.setattr("build_projection.build_projection", no_work)
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # conftest: the hub name is unreachable
+    code, err = run_main(audit.main, argv, capsys)
+    assert_one_line_error(code, err, message.replace("{tmp}", str(tmp_path)))
+    assert os.listdir(tmp_path) == ["file"]  # nothing written
+
+
+def test_audit_function_refuses_out_of_range_settings(llama, W_llama_qwen):
+    for kwargs, message in (({"threshold": 5}, r"threshold 5 .* \(0, 1\]"),
+                            ({"threshold": float("nan")}, "threshold nan"),
+                            ({"min_coverage": -1}, r"min_coverage -1 .* \[0, 1\]"),
+                            ({"critical": ("digits_9",)}, "unknown category")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            audit.audit(llama, W_llama_qwen, **kwargs)
+
+
+def test_audit_refuses_a_read_only_json_location_before_any_work(request, capsys, monkeypatch):
+    import tokens
+
+    readonly = request.getfixturevalue("readonly_dir")
+    monkeypatch.setattr(tokens, "load_tokenizer", no_work)
+    out = str(readonly / "audit.json")
+    code, err = run_main(audit.main, [*PAIR, "--json", out], capsys)
+    assert_one_line_error(code, err, f"cannot write {out}: {readonly} is not writable")
+    assert os.listdir(readonly) == []
+
+
+@pytest.mark.usefixtures("cached_tokenizers", "full_disk")
+def test_audit_json_on_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch, W_llama_qwen):
+    monkeypatch.setattr("build_projection.build_projection", lambda *a, **k: W_llama_qwen)
+    out = tmp_path / "audit.json"
+    code, err = run_main(audit.main, [*PAIR, "--json", str(out)], capsys)
+    assert_one_line_error(code, err, f"cannot write {out}: No space left on device; free some")
+    assert os.listdir(tmp_path) == []  # no temp file left

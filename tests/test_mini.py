@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from test_projection import assert_one_line_error, full_disk, no_work, readonly_dir, run_main  # noqa: F401  (fixtures)
 
 import mini
+from conftest import ROOT
 
 SETTING = mini.SETTINGS["smoke"]
 
@@ -130,11 +134,65 @@ def test_numeral_mass_of_a_uniform_model(pruned, corpus, tmp_path):
     assert got["p_correct"] == pytest.approx(1 / n_s, rel=1e-5)
 
 
-def test_unknown_row_or_bad_seeds_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match=r"unknown rows \['nonsense'\]"):
-        mini.main(["--out", str(tmp_path), "--smoke", "--row", "gold", "--row", "nonsense"])
-    with pytest.raises(SystemExit, match="give integers"):
-        mini.main(["--out", str(tmp_path), "--smoke", "--seeds", "0,one"])
+BAD_MINI_INPUTS = [
+    (["--parallel", "0"], "argument --parallel: 0 is out of range; give an integer >= 1"),
+    (["--parallel", "-2"], "argument --parallel: -2 is out of range"),
+    (["--parallel", "two"], "argument --parallel: 'two' is not an integer"),
+    (["--seeds", "0,one"], "argument --seeds: '0,one' is not a comma-separated list of integers"),
+    (["--seeds", ""], "argument --seeds: '' is not a comma-separated list of integers"),
+    (["--seeds", "0,-1"], "argument --seeds: seeds [-1] are out of range; give integers in "
+     "[0, 2**32)"),
+    (["--seeds", "4294967296"], "seeds [4294967296] are out of range"),
+    (["--seeds", "1,0,1"], "argument --seeds: seeds [1] are repeated; give each seed once"),
+    (["--quick"], "argument --quick: not allowed with argument --smoke"),
+    (["--row", "gold", "--row", "nonsense"], "unknown rows ['nonsense']; choose from ['ce only'"),
+    (["--out", "{tmp}/file"], "--out {tmp}/file is a file, not a directory; name a directory"),
+    (["--out", "{tmp}/file/mini"], "cannot write {tmp}/file/mini: {tmp}/file is a file, not a "
+     "directory"),
+    (["--out", ""], "--out is empty"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra, message", BAD_MINI_INPUTS, ids=[" ".join(a) for a, _ in BAD_MINI_INPUTS]
+)
+def test_bad_input_is_one_line_and_exit_2_before_any_work(
+    extra, message, tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(mini, "make_data", no_work)  # the first stage: never reached
+    argv = ["--out", str(tmp_path / "out"), "--smoke", *extra]
+    code, err = run_main(mini.main, [a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
+    assert_one_line_error(code, err, message.replace("{tmp}", str(tmp_path)))
+    assert os.listdir(tmp_path) == ["file"]  # nothing written
+
+
+def test_read_only_out_is_refused_before_any_work(request, capsys, monkeypatch):
+    readonly = request.getfixturevalue("readonly_dir")
+    monkeypatch.setattr(mini, "make_data", no_work)
+    for out in (readonly, readonly / "mini"):
+        code, err = run_main(mini.main, ["--out", str(out), "--smoke"], capsys)
+        assert_one_line_error(code, err, f"cannot write {out}: {readonly} is not writable")
+    assert os.listdir(readonly) == []
+
+
+@pytest.mark.usefixtures("full_disk")
+def test_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_main(mini.main, ["--out", str(out), "--smoke"], capsys)
+    expected = f"cannot write {out / 'data' / 'teacher.jsonl'}: No space left on device; free"
+    assert_one_line_error(code, err, expected)
+    assert [files for _, _, files in os.walk(out)] == [[], []]  # out/ and out/data/: no file
+
+
+def test_the_script_exits_2_with_one_line(tmp_path):
+    """The same through `python mini.py` (its exit status is main's), in a fresh process."""
+    result = subprocess.run(
+        [sys.executable, "mini.py", "--out", str(tmp_path), "--smoke", "--parallel", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert_one_line_error(result.returncode, result.stderr, "--parallel: 0 is out of range")
+    assert result.stdout == "" and os.listdir(tmp_path) == []
 
 
 def test_hkl_pairs_equal_golds_on_the_pruned_pair(pruned):

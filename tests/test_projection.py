@@ -380,3 +380,199 @@ def test_cli_builds_a_loadable_file_in_a_fresh_process(tmp_path):
         len(get_tokenizer("llama-3.2")),
         len(get_tokenizer("qwen3")),
     )
+
+
+# ----------------------------------------------------------------------------- the CLIs' bad input
+# Shared by test_audit.py and test_mini.py (imported from here). Every CLI runs in-process through
+# its main(argv); a bad input is ONE line on stderr, exit status 2, no traceback, nothing written.
+
+
+def run_main(main, argv: list[str], capsys) -> tuple[int, str]:
+    """(exit status, stderr) of main(argv); argparse's errors leave through SystemExit."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, fragment: str) -> None:
+    assert code == 2, err
+    assert err.startswith("error: ") and err.endswith("\n") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    assert fragment in err, err
+
+
+class ReachedTheWork(AssertionError):
+    """Raised where slow work would start: an input check came too late."""
+
+
+def no_work(*args, **kwargs):
+    raise ReachedTheWork("the input checks let the command start its work")
+
+
+@pytest.fixture
+def cached_tokenizers(monkeypatch):
+    """pkg:NAME from the session's cache (conftest), every other name as the CLIs load it."""
+    import conftest
+    import tokens
+
+    real = tokens.load_tokenizer
+
+    def load(name, **kwargs):
+        if not name.startswith("pkg:"):
+            return real(name, **kwargs)
+        if name[4:] not in conftest._TOKENIZERS:  # get_tokenizer would call this patch again
+            conftest._TOKENIZERS[name[4:]] = real(name)
+        return conftest._TOKENIZERS[name[4:]]
+
+    monkeypatch.setattr(tokens, "load_tokenizer", load)  # audit.py imports it inside main
+    monkeypatch.setattr(build_projection, "load_tokenizer", load)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path, monkeypatch):
+    """A directory nobody may write into. Root ignores the mode bits: there tempfile.mkstemp (the
+    only way these CLIs create files) is refused in it, as the kernel refuses everyone else."""
+    import errno
+    import tempfile
+
+    directory = tmp_path / "readonly"
+    directory.mkdir()
+    directory.chmod(0o555)
+    try:
+        (directory / "probe").touch()
+    except PermissionError:
+        pass
+    else:  # root
+        (directory / "probe").unlink()
+        real = tempfile.mkstemp
+
+        def mkstemp(*args, dir=None, **kwargs):
+            if dir is not None and os.path.abspath(dir) == str(directory):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), dir)
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    yield directory
+    directory.chmod(0o755)
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Every write to a file opened from a descriptor (tokens.atomic_write's temp file) fails
+    with ENOSPC, as on a full disk."""
+    import errno
+
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self._f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda *a, **k: Full(real(*a, **k)))
+
+
+PAIR = ["--student", "pkg:llama-3.2", "--teacher", "pkg:qwen3"]
+
+BAD_BUILD_INPUTS = [
+    (["--student-vocab-size", "0"], "argument --student-vocab-size: 0 is out of range; give an "
+     "integer >= 1"),
+    (["--teacher-vocab-size", "-5"], "argument --teacher-vocab-size: -5 is out of range"),
+    (["--student-vocab-size", "12.5"], "argument --student-vocab-size: '12.5' is not an integer"),
+    (["--student-vocab-size", "1000"], "student vocab size 1000 is smaller than its tokenizer "
+     "(128257 ids); pass --student-vocab-size >= 128257"),
+    (["--teacher-vocab-size", "151000"], "teacher vocab size 151000 is smaller than its "
+     "tokenizer (151669 ids)"),
+    (["--out", "{tmp}"], "is a directory; name a file, e.g. --out {tmp}/W.pt"),
+    (["--out", "{tmp}/new/"], "ends with a slash (a directory)"),
+    (["--out", ""], "--out is empty"),
+    (["--out", "{tmp}/file/sub/W.pt"], "{tmp}/file is a file, not a directory"),
+    (["--student", "no-such-org/no-such-model"], "cannot load tokenizer 'no-such-org/"
+     "no-such-model'"),
+    (["--student", "./no/such/dir"], "tokenizer path ./no/such/dir does not exist"),
+    (["--teacher"], "argument --teacher: expected one argument"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra, message", BAD_BUILD_INPUTS, ids=[" ".join(a) for a, _ in BAD_BUILD_INPUTS]
+)
+def test_build_projection_bad_input_is_one_line_and_exit_2(
+    extra, message, tmp_path, capsys, cached_tokenizers, monkeypatch
+):
+    (tmp_path / "file").write_text("x")
+    argv = [*PAIR, "--out", str(tmp_path / "W.pt"), *extra]
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    monkeypatch.setattr(build_projection, "_top_k_normalized", no_work)  # W is never built
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # conftest: the hub name is unreachable
+    code, err = run_main(build_projection.main, argv, capsys)
+    assert_one_line_error(code, err, message.replace("{tmp}", str(tmp_path)))
+    assert sorted(os.listdir(tmp_path)) == ["file"]  # nothing written
+
+
+def test_build_projection_checks_sizes_it_is_given(llama, qwen):
+    # 0 was replaced by the tokenizer's size ("or"): a size is a size, 0 included
+    with pytest.raises(ValueError, match="student vocab size 0 is smaller than its tokenizer"):
+        build(llama, qwen, student_vocab_size=0)
+
+
+def test_model_config_with_a_bad_vocab_size_is_a_clear_error(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text("{not json")
+    with pytest.raises(ValueError, match=r"config.json \(not valid JSON.*pass --teacher-vocab"):
+        build_projection.model_vocab_size(str(tmp_path), "--teacher-vocab-size")
+    for bad in ("0", '"128256"', "-1"):
+        config.write_text(f'{{"vocab_size": {bad}}}')
+        with pytest.raises(ValueError, match="not a positive integer; fix it or pass"):
+            build_projection.model_vocab_size(str(tmp_path))
+    config.write_text('{"vocab_size": null, "text_config": {"vocab_size": 128256}}')
+    assert build_projection.model_vocab_size(str(tmp_path)) == 128256
+
+
+@pytest.mark.parametrize("where", ["W.pt", "sub/dir/W.pt"])
+def test_build_projection_refuses_a_read_only_directory_before_any_work(
+    where, readonly_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(build_projection, "load_tokenizer", no_work)
+    out = str(readonly_dir / where)
+    code, err = run_main(build_projection.main, [*PAIR, "--out", out], capsys)
+    assert_one_line_error(code, err, f"cannot write {out}: {readonly_dir} is not writable")
+    assert os.listdir(readonly_dir) == []
+
+
+def test_build_projection_on_a_full_disk_is_one_line_and_keeps_the_old_file(
+    tmp_path, capsys, monkeypatch, cached_tokenizers, full_disk, W_llama_qwen
+):
+    monkeypatch.setattr(build_projection, "build_projection", lambda *a, **k: W_llama_qwen)
+    out = tmp_path / "W.pt"
+    out.write_bytes(b"previous")
+    code, err = run_main(build_projection.main, [*PAIR, "--out", str(out)], capsys)
+    assert_one_line_error(code, err, f"cannot write {out}: No space left on device; free some")
+    assert out.read_bytes() == b"previous" and os.listdir(tmp_path) == ["W.pt"]
+
+
+def test_a_projection_directory_or_unreadable_file_is_a_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="is a directory; pass the W file in it"):
+        load_projection(str(tmp_path))
+    path = tmp_path / "W.pt"
+    path.write_bytes(b"x")
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(torch, "load", unreadable)
+    with pytest.raises(ValueError, match="cannot read .*W.pt: Permission denied; check its perm"):
+        load_projection(str(path))
