@@ -212,7 +212,14 @@ def _hub_documents(name, text_field, config, split, shard, n_shards, seed, epoch
     import datasets
     from datasets.distributed import split_dataset_by_node
 
-    stream = datasets.load_dataset(name, config, split=split, streaming=True)
+    try:
+        stream = datasets.load_dataset(name, config, split=split, streaming=True)
+    except (OSError, datasets.exceptions.DatasetNotFoundError) as e:  # offline, or no such name
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(
+            f"--data {name}: cannot load this hub dataset ({why}); check the name "
+            "and the network, or pass local files"
+        ) from None
     if shuffle:  # the order of the dataset's files; documents are mixed by our own buffer
         stream = stream.shuffle(seed=seed, buffer_size=1)
         stream.set_epoch(epoch)

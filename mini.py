@@ -247,7 +247,9 @@ def train_job(label: str, init: str, data: str, out_dir: str, steps: int, batch:
            "--grad-accum", "1", "--max-steps", str(steps), "--lr", "3e-3", "--min-lr", "3e-4",
            "--warmup-steps", "50", "--weight-decay", "0.0", "--num-workers", "0",
            "--save-every", str(steps), "--keep-last", "1", "--log-every", "50",
-           "--seed", str(seed), "--overwrite", *extra]  # fmt: skip
+           "--seed", str(seed), "--overwrite",
+           # one problem per window in file order: the setting the table was measured in
+           "--no-pack", "--no-shuffle", *extra]  # fmt: skip
     return {"label": label, "cmd": cmd, "final": os.path.join(out_dir, f"step_{steps}")}
 
 

@@ -14,24 +14,27 @@ its own way; data.py aligns the two token streams into chunks and the losses com
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
-import glob
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import NoReturn
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 import losses
-from tokens import load_tokenizer, tokenizer_hash
+import run_dir
+from tokens import atomic_write, load_tokenizer, tokenizer_hash
 
 # fmt: off
 # Run settings that must match to --resume a run (the rest, e.g. --max-steps, may change).
@@ -179,6 +182,7 @@ class Teacher:
     weight: float  # alpha_m
     vocab: int  # its tokenizer's ids: output rows beyond them are padding
     W: torch.Tensor | losses.LearnableProjection | None = None  # P-KL
+    w_path: str | None = None  # where W is read from
     pairs: torch.Tensor | None = None  # GOLD, H-KL: the common set
 
 
@@ -271,19 +275,288 @@ def trim_output_vocabulary(model: torch.nn.Module, n: int) -> None:
     model.set_output_embeddings(trimmed)
 
 
-def checkpoints(out_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints, oldest first (step_N exists only after its atomic rename)."""
-    found = [
-        (int(p.rsplit("_", 1)[1]), p)
-        for p in glob.glob(os.path.join(out_dir, "step_*"))
-        if p.rsplit("_", 1)[1].isdigit()
-    ]
-    return sorted(found)
+checkpoints = run_dir.checkpoints  # complete checkpoints, oldest first
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM and SIGINT to their rank's process, which stops
+    gracefully (a terminal's Ctrl-C and a scheduler reach the whole process group)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+# Every numeric flag and what it must be (checked before anything is read or written).
+RANGES = {
+    "seq_len": (lambda v: v >= 2, "at least 2"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "grad_accum": (lambda v: v >= 1, "at least 1"),
+    "max_steps": (lambda v: v >= 1, "at least 1"),
+    "stop_step": (lambda v: v >= 1, "at least 1"),
+    "lr": (lambda v: v > 0, "positive"),
+    "min_lr": (lambda v: v >= 0, "0 or more"),
+    "warmup_steps": (lambda v: v >= 0, "0 or more"),
+    "weight_decay": (lambda v: v >= 0, "0 or more"),
+    "betas": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "grad_clip": (lambda v: v > 0, "positive"),
+    "projection_lr": (lambda v: v > 0, "positive"),
+    "max_bad_steps": (lambda v: v >= 0, "0 or more"),
+    "save_every": (lambda v: v >= 0, "0 (no checkpoints) or more"),
+    "keep_last": (lambda v: v >= 1, "at least 1"),
+    "log_every": (lambda v: v >= 1, "at least 1"),
+    "num_workers": (lambda v: v >= 0, "0 or more"),
+    "teacher_weight": (lambda v: v >= 0, "0 or more"),
+    "kd_weight": (lambda v: v >= 0, "0 or more"),
+    "ce_weight": (lambda v: v >= 0, "0 or more"),
+    "temperature": (lambda v: v > 0, "positive"),
+    "vocab_topk": (lambda v: v >= 0, "0 (all ids) or more"),
+    "uld_topk": (lambda v: v >= 0, "0 (all ids) or more"),
+    "hkl_threshold": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "teacher_cap": (lambda v: v >= 1, "at least 1"),
+    "shuffle_buffer": (lambda v: v >= 0, "0 (no buffer) or more"),
+}
+
+
+def check_settings(args) -> tuple[list[str], list[str], list[float], list]:
+    """The flags on their own, before anything is read or written: ranges, and one loss, weight and
+    W file per teacher. Returns (teachers, losses, weights, W files)."""
+    for name, (ok, what) in RANGES.items():
+        value = getattr(args, name)
+        for v in value if isinstance(value, list | tuple) else [value]:
+            if v is not None and not (math.isfinite(v) and ok(v)):
+                raise ValueError(f"--{name.replace('_', '-')} {v}: must be {what}")
+    if args.min_lr > args.lr:
+        raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
+    names = args.teacher or []
+    loss_names = per_teacher(args.loss, len(names), "auto", "loss")
+    if not names:
+        if args.loss not in (None, ["ce"]):
+            raise ValueError("--loss other than ce needs a --teacher")
+        loss_names = []
+    elif "ce" in loss_names:
+        raise ValueError("--loss ce is the no-teacher baseline: drop --teacher or pick a KD loss")
+    weights = per_teacher(args.teacher_weight, len(names), 1.0 / max(1, len(names)),
+                          "teacher-weight")  # fmt: skip
+    files = per_teacher(args.projection, len(names), None, "projection")
+    if args.learn_projection and not loss_names.count("pkl") and "auto" not in loss_names:
+        raise ValueError("--learn-projection learns W for P-KL: use it with --loss pkl")
+    for path in files:
+        if path and not os.path.isfile(path):
+            raise ValueError(f"projection file {path} does not exist")
+    return names, loss_names, weights, files
+
+
+def inspect_run_dir(args, lock: run_dir.RunLock, world_size: int) -> dict:
+    """Rank 0: take the directory's lock, check that this run may use it (one configuration per
+    directory; an existing run needs --resume or --overwrite) and pick the checkpoint to resume
+    from (the newest that verifies). Writes nothing but the lock."""
+    out_dir = args.out_dir
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out-dir {out_dir} is a file: pick a directory")
+    created = not os.path.exists(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise ValueError(f"--out-dir {out_dir} is not writable: pick another directory")
+    problem = lock.acquire()
+    if problem:
+        raise ValueError(problem)
+    config_path = os.path.join(out_dir, "run_config.json")
+    previous = run_dir.checkpoints(out_dir)
+    if os.path.exists(config_path) and not args.overwrite:
+        try:
+            with open(config_path) as f:
+                saved = json.load(f)
+        except ValueError:
+            raise ValueError(f"{config_path} is not valid JSON: repair or delete it") from None
+        if not set(RESUME_KEYS) <= saved.keys():
+            raise ValueError(
+                f"{out_dir} holds a run of an older train.py (its settings lack "
+                f"{sorted(set(RESUME_KEYS) - saved.keys())}): it cannot be resumed; "
+                "pick another --out-dir, or pass --overwrite to replace it"
+            )
+        changed = sorted(k for k in RESUME_KEYS if json.dumps(saved.get(k)) !=
+                         json.dumps(getattr(args, k)))  # fmt: skip
+        if changed:
+            raise ValueError(f"{out_dir} holds a run with another configuration "
+                             f"({', '.join(changed)} differ): pick another --out-dir, or pass "
+                             "--overwrite to replace it")  # fmt: skip
+    if previous and not args.resume and not args.overwrite:
+        raise ValueError(f"{out_dir} holds a run (step {previous[-1][0]}): pass --resume to "
+                         "continue it or --overwrite to replace it")  # fmt: skip
+    decision = {"resume": None, "warnings": [], "created": created}
+    if args.resume and not args.overwrite:
+        decision["resume"], decision["warnings"] = run_dir.newest_good_checkpoint(
+            out_dir, world_size
+        )
+        if decision["resume"] is None:
+            found = f" ({len(previous)} damaged)" if previous else ""
+            raise ValueError(f"--resume: {out_dir} holds no complete checkpoint{found}: drop "
+                             "--resume to start a new run")  # fmt: skip
+    return decision
+
+
+def load_student(args, device):
+    """The student's tokenizer and model (fp32 weights; bf16 autocast on GPU), same seed on
+    every rank (identical initial weights; DDP also broadcasts them)."""
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    student_tok = load_tokenizer(args.student, trust_remote_code=args.trust_remote_code)
+    student = load_model(args.student, student_tok, args, torch.float32, device)
+    if args.gradient_checkpointing:
+        enable = getattr(student, "activation_checkpointing_enable", None)  # transformers >= 5
+        (enable or student.gradient_checkpointing_enable)()
+    return student_tok, student
+
+
+def load_teachers(args, settings, student_tok, student_vocab, teacher_dtype, device,
+                  local_master: bool) -> list[Teacher]:  # fmt: skip
+    """Each teacher's tokenizer and model (eval, no gradients, padded rows trimmed) and the path
+    of its W; each node's first rank builds a W that is not cached yet (atomic writes)."""
+    from build_projection import FORMAT_VERSION, build_projection, save_projection
+
+    names, loss_names, weights, files = settings
+    teachers = []
+    for i, name in enumerate(names):
+        tok = load_tokenizer(name, trust_remote_code=args.trust_remote_code)
+        model = load_model(name, tok, args, teacher_dtype, device).to(device, teacher_dtype).eval()
+        model.requires_grad_(False)
+        rows = model.get_output_embeddings().weight.shape[0]
+        t = Teacher(name, tok, model, loss_names[i], weights[i], vocab=min(len(tok), rows))
+        same_tokenizer = tokenizer_hash(tok) == tokenizer_hash(student_tok)
+        if t.loss == "kl" or (t.loss == "auto" and same_tokenizer):
+            if not same_tokenizer:
+                raise ValueError(f"--loss kl needs the student's tokenizer; teacher {name} has "
+                                 "another: use pkl, hkl or gold")  # fmt: skip
+            if rows != student_vocab:
+                raise ValueError(f"teacher {name} has {rows} output rows, the student "
+                                 f"{student_vocab}: KL needs equal vocabularies")  # fmt: skip
+            t.loss = "kl"
+            teachers.append(t)
+            continue
+        trim_output_vocabulary(model, t.vocab)  # its padded rows: never a target
+        # W: the given file, or a cached build keyed by the W format, both tokenizer hashes and
+        # the vocabulary sizes
+        key = f"{tokenizer_hash(student_tok)[:16]}-{tokenizer_hash(tok)[:16]}"
+        t.w_path = files[i] or os.path.join(
+            args.projection_cache, f"W-v{FORMAT_VERSION}-{key}-{student_vocab}x{t.vocab}.pt"
+        )
+        if local_master and not os.path.exists(t.w_path):
+            print(f"building W for {args.student} -> {name} into {t.w_path}")
+            save_projection(build_projection(student_tok, tok, student_vocab_size=student_vocab,
+                                             teacher_vocab_size=t.vocab), t.w_path)  # fmt: skip
+        teachers.append(t)
+    return teachers
+
+
+def prepare_losses(args, teachers: list[Teacher], student_tok, student_vocab, device) -> list:
+    """Each cross-tokenizer teacher's W (loaded and verified against both tokenizers), its loss
+    (auto: audit.py's choice) and what the loss needs. Returns the learnable projections."""
+    from build_projection import load_projection
+
+    projections = []
+    for t in teachers:
+        if t.loss == "kl":
+            continue
+        path = t.w_path
+        projection = load_projection(path, student_tok, t.tok)
+        projection["W"] = drop_padded_columns(projection["W"], t.vocab, path)
+        if tuple(projection["W"].shape) != (student_vocab, t.vocab):
+            raise ValueError(f"teacher {t.name}'s vocabulary ({t.vocab} ids; student "
+                             f"{student_vocab} rows) does not match its W "
+                             f"{tuple(projection['W'].shape)} in {path}: rebuild W with "
+                             "--student-vocab-size/--teacher-vocab-size")  # fmt: skip
+        if t.loss == "auto":
+            from audit import audit
+
+            t.loss = audit(student_tok, projection, threshold=args.hkl_threshold)["recommended"]
+        if args.learn_projection and t.loss != "pkl":
+            raise ValueError(f"--learn-projection is for P-KL; teacher {t.name} uses {t.loss}")
+        W = projection["W"].to(device)
+        if t.loss == "pkl":
+            t.W = losses.LearnableProjection(W).to(device) if args.learn_projection else W
+            if args.learn_projection:
+                projections.append(t.W)
+        elif t.loss == "hkl":
+            t.pairs = losses.hkl_pairs(W, projection["exact_pairs"],
+                                       threshold=args.hkl_threshold).to(device)  # fmt: skip
+        elif t.loss == "gold":
+            t.pairs = projection["exact_pairs"].to(device)
+    return projections
+
+
+def load_resume(path: str, student, projections, rank: int, world_size: int) -> dict:
+    """Weights, W's weights, this rank's RNG and data position from a verified checkpoint; the
+    optimizer state and counters are returned for the optimizer built later."""
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    missing, unexpected = student.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if student.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:  # only a tied output layer may be absent
+        raise ValueError(
+            f"{path} does not match the student ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected weights): resume with the same model"
+        )
+    if tied:
+        student.tie_weights()
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+    if state["world_size"] != world_size:
+        raise ValueError(
+            f"{path} was written by {state['world_size']} ranks, this run has "
+            f"{world_size}: resume with the same number of processes"
+        )
+    for proj, proj_state in zip(projections, state["projections"]):
+        proj.load_state_dict(proj_state)
+    mine = torch.load(os.path.join(path, f"rank_{rank}.pt"), weights_only=True)
+    torch.set_rng_state(mine["torch_rng"])
+    random.setstate((mine["python_rng"][0], tuple(mine["python_rng"][1]), None))
+    return {"optimizer": state["optimizer"], "skipped": state["skipped"],
+            "data_state": mine["data_state"], "step": state["step"]}  # fmt: skip
+
+
+def start_run(args) -> None:
+    """Rank 0, once every check has passed: --overwrite moves the old run aside (deleted at the
+    new run's first checkpoint), and run_config.json is written."""
+    if args.overwrite and run_dir.move_aside(args.out_dir):
+        print(f"--overwrite: the previous run in {args.out_dir} is moved to "
+              f"{run_dir.OVERWRITTEN}/ until this run's first checkpoint")  # fmt: skip
+    config = {k: getattr(args, k) for k in RESUME_KEYS}
+    atomic_write(os.path.join(args.out_dir, "run_config.json"),
+                 lambda f: f.write(json.dumps(config, indent=2).encode()))  # fmt: skip
+
+
+def os_error(e: OSError) -> str:
+    """An OS error as one line that says what to do."""
+    where = f"{e.filename}: " if e.filename else ""
+    hint = {errno.ENOSPC: "free some space", errno.EACCES: "check the permissions",
+            errno.EROFS: "pick a writable location", errno.EDQUOT: "free some space"}  # fmt: skip
+    return f"{where}{e.strerror or e}: {hint.get(e.errno, 'check the path')}"
+
+
+def first_error(error: str | None) -> str | None:
+    """The first error any rank met: every rank learns it, so that every rank stops (none is left
+    waiting in a collective)."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
 
 
 # fmt: off
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    lock = run_dir.RunLock(args.out_dir)
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        train(args, lock)
+    finally:  # whatever ends the run in this process; a killed process leaves a stale lock
+        lock.release()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def train(args: argparse.Namespace, lock: run_dir.RunLock) -> None:
+    """The recipe: settings, DDP, checks, models, data, optimizer, the loop, checkpoints."""
 
     # ---- DDP: torchrun sets RANK/WORLD_SIZE; nccl on GPUs, gloo on CPU -------------------------
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -301,18 +574,70 @@ def main(argv: list[str] | None = None) -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     teacher_dtype = torch.bfloat16 if cuda else torch.float32
 
-    def fail(message: str) -> None:
+    def stop(message: str, code: int = 2) -> NoReturn:
+        """The one error path: one line on stderr (from rank 0), the lock released, and every
+        rank exits with status 2 (they all call this together)."""
         if master:
             print(f"error: {message}", file=sys.stderr)
+        lock.release()
         if ddp:
             dist.destroy_process_group()
-        sys.exit(2)
+        sys.exit(code)
 
-    try:
-        setup = set_up_run(args, rank, world_size, device, teacher_dtype, ddp)
-    except ValueError as e:
-        fail(str(e))
-    student, student_tok, teachers, projections, out_dir, start_step, resume_state = setup
+    def together(fn, *fn_args):
+        """fn(*fn_args) on every rank; an expected failure on any rank (bad input: ValueError, the
+        OS: OSError) stops every rank with its message. Also a barrier."""
+        result, error = None, None
+        try:
+            result = fn(*fn_args)
+        except ValueError as e:
+            error = str(e)
+        except OSError as e:
+            error = os_error(e)
+        if ddp:
+            error = first_error(error)
+        if error:
+            stop(error)
+        return result
+
+    # ---- checks first: flags, the run directory, models, W, data; nothing is written before ----
+    settings = together(check_settings, args)
+    decision = together(lambda: inspect_run_dir(args, lock, world_size) if master else None)
+    if ddp:
+        shared = [decision]
+        dist.broadcast_object_list(shared, src=0)
+        decision = shared[0]
+    student_tok, student = together(load_student, args, device)
+    student_vocab = student.get_output_embeddings().weight.shape[0]
+    local_master = local_rank == 0
+    teachers = together(load_teachers, args, settings, student_tok, student_vocab, teacher_dtype,
+                        device, local_master)
+    projections = together(prepare_losses, args, teachers, student_tok, student_vocab, device)
+    resume_state, start_step = {}, 0
+    if decision["resume"]:
+        start_step, path = decision["resume"]
+        resume_state = together(load_resume, path, student, projections, rank, world_size)
+        if master:
+            for warning in decision["warnings"]:
+                print(f"warning: {warning}", file=sys.stderr)
+            print(f"resuming from {path}")
+
+    # ---- data: tokenization and alignment run in DataLoader workers ---------------------------
+    from data import REASONS, AlignedWindows, advance_state, collate, issue_counts, make_tiny_corpus
+
+    out_dir = args.out_dir
+    data_source = args.data
+    if args.preset and args.data == "OptimalScale/ClimbMix":
+        data_source = os.path.join(out_dir, "tiny_corpus")
+        together(lambda: master and not os.path.exists(data_source)
+                 and make_tiny_corpus(data_source, n_docs=400, seed=0))
+    dataset = together(lambda: AlignedWindows(
+        data_source, student_tok, [t.tok for t in teachers], args.seq_len,
+        text_field=args.text_field, rank=rank, world_size=world_size,
+        start=resume_state.get("data_state"), teacher_cap=args.teacher_cap, repeat=True,
+        data_config=args.data_config, split=args.split, pack=args.pack, shuffle=args.shuffle,
+        shuffle_buffer=args.shuffle_buffer, seed=args.seed))
+    together(lambda: master and start_run(args))  # every check passed: the run starts here
     if master:
         n_params = sum(p.numel() for p in student.parameters())
         tokens_per_step = args.batch_size * args.grad_accum * world_size * args.seq_len
@@ -320,29 +645,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{tokens_per_step:,} student tokens per step")
         for t in teachers:
             print(f"teacher {t.name}: loss {t.loss}, weight {t.weight}")
-
-    # ---- data: tokenization and alignment run in DataLoader workers ---------------------------
-    from data import AlignedWindows, advance_state, collate, issue_counts, make_tiny_corpus
-
-    data_source = args.data
-    if args.preset and args.data == "OptimalScale/ClimbMix":
-        data_source = os.path.join(out_dir, "tiny_corpus")
-        if master and not os.path.exists(data_source):
-            make_tiny_corpus(data_source, n_docs=400, seed=0)
-        if ddp:
-            dist.barrier()
-    try:
-        dataset = AlignedWindows(
-            data_source, student_tok, [t.tok for t in teachers], args.seq_len,
-            text_field=args.text_field, rank=rank, world_size=world_size,
-            start=resume_state.get("data_state"), teacher_cap=args.teacher_cap, repeat=True,
-            data_config=args.data_config, split=args.split, pack=args.pack, shuffle=args.shuffle,
-            shuffle_buffer=args.shuffle_buffer, seed=args.seed)
-    except ValueError as e:
-        fail(str(e))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-        collate_fn=functools.partial(collate, pad_ids=dataset.pad_ids))
+        collate_fn=functools.partial(collate, pad_ids=dataset.pad_ids),
+        worker_init_fn=ignore_stop_signals)
     batches = iter(loader)
 
     # ---- optimizer: AdamW, warm-up then cosine; W's weights get their own group ---------------
@@ -383,6 +689,18 @@ def main(argv: list[str] | None = None) -> None:
         progress = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True)
     last_step = min(args.max_steps, args.stop_step or args.max_steps)
     static_kd_weight = torch.tensor(args.kd_weight, device=device)
+    streak_start = None  # the first skipped step of the current run of skipped steps
+    # SIGTERM (what a scheduler sends before it kills a job) or SIGINT: finish the step, write a
+    # checkpoint, stop; a second signal stops at once
+    signalled: list[int] = []
+
+    def on_signal(signum, frame) -> None:
+        signalled.append(signum)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+
+    for sig in STOP_SIGNALS:  # main() puts the previous handlers back
+        signal.signal(sig, on_signal)
     while step < last_step:
         started = time.perf_counter()
         scale = lr_scale(step)
@@ -392,14 +710,25 @@ def main(argv: list[str] | None = None) -> None:
         # micro-steps and ranks (METHOD.md 5.5), and those come from the batches alone.
         micro_batches = []
         for _ in range(args.grad_accum):
-            batch = next(batches)
+            batch = next(batches, None)
+            if batch is None:  # this rank's share of the data is empty
+                break
             data_state = advance_state(data_state, batch)  # where to resume after this batch
             micro_batches.append(prepare_batch(batch, teachers, args.chunk_merge))
-        # [student tokens, labelled tokens, then per teacher the targets its KD term averages]
-        counts = sum(b["counts"] for b in micro_batches).to(device)
+        # [student tokens, labelled tokens, then per teacher the targets its KD term averages],
+        # and the number of ranks whose data ran out
+        counts = torch.zeros(3 + len(teachers), dtype=torch.float64)
+        counts[-1] = len(micro_batches) < args.grad_accum
+        counts[:-1] = sum((b["counts"] for b in micro_batches), counts[:-1])
+        counts = counts.to(device)
         if ddp:
             dist.all_reduce(counts)
-        step_sums = torch.zeros(N_STEP_SUMS + 3 * len(teachers), device=device)
+        counts, ran_out = counts[:-1], int(counts[-1])
+        if ran_out:
+            stop(f"{ran_out} rank(s) got no documents: the data has fewer documents than ranks x "
+                 f"DataLoader workers ({world_size} x {max(args.num_workers, 1)}): lower "
+                 "--num-workers, use fewer ranks, or add documents")
+        step_sums = torch.zeros(N_STEP_SUMS + 3 * len(teachers) + 1, device=device)
         for micro, batch in enumerate(micro_batches):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if ddp:  # sync gradients on the last micro-step only
@@ -440,7 +769,7 @@ def main(argv: list[str] | None = None) -> None:
             (loss * world_size).backward()
             kd_part = sum((w * k for w, k in zip(weights, kd_parts)), ce_part.new_zeros(()))
             scale_share = kd_scale / (args.grad_accum * world_size) if teachers else kd_scale * 0
-            step_sums += torch.stack([loss.detach(), ce_part.detach(), kd_part.detach(),
+            step_sums[:-1] += torch.stack([loss.detach(), ce_part.detach(), kd_part.detach(),
                                       scale_share.detach().float(), *(k.detach() for k in kd_parts),
                                       *batch["valid_union"]]).float()
         if w_params:  # W's weights live outside DDP: their gradients are averaged by hand
@@ -449,9 +778,12 @@ def main(argv: list[str] | None = None) -> None:
                     p.grad = torch.zeros_like(p)
                 if ddp:
                     dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-        # the step's values over all ranks, and whether any rank saw a non-finite loss
+        # the step's values over all ranks, whether any rank saw a non-finite loss, and
+        # whether any rank was asked to stop
+        step_sums[-1] = float(bool(signalled))
         if ddp:
             dist.all_reduce(step_sums)
+        asked_to_stop = bool(step_sums[-1] > 0)
         bad = not bool(torch.isfinite(step_sums[:N_STEP_SUMS]).all())
         grad_norm = float("nan")
         if not bad:  # gradients are equal on every rank here: so is this decision
@@ -460,10 +792,11 @@ def main(argv: list[str] | None = None) -> None:
                 not bool(torch.isfinite(p.grad).all()) for p in w_params)
         if not bad:
             optimizer.step()
-            bad_in_a_row = 0
+            bad_in_a_row, streak_start = 0, None
         else:
             skipped += 1
             bad_in_a_row += 1
+            streak_start = streak_start or step + 1
             if master:
                 print(f"warning: non-finite loss or gradient at step {step + 1}, update skipped",
                       file=sys.stderr)
@@ -478,31 +811,63 @@ def main(argv: list[str] | None = None) -> None:
                   "kd": values[2], "kd_scale": values[3], "grad_norm": grad_norm,
                   "tokens": int(n_tokens), "skipped": skipped,
                   "tokens_per_s": n_tokens / (time.perf_counter() - started)}
-        if teachers:
-            valid_union = values[N_STEP_SUMS + n_teachers : N_STEP_SUMS + 3 * n_teachers]
-            record["valid_chunks"] = sum(valid_union[0::2]) / max(sum(valid_union[1::2]), 1)
+        valid_union = values[N_STEP_SUMS + n_teachers : N_STEP_SUMS + 3 * n_teachers]
+        record["valid_chunks"] = sum(valid_union[0::2]) / max(sum(valid_union[1::2]), 1)
         if cuda:
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         for t, value in zip(teachers, values[N_STEP_SUMS:N_STEP_SUMS + n_teachers]):
             record[f"kd/{t.name}"] = value
-        record["data_issues"] = dict(issue_counts(data_state))  # skipped/split docs, by reason
+        if step % args.log_every == 0 or step == last_step or bad_in_a_row > args.max_bad_steps:
+            # skipped/split documents by reason, over all ranks (every rank logs this step)
+            issues = torch.tensor([issue_counts(data_state)[r] for r in REASONS], device=device)
+            if ddp:
+                dist.all_reduce(issues)
+            record["data_issues"] = {r: n for r, n in zip(REASONS, issues.tolist()) if n}
         stopping = bad_in_a_row > args.max_bad_steps
         if step % args.log_every == 0 or step == last_step or stopping:
             logger.log(record)
         if stopping:
             if progress:
                 progress.close()
-            fail(f"{bad_in_a_row} non-finite steps in a row (last at step {step}): lower --lr, "
+            stop(f"{bad_in_a_row} non-finite steps in a row (last at step {step}): lower --lr, "
                  "check the data, or resume from an earlier checkpoint")
         if progress:
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.3f}", ce=f"{record['ce']:.3f}")
-        if args.save_every and (step % args.save_every == 0 or step == last_step):
-            save_checkpoint(out_dir, step, student, student_tok, optimizer, projections,
-                            data_state, skipped, args, rank, world_size, ddp)
+        due = args.save_every and (step % args.save_every == 0 or step == last_step)
+        if due or asked_to_stop:
+            # never from non-finite weights; rotation keeps the newest checkpoint from before
+            # the current run of skipped steps
+            if not all(bool(torch.isfinite(p).all()) for p in student.parameters()):
+                if master:
+                    print(f"warning: non-finite weights at step {step}: no checkpoint written",
+                          file=sys.stderr)
+            else:
+                before = [s for s, _ in run_dir.checkpoints(out_dir) if s < (streak_start or 0)]
+                error = save_checkpoint(out_dir, step, student, student_tok, optimizer,
+                                        projections, data_state, skipped, args, rank, world_size,
+                                        ddp, protect=max(before, default=None))
+                if error:
+                    latest = run_dir.checkpoints(out_dir)
+                    latest = f"step_{latest[-1][0]}" if latest else "none"
+                    stop(f"checkpoint step_{step} could not be written ({error}); the latest "
+                         f"complete checkpoint is {latest}: fix that, then --resume")
+        if asked_to_stop:
+            if progress:
+                progress.close()
+            logger.log(record)
+            if master:
+                print(f"stopped by a signal after step {step}: checkpoint step_{step} written; "
+                      "run again with --resume to continue", file=sys.stderr)
+            stop_code = 128 + (signalled[0] if signalled else signal.SIGTERM)
+            lock.release()
+            if ddp:
+                dist.destroy_process_group()
+            sys.exit(stop_code)
     if progress:
         progress.close()
     logger.close()
+    lock.release()
     if ddp:
         dist.destroy_process_group()
 
@@ -518,6 +883,9 @@ def kd_loss(t: Teacher, s_logits, t_logits, s_chunk, t_chunk, batch, args) -> to
             t_logits[..., t.vocab :] = PAD_LOGIT
         mask = batch["labels"] != -100
         return losses.kl_loss(s_logits, t_logits, mask, vocab_topk=args.vocab_topk, temperature=tau)
+    if t_logits.shape[-1] != t.vocab:  # a forward that bypasses the trimmed output layer
+        raise ValueError(f"its forward gives {t_logits.shape[-1]} logits for {t.vocab} "
+                         "tokenizer ids: its output layer could not be trimmed")  # fmt: skip
     if t.loss == "pkl":
         return losses.pkl_loss(s_logits, t_logits, s_chunk, t_chunk, t.W,
                                vocab_topk=args.vocab_topk, temperature=tau)
@@ -530,185 +898,67 @@ def kd_loss(t: Teacher, s_logits, t_logits, s_chunk, t_chunk, batch, args) -> to
     raise ValueError(f"unknown loss {t.loss!r}")
 
 
-def set_up_run(args, rank: int, world_size: int, device, teacher_dtype, ddp: bool):
-    """Check the run directory, load tokenizers and models, prepare each teacher's loss."""
-    from safetensors.torch import load_file
-
-    from build_projection import FORMAT_VERSION as W_FORMAT
-    from build_projection import build_projection, load_projection, save_projection
-
-    master = rank == 0
-    local_master = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    out_dir = args.out_dir
-    teachers_names = args.teacher or []
-    loss_names = per_teacher(args.loss, len(teachers_names), "auto", "loss")
-    if not teachers_names:
-        if args.loss not in (None, ["ce"]):
-            raise ValueError("--loss other than ce needs a --teacher")
-        loss_names = []
-    elif "ce" in loss_names:
-        raise ValueError("--loss ce is the no-teacher baseline: drop --teacher or pick a KD loss")
-    weights = per_teacher(args.teacher_weight, len(teachers_names),
-                          1.0 / max(1, len(teachers_names)), "teacher-weight")
-    projection_files = per_teacher(args.projection, len(teachers_names), None, "projection")
-    if args.learn_projection and not loss_names.count("pkl") and "auto" not in loss_names:
-        raise ValueError("--learn-projection learns W for P-KL: use it with --loss pkl")
-    if args.grad_accum < 1 or args.batch_size < 1:
-        raise ValueError("--batch-size and --grad-accum must be at least 1")
-
-    # The run directory: one configuration per directory.
-    config = {k: getattr(args, k) for k in RESUME_KEYS}
-    config_path = os.path.join(out_dir, "run_config.json")
-    previous = checkpoints(out_dir)
-    if os.path.exists(config_path) and not args.overwrite:
-        with open(config_path) as f:
-            saved = json.load(f)
-        changed = sorted(k for k in RESUME_KEYS
-                         if json.dumps(saved.get(k)) != json.dumps(config[k]))
-        if changed:
-            raise ValueError(f"{out_dir} holds a run with another configuration "
-                             f"({', '.join(changed)} differ): pick another --out-dir, or pass "
-                             "--overwrite")
-        if previous and not args.resume:
-            raise ValueError(f"{out_dir} holds a run (step {previous[-1][0]}): pass --resume to "
-                             "continue it or --overwrite to start over")
-    if ddp:
-        dist.barrier()  # every rank has read the old state before rank 0 changes it
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
-        if args.overwrite:
-            for _, path in previous:
-                shutil.rmtree(path)
-            if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-                os.remove(os.path.join(out_dir, "metrics.jsonl"))
-        with open(config_path, "w") as f:
-            json.dump(config, f, indent=2)
-    previous = [] if args.overwrite else previous
-
-    # Same seed on every rank: identical initial weights (DDP also broadcasts them).
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    student_tok = load_tokenizer(args.student, trust_remote_code=args.trust_remote_code)
-    student = load_model(args.student, student_tok, args, torch.float32, device)
-    if args.gradient_checkpointing:
-        enable = getattr(student, "activation_checkpointing_enable", None)  # transformers >= 5
-        (enable or student.gradient_checkpointing_enable)()
-    student_vocab = student.get_output_embeddings().weight.shape[0]
-    teachers, projections = [], []
-    for i, name in enumerate(teachers_names):
-        tok = load_tokenizer(name, trust_remote_code=args.trust_remote_code)
-        model = load_model(name, tok, args, teacher_dtype, device).to(device, teacher_dtype).eval()
-        model.requires_grad_(False)
-        rows = model.get_output_embeddings().weight.shape[0]
-        t = Teacher(name, tok, model, loss_names[i], weights[i], vocab=min(len(tok), rows))
-        same_tokenizer = tokenizer_hash(tok) == tokenizer_hash(student_tok)
-        if t.loss == "kl" or (t.loss == "auto" and same_tokenizer):
-            if not same_tokenizer:
-                raise ValueError(f"--loss kl needs the student's tokenizer; teacher {name} has "
-                                 "another: use pkl, hkl or gold")
-            if rows != student_vocab:
-                raise ValueError(f"teacher {name} has {rows} output rows, the student "
-                                 f"{student_vocab}: KL needs equal vocabularies")
-            t.loss = "kl"
-            teachers.append(t)
-            continue
-        trim_output_vocabulary(model, t.vocab)  # its padded rows: never a target
-        # W: the given file, or a cached build keyed by the W format, both tokenizer hashes and
-        # the vocabulary sizes; each node builds its own (a shared cache is written atomically)
-        key = f"{tokenizer_hash(student_tok)[:16]}-{tokenizer_hash(tok)[:16]}"
-        path = projection_files[i] or os.path.join(
-            args.projection_cache, f"W-v{W_FORMAT}-{key}-{student_vocab}x{t.vocab}.pt")
-        if projection_files[i] and not os.path.exists(path):
-            raise ValueError(f"projection file {path} does not exist")
-        if local_master and not os.path.exists(path):
-            print(f"building W for {args.student} -> {name} into {path}")
-            save_projection(build_projection(student_tok, tok, student_vocab_size=student_vocab,
-                                             teacher_vocab_size=t.vocab), path)
-        if ddp:
-            dist.barrier()
-        projection = load_projection(path, student_tok, tok)
-        projection["W"] = drop_padded_columns(projection["W"], t.vocab, path)
-        if tuple(projection["W"].shape) != (student_vocab, t.vocab):
-            raise ValueError(f"teacher {name}'s vocabulary ({t.vocab} ids; student "
-                             f"{student_vocab} rows) does not match its W "
-                             f"{tuple(projection['W'].shape)} in {path}: rebuild W with "
-                             "--student-vocab-size/--teacher-vocab-size")
-        if t.loss == "auto":
-            from audit import audit
-
-            t.loss = audit(student_tok, projection, threshold=args.hkl_threshold)["recommended"]
-        if args.learn_projection and t.loss != "pkl":
-            raise ValueError(f"--learn-projection is for P-KL; teacher {name} uses {t.loss}")
-        W = projection["W"].to(device)
-        if t.loss == "pkl":
-            t.W = losses.LearnableProjection(W).to(device) if args.learn_projection else W
-            if args.learn_projection:
-                projections.append(t.W)
-        elif t.loss == "hkl":
-            t.pairs = losses.hkl_pairs(W, projection["exact_pairs"],
-                                       threshold=args.hkl_threshold).to(device)
-        elif t.loss == "gold":
-            t.pairs = projection["exact_pairs"].to(device)
-        teachers.append(t)
-
-    # Resume: weights, optimizer, W's weights, this rank's RNG and data position.
-    resume_state: dict = {}
-    start_step = 0
-    if args.resume and previous:
-        start_step, path = previous[-1]
-        weights = load_file(os.path.join(path, "model.safetensors"))
-        missing, unexpected = student.load_state_dict(weights, strict=False)
-        tied = {"lm_head.weight"} if student.config.tie_word_embeddings else set()
-        if unexpected or set(missing) - tied:  # only a tied output layer may be absent
-            raise ValueError(f"{path} does not match the student ({len(missing)} missing, "
-                             f"{len(unexpected)} unexpected weights): resume with the same model")
-        if tied:
-            student.tie_weights()
-        state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
-        if state["world_size"] != world_size:
-            raise ValueError(f"{path} was written by {state['world_size']} ranks, this run has "
-                             f"{world_size}: resume with the same number of processes")
-        for proj, proj_state in zip(projections, state["projections"]):
-            proj.load_state_dict(proj_state)
-        mine = torch.load(os.path.join(path, f"rank_{rank}.pt"), weights_only=True)
-        torch.set_rng_state(mine["torch_rng"])
-        random.setstate((mine["python_rng"][0], tuple(mine["python_rng"][1]), None))
-        resume_state = {"optimizer": state["optimizer"], "skipped": state["skipped"],
-                        "data_state": mine["data_state"]}
-        if master:
-            print(f"resuming from {path}")
-    return student, student_tok, teachers, projections, out_dir, start_step, resume_state
+def agree(error: str | None, ddp: bool) -> str | None:
+    return first_error(error) if ddp else error
 
 
 def save_checkpoint(out_dir, step, student, tok, optimizer, projections, data_state, skipped,
-                    args, rank, world_size, ddp) -> None:
+                    args, rank, world_size, ddp, protect=None) -> str | None:
     """out_dir/step_N/: save_pretrained weights + tokenizer (lm-eval/vLLM load it as it is), the
     trainer state, and each rank's RNG and data position. Written into a temp directory that is
-    renamed when complete, so a kill mid-write leaves the previous checkpoint intact."""
+    renamed when complete, so a kill mid-write leaves the previous checkpoint intact; a failed
+    write (a full disk) removes the temp directory and returns its reason, on every rank. Then
+    the oldest checkpoints beyond --keep-last go (never step `protect`), and so does a run that
+    --overwrite moved aside."""
     tmp = os.path.join(out_dir, f".tmp_step_{step}")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        student.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "step": step, "skipped": skipped,
-                    "world_size": world_size, "projections": [p.state_dict() for p in projections],
-                    "args": json.dumps(vars(args), default=str)},
-                   os.path.join(tmp, "trainer_state.pt"))
-    if ddp:
-        dist.barrier()
-    python_rng = random.getstate()
-    torch.save({"torch_rng": torch.get_rng_state(), "data_state": data_state,
-                "python_rng": [python_rng[0], list(python_rng[1])]},
-               os.path.join(tmp, f"rank_{rank}.pt"))
-    if ddp:
-        dist.barrier()
-    if rank == 0:
-        os.replace(tmp, os.path.join(out_dir, f"step_{step}"))
-        for _, old in checkpoints(out_dir)[: -args.keep_last]:
-            shutil.rmtree(old)
-    if ddp:
-        dist.barrier()
+
+    def shared() -> None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            student.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            torch.save({"optimizer": optimizer.state_dict(), "step": step, "skipped": skipped,
+                        "world_size": world_size,
+                        "projections": [p.state_dict() for p in projections],
+                        "args": json.dumps(vars(args), default=str)},
+                       os.path.join(tmp, "trainer_state.pt"))  # fmt: skip
+
+    def mine() -> None:
+        python_rng = random.getstate()
+        torch.save({"torch_rng": torch.get_rng_state(), "data_state": data_state,
+                    "python_rng": [python_rng[0], list(python_rng[1])]},
+                   os.path.join(tmp, f"rank_{rank}.pt"))  # fmt: skip
+
+    def publish() -> None:
+        if rank == 0:
+            final = os.path.join(out_dir, f"step_{step}")
+            if os.path.exists(final):  # a damaged one that the resume skipped: replaced
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            run_dir.rotate(out_dir, args.keep_last, protect)
+            run_dir.drop_overwritten(out_dir)
+
+    for part in (shared, mine, publish):
+        error = None
+        try:
+            part()
+        except OSError as e:
+            error = os_error(e)
+        error = agree(error, ddp)
+        if error:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return error
+    return None
+
+
+def _logged_step(line: str) -> float:
+    """A metrics.jsonl line's step; inf for a line that is not a record (half-written by a
+    killed run: dropped on resume)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class Logger:
@@ -721,10 +971,8 @@ class Logger:
         if not master:
             return
         if os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= start_step]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
+            kept = [line for line in open(self.path) if _logged_step(line) <= start_step]
+            atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
         if args.wandb:
             try:
                 import wandb

@@ -1,0 +1,275 @@
+"""train.py under bad input and faults: one-line errors before anything is written, no run lost,
+damaged checkpoints skipped, graceful stops on signals, a lock per run directory, small data on
+several ranks. Real processes and signals where the fault is a process fault."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import run_dir
+import train
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("w_cache"))
+
+
+def argv(out_dir, cache: str, *extra: str) -> list[str]:
+    return ["--preset", "tiny", "--out-dir", str(out_dir), "--projection-cache", cache,
+            "--num-workers", "0", *extra]  # fmt: skip
+
+
+def metrics(out_dir) -> list[dict]:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def fails(capsys, args: list[str]) -> str:
+    """train.main(args) must exit 2 with exactly one line on stderr, and no traceback."""
+    with pytest.raises(SystemExit) as stopped:
+        train.main(args)
+    assert stopped.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+BAD_FLAGS = [
+    (["--max-steps", "0"], "--max-steps 0: must be at least 1"),
+    (["--max-steps", "-3"], "--max-steps -3: must be at least 1"),
+    (["--stop-step", "0"], "--stop-step 0: must be at least 1"),
+    (["--lr", "-0.1"], "--lr -0.1: must be positive"),
+    (["--lr", "nan"], "--lr nan: must be positive"),
+    (["--min-lr", "0.1", "--lr", "0.01"], "--min-lr 0.1 is above --lr 0.01"),
+    (["--num-workers", "-1"], "--num-workers -1: must be 0 or more"),
+    (["--teacher-weight", "-1"], "--teacher-weight -1.0: must be 0 or more"),
+    (["--kd-weight", "-2"], "--kd-weight -2.0: must be 0 or more"),
+    (["--temperature", "0"], "--temperature 0.0: must be positive"),
+    (["--hkl-threshold", "1.5"], "--hkl-threshold 1.5: must be in (0, 1]"),
+    (["--betas", "0.9", "1.0"], "--betas 1.0: must be in [0, 1)"),
+    (["--keep-last", "0"], "--keep-last 0: must be at least 1"),
+    (["--log-every", "0"], "--log-every 0: must be at least 1"),
+    (["--grad-accum", "0"], "--grad-accum 0: must be at least 1"),
+    (["--seq-len", "1"], "--seq-len 1: must be at least 2"),
+    (["--shuffle-buffer", "-5"], "--shuffle-buffer -5: must be 0 (no buffer) or more"),
+    (["--projection", "no/such/W.pt"], "projection file no/such/W.pt does not exist"),
+    (["--loss", "pkl", "--loss", "gold"], "2 values of --loss for 1 teachers"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_FLAGS, ids=[" ".join(b[0]) for b in BAD_FLAGS])
+def test_a_bad_flag_is_one_line_before_anything_is_written(tmp_path, cache, capsys, extra, message):
+    out_dir = tmp_path / "run"
+    assert message in fails(capsys, argv(out_dir, cache, *extra))
+    assert not out_dir.exists()
+
+
+def test_an_out_dir_that_is_a_file_and_a_resume_without_checkpoint_are_errors(
+    tmp_path, cache, capsys
+):
+    (tmp_path / "file").write_text("not a directory")
+    assert "is a file" in fails(capsys, argv(tmp_path / "file", cache))
+    message = fails(capsys, argv(tmp_path / "new", cache, "--resume"))
+    assert "holds no complete checkpoint" in message and "drop --resume" in message
+    assert not (tmp_path / "new" / "run_config.json").exists()
+    assert not (tmp_path / "new" / run_dir.LOCK).exists()  # released on the error path
+
+
+def test_a_hub_dataset_while_offline_is_one_line(tmp_path, cache, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    message = fails(capsys, argv(tmp_path, cache, "--data", "someone/no-such-dataset"))
+    assert "cannot load this hub dataset" in message
+
+
+def test_overwrite_with_a_typo_keeps_the_old_run_until_the_new_one_has_a_checkpoint(
+    tmp_path, cache, capsys
+):
+    train.main(argv(tmp_path, cache, "--max-steps", "2", "--save-every", "2"))
+    config = (tmp_path / "run_config.json").read_text()
+    message = fails(capsys, argv(tmp_path, cache, "--overwrite", "--max-steps", "2",
+                                 "--data", str(tmp_path / "typo.jsonl")))  # fmt: skip
+    assert "no such file" in message
+    assert (tmp_path / "step_2").is_dir() and len(metrics(tmp_path)) == 2  # nothing lost
+    assert (tmp_path / "run_config.json").read_text() == config
+    # a good --overwrite: the old run waits aside until the new run's first checkpoint
+    train.main(argv(tmp_path, cache, "--overwrite", "--max-steps", "1", "--save-every", "1",
+                    "--seed", "7"))  # fmt: skip
+    assert not (tmp_path / run_dir.OVERWRITTEN).exists()
+    assert [s for s, _ in run_dir.checkpoints(tmp_path)] == [1]
+    assert json.loads((tmp_path / "run_config.json").read_text())["seed"] == 7
+
+
+def test_a_failed_first_start_writes_no_config_and_the_corrected_rerun_starts(
+    tmp_path, cache, capsys
+):
+    fails(capsys, argv(tmp_path, cache, "--max-steps", "1", "--data", str(tmp_path / "x.jsonl")))
+    assert not (tmp_path / "run_config.json").exists()
+    train.main(argv(tmp_path, cache, "--max-steps", "1", "--save-every", "1"))
+    assert [s for s, _ in run_dir.checkpoints(tmp_path)] == [1]
+
+
+def test_resume_skips_a_damaged_checkpoint_and_a_half_written_metrics_line(tmp_path, cache, capsys):
+    train.main(argv(tmp_path, cache, "--max-steps", "4", "--save-every", "2"))
+    unbroken = metrics(tmp_path)
+    model = tmp_path / "step_4" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])  # a kill mid-copy
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a kill mid-line
+    train.main(argv(tmp_path, cache, "--max-steps", "4", "--save-every", "2", "--resume"))
+    captured = capsys.readouterr()
+    assert "step_4 is damaged (model.safetensors is truncated)" in captured.err
+    assert "resuming from" in captured.out and "step_2" in captured.out
+    resumed = metrics(tmp_path)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for got, want in zip(resumed[2:], unbroken[2:]):  # steps 3 and 4 again, exactly
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+    assert run_dir.checkpoint_problem(str(tmp_path / "step_4"), 1) is None  # rewritten
+
+
+def test_checkpoint_problems_are_found_for_each_file(tmp_path, cache):
+    train.main(argv(tmp_path / "run", cache, "--max-steps", "1", "--save-every", "1"))
+    good = tmp_path / "run" / "step_1"
+    assert run_dir.checkpoint_problem(str(good), 1) is None
+
+    def damaged(name: str, how: str) -> str | None:
+        copy = tmp_path / f"{name}-{how}"
+        shutil.copytree(good, copy)
+        target = copy / name
+        if how == "missing":
+            target.unlink()
+        else:
+            target.write_bytes(target.read_bytes()[:100])
+        return run_dir.checkpoint_problem(str(copy), 1)
+
+    for name in ("model.safetensors", "trainer_state.pt", "rank_0.pt"):
+        assert name in damaged(name, "missing") and name in damaged(name, "truncated")
+    assert "rank_1.pt is missing" in run_dir.checkpoint_problem(str(good), 2)
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_leaves_the_previous_checkpoint(
+    tmp_path, cache, capsys, monkeypatch
+):
+    saves = {"n": 0}
+    save = torch.save
+
+    def full_on_second_checkpoint(obj, f, *args, **kwargs):
+        if str(f).endswith("trainer_state.pt"):
+            saves["n"] += 1
+            if saves["n"] == 2:
+                raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_on_second_checkpoint)
+    message = fails(capsys, argv(tmp_path, cache, "--max-steps", "4", "--save-every", "2"))
+    assert "No space left on device" in message and "step_2" in message
+    assert [s for s, _ in run_dir.checkpoints(tmp_path)] == [2]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp_step")]
+    assert run_dir.checkpoint_problem(str(tmp_path / "step_2"), 1) is None
+
+
+def test_rotation_keeps_the_last_checkpoint_before_a_run_of_skipped_steps(
+    tmp_path, cache, monkeypatch
+):
+    clip, calls = torch.nn.utils.clip_grad_norm_, {"n": 0}
+
+    def diverges_from_step_3(*args, **kwargs):
+        calls["n"] += 1
+        norm = clip(*args, **kwargs)
+        return norm * float("nan") if calls["n"] >= 3 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", diverges_from_step_3)
+    train.main(argv(tmp_path, cache, "--max-steps", "5", "--save-every", "1", "--keep-last", "1",
+                    "--max-bad-steps", "10"))  # fmt: skip
+    assert [s for s, _ in run_dir.checkpoints(tmp_path)] == [2, 5]  # step_2: the last good one
+
+
+def test_a_second_run_in_the_same_directory_is_refused_and_a_stale_lock_taken_over(
+    tmp_path, cache, capsys
+):
+    tmp_path.joinpath(run_dir.LOCK).write_text(json.dumps({"host": os.uname().nodename,
+                                                          "pid": os.getpid()}))  # fmt: skip
+    message = fails(capsys, argv(tmp_path, cache, "--max-steps", "1"))
+    assert f"in use by the run of pid {os.getpid()}" in message
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tmp_path.joinpath(run_dir.LOCK).write_text(json.dumps({"host": os.uname().nodename,
+                                                          "pid": dead.pid}))  # fmt: skip
+    train.main(argv(tmp_path, cache, "--max-steps", "1"))
+    assert "stale lock" in capsys.readouterr().out
+    assert not tmp_path.joinpath(run_dir.LOCK).exists() and len(metrics(tmp_path)) == 1
+
+
+def wait_for_step(out_dir, step: int, process, limit: float = 240) -> None:
+    deadline = time.time() + limit
+    while time.time() < deadline and process.poll() is None:
+        path = os.path.join(out_dir, "metrics.jsonl")
+        if os.path.exists(path) and sum(1 for _ in open(path)) >= step:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached: {process.poll()}")
+
+
+def test_sigint_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(tmp_path, cache):
+    command = [sys.executable, os.path.join(ROOT, "train.py"),
+               *argv(tmp_path, cache, "--max-steps", "200", "--save-every", "1000")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_step(tmp_path, 2, process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT
+    last = metrics(tmp_path)[-1]["step"]
+    assert f"stopped by a signal after step {last}" in err.decode()
+    assert [s for s, _ in run_dir.checkpoints(tmp_path)] == [last]
+    assert "Traceback" not in err.decode() and not (tmp_path / run_dir.LOCK).exists()
+    train.main(argv(tmp_path, cache, "--max-steps", str(last + 1), "--save-every", "1000",
+                    "--resume"))  # fmt: skip
+    assert metrics(tmp_path)[-1]["step"] == last + 1
+
+
+def torchrun(tmp_path, cache, *extra) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               "--master_port=29533", os.path.join(ROOT, "train.py"),
+               *argv(tmp_path, cache, *extra)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_sigterm_to_one_rank_of_a_ddp_job_stops_every_rank_with_a_checkpoint(tmp_path, cache):
+    import psutil
+
+    process = torchrun(tmp_path, cache, "--max-steps", "200", "--save-every", "1000")
+    wait_for_step(tmp_path, 2, process)
+    ranks = [
+        p for p in psutil.Process(process.pid).children() if "train.py" in " ".join(p.cmdline())
+    ]
+    assert len(ranks) == 2
+    ranks[1].send_signal(signal.SIGTERM)  # one rank only, as a node-local kill would
+    _, err = process.communicate(timeout=180)
+    last = metrics(tmp_path)[-1]["step"]
+    assert f"stopped by a signal after step {last}" in err.decode()
+    assert [s for s, _ in run_dir.checkpoints(tmp_path)] == [last]
+    assert run_dir.checkpoint_problem(str(tmp_path / f"step_{last}"), 2) is None
+
+
+def test_fewer_documents_than_ranks_is_one_clear_error_on_every_rank(tmp_path, cache):
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": "a single document"}) + "\n")
+    process = torchrun(tmp_path / "run", cache, "--data", str(tmp_path / "one.jsonl"),
+                       "--max-steps", "2")  # fmt: skip
+    _, err = process.communicate(timeout=240)
+    err = err.decode()
+    assert process.returncode != 0
+    assert "got no documents: the data has fewer documents than ranks" in err
+    assert 'train.py", line' not in err  # no traceback from a rank (torchrun reports the exit)
