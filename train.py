@@ -280,10 +280,12 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM and SIGINT to their rank's process, which stops
-    gracefully (a terminal's Ctrl-C and a scheduler reach the whole process group)."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    """A DataLoader worker ignores Ctrl-C (the terminal sends it to the whole process group: the
+    rank's process stops gracefully) and leaves quietly on SIGTERM (the DataLoader's own way to end
+    a worker; a scheduler's SIGTERM to every process): the rank already holds the batches of the
+    step it finishes, and a worker killed by a signal would abort it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 # Every numeric flag and what it must be (checked before anything is read or written).

@@ -273,3 +273,25 @@ def test_fewer_documents_than_ranks_is_one_clear_error_on_every_rank(tmp_path, c
     assert process.returncode != 0
     assert "got no documents: the data has fewer documents than ranks" in err
     assert 'train.py", line' not in err  # no traceback from a rank (torchrun reports the exit)
+
+
+def test_a_bug_keeps_its_traceback_and_the_process_ends_with_its_dataloader_workers(
+    tmp_path, cache
+):
+    script = f"""
+import sys
+sys.path.insert(0, {ROOT!r})
+import losses, train
+real, calls = losses.pkl_loss, []
+def bug_at_step_2(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        raise RuntimeError("an injected bug")
+    return real(*args, **kwargs)
+losses.pkl_loss = bug_at_step_2
+train.main({argv(tmp_path, cache, "--loss", "pkl", "--max-steps", "5", "--num-workers", "1")!r})
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 1 and "RuntimeError: an injected bug" in done.stderr
+    assert "Traceback" in done.stderr and not (tmp_path / run_dir.LOCK).exists()
