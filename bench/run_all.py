@@ -30,6 +30,7 @@ SCRIPTS = {
     "bench_losses.py": ("losses", ["--quick"]),
     "bench_train.py": ("train step", ["--steps", "3"]),  # 2 warm-up steps + 1 timed
     "bench_evaluate.py": ("evaluate", ["--quick"]),
+    "bench_packing.py": ("packing", ["--quick"]),  # real documents: apt-get install -y git-doc
 }
 
 
