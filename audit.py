@@ -170,7 +170,7 @@ def show_rows(student_tok, teacher_tok, projection: dict, tokens: list[str]) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from build_projection import ArgumentParser, float_flag, os_error_line
+    from build_projection import ArgumentParser, float_flag, one_line_errors
 
     parser = ArgumentParser(prog="audit.py", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -201,14 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        return _run(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {os_error_line(e)}", file=sys.stderr)
-        return 2
+    return one_line_errors(lambda: _run(args))
 
 
 def _run(args) -> int:

@@ -363,6 +363,18 @@ def os_error_line(e: OSError) -> str:
     return f"{where}{e.strerror or e}; {hint}"
 
 
+def one_line_errors(run: Callable[[], int]) -> int:
+    """run(), with bad input (ValueError) and OS errors as one line on stderr and status 2: the
+    error path of every CLI here (a bug keeps its traceback)."""
+    try:
+        return run()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+    return 2
+
+
 def _probe_directory(directory: str, path: str) -> None:
     """Create and remove a temp file in an existing directory: the only check that is right for
     root, ACLs and read-only mounts alike (os.access is not). Leaves nothing behind."""
@@ -436,32 +448,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
 
+    return one_line_errors(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    try:
-        check_output_file(args.out, "--out", "W.pt")  # before the slow work
-        # torch's import (~2 s) overlaps the tokenizer work; nothing here needs it until W is built
-        threading.Thread(target=__import__, args=("torch",), daemon=True).start()
-        student = load_tokenizer(args.student, trust_remote_code=args.trust_remote_code)
-        teacher = load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
-        sizes = {}
-        for side, name, given in (("student", args.student, args.student_vocab_size),
-                                  ("teacher", args.teacher, args.teacher_vocab_size)):  # fmt: skip
-            flag = f"--{side}-vocab-size"
-            sizes[side] = given if given is not None else model_vocab_size(name, flag)
-        projection = build_projection(
-            student,
-            teacher,
-            student_vocab_size=sizes["student"],
-            teacher_vocab_size=sizes["teacher"],
-            reverse=args.reverse,
-        )
-        save_projection(projection, args.out)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {os_error_line(e)}", file=sys.stderr)
-        return 2
+    check_output_file(args.out, "--out", "W.pt")  # before the slow work
+    # torch's import (~2 s) overlaps the tokenizer work; nothing here needs it until W is built
+    threading.Thread(target=__import__, args=("torch",), daemon=True).start()
+    student = load_tokenizer(args.student, trust_remote_code=args.trust_remote_code)
+    teacher = load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
+    sizes = {}
+    for side, name, given in (("student", args.student, args.student_vocab_size),
+                              ("teacher", args.teacher, args.teacher_vocab_size)):  # fmt: skip
+        flag = f"--{side}-vocab-size"
+        sizes[side] = given if given is not None else model_vocab_size(name, flag)
+    projection = build_projection(
+        student,
+        teacher,
+        student_vocab_size=sizes["student"],
+        teacher_vocab_size=sizes["teacher"],
+        reverse=args.reverse,
+    )
+    save_projection(projection, args.out)
     W = projection["W"]
     print(
         f"W {tuple(W.shape)}: {W._nnz():,} entries, "

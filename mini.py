@@ -418,7 +418,7 @@ def parse_seeds(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
-    from build_projection import ArgumentParser, int_flag, os_error_line
+    from build_projection import ArgumentParser, int_flag, one_line_errors
 
     p = ArgumentParser(prog="mini.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="out/mini", help="output directory (created if needed)")
@@ -441,14 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds", type=parse_seeds, help="comma-separated student seeds (default: the setting's)"
     )
     args = p.parse_args(argv)
-    try:
-        return _run(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {os_error_line(e)}", file=sys.stderr)
-        return 2
+    return one_line_errors(lambda: _run(args))
 
 
 def _run(args) -> int:
