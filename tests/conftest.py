@@ -69,3 +69,15 @@ def W_llama_qwen() -> dict:
 @pytest.fixture(scope="session")
 def W_llama_o200k() -> dict:
     return get_projection("llama-3.2", "o200k")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    """A W cache directory shared by one test module's train.py runs."""
+    return str(tmp_path_factory.mktemp("w_cache"))
+
+
+def tiny_argv(out_dir, cache: str, *extra: str) -> list[str]:
+    """train.py's arguments for an in-process tiny run (no DataLoader workers)."""
+    return ["--preset", "tiny", "--out-dir", str(out_dir), "--projection-cache", cache,
+            "--num-workers", "0", *extra]  # fmt: skip

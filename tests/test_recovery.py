@@ -19,16 +19,7 @@ import torch
 import run_dir
 import train
 from conftest import ROOT
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("w_cache"))
-
-
-def argv(out_dir, cache: str, *extra: str) -> list[str]:
-    return ["--preset", "tiny", "--out-dir", str(out_dir), "--projection-cache", cache,
-            "--num-workers", "0", *extra]  # fmt: skip
+from conftest import tiny_argv as argv
 
 
 def metrics(out_dir) -> list[dict]:

@@ -20,18 +20,7 @@ import torch
 
 import losses
 import train
-from conftest import ROOT
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("w_cache"))
-
-
-def tiny_argv(out_dir, cache: str, *extra: str) -> list[str]:
-    """train.py's arguments for an in-process tiny run (no DataLoader workers)."""
-    return ["--preset", "tiny", "--out-dir", str(out_dir), "--projection-cache", cache,
-            "--num-workers", "0", *extra]  # fmt: skip
+from conftest import ROOT, tiny_argv
 
 
 def run(out_dir, cache: str, *extra: str) -> list[dict]:
