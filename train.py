@@ -14,7 +14,6 @@ its own way; data.py aligns the two token streams into chunks and the losses com
 from __future__ import annotations
 
 import argparse
-import errno
 import functools
 import json
 import math
@@ -34,6 +33,7 @@ import torch.distributed as dist
 
 import losses
 import run_dir
+from build_projection import os_error_line
 from tokens import atomic_write, load_tokenizer, tokenizer_hash
 
 # fmt: off
@@ -528,14 +528,6 @@ def start_run(args) -> None:
                  lambda f: f.write(json.dumps(config, indent=2).encode()))  # fmt: skip
 
 
-def os_error(e: OSError) -> str:
-    """An OS error as one line that says what to do."""
-    where = f"{e.filename}: " if e.filename else ""
-    hint = {errno.ENOSPC: "free some space", errno.EACCES: "check the permissions",
-            errno.EROFS: "pick a writable location", errno.EDQUOT: "free some space"}  # fmt: skip
-    return f"{where}{e.strerror or e}: {hint.get(e.errno, 'check the path')}"
-
-
 def first_error(error: str | None) -> str | None:
     """The first error any rank met: every rank learns it, so that every rank stops (none is left
     waiting in a collective)."""
@@ -595,9 +587,8 @@ def train(args: argparse.Namespace, lock: run_dir.RunLock) -> None:
         except ValueError as e:
             error = str(e)
         except OSError as e:
-            error = os_error(e)
-        if ddp:
-            error = first_error(error)
+            error = os_error_line(e)
+        error = agree(error, ddp)
         if error:
             stop(error)
         return result
@@ -945,7 +936,7 @@ def save_checkpoint(out_dir, step, student, tok, optimizer, projections, data_st
         try:
             part()
         except OSError as e:
-            error = os_error(e)
+            error = os_error_line(e)
         error = agree(error, ddp)
         if error:
             if rank == 0:
