@@ -22,6 +22,12 @@ import os
 import re
 import sys
 
+import torch
+
+from build_projection import build_projection, hkl_pairs, load_projection, model_vocab_size
+from cli import ArgumentParser, atomic_write, check_output_file, float_flag, one_line_errors
+from tokens import load_tokenizer, token_bytes
+
 CATEGORIES = (
     "digits_1",
     "digits_2",
@@ -76,11 +82,6 @@ def audit(
     if unknown:
         raise ValueError(f"unknown category {unknown}; choose from {', '.join(CATEGORIES)}, other")
     critical = tuple(dict.fromkeys(critical))  # a repeated category counts once
-    import torch
-
-    from losses import hkl_pairs
-    from tokens import token_bytes
-
     W, exact = projection["W"].coalesce(), projection["exact_pairs"]
     n_rows = W.shape[0]
     common = torch.zeros(n_rows, dtype=torch.bool)
@@ -170,8 +171,6 @@ def show_rows(student_tok, teacher_tok, projection: dict, tokens: list[str]) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from build_projection import ArgumentParser, float_flag, one_line_errors
-
     parser = ArgumentParser(prog="audit.py", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--student", required=True, help="hub name, directory, tokenizer file, pkg:NAME"
@@ -205,14 +204,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from build_projection import (
-        build_projection,
-        check_output_file,
-        load_projection,
-        model_vocab_size,
-    )
-    from tokens import atomic_write, load_tokenizer
-
     critical = tuple(dict.fromkeys(args.critical.split(",")))  # a repeat counts once
     unknown = [c for c in critical if c not in (*CATEGORIES, "other")]
     if unknown:

@@ -8,7 +8,9 @@ W[s, t] is the share of student token s's probability mass that lands on teacher
   3. special tokens by meaning (special_pairs): end of document <-> end of document, then bos,
      pad, unk where both sides have a distinct such token; other specials empty;
   4. top-4 per row, rows normalized to 1 (or empty); optional reverse pass (--reverse).
-W is never dense: [128k x 152k] would be ~78 GB in fp32.
+W is never dense: [128k x 152k] would be ~78 GB in fp32. Also here, as functions of W: the file
+format (save_projection / load_projection: bound to both tokenizers by hash), train.py's W cache
+(cached_projection), and H-KL's common set (hkl_pairs: the exact pairs widened by W's top entries).
 
     python build_projection.py --student meta-llama/Llama-3.2-1B --teacher Qwen/Qwen3-4B --out W.pt
     python build_projection.py --student pkg:llama-3.2 --teacher pkg:qwen3 --out W.pt  # offline
@@ -17,20 +19,25 @@ W is never dense: [128k x 152k] would be ~78 GB in fp32.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
-import math
 import os
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable
 
 import numpy as np
+import torch
+from torch import Tensor
+from transformers import AutoConfig
 
-from tokens import (
+from cli import (
+    LOAD_ERRORS,
+    ArgumentParser,
     atomic_write,
+    check_output_file,
+    int_flag,
+    one_line_errors,
+)
+from tokens import (
     encode_bytes,
     end_of_document_id,
     is_byte_fallback_piece,
@@ -42,6 +49,7 @@ from tokens import (
 
 # 2: special tokens paired by meaning, "special_pairs" recorded (1 paired them by role name)
 FORMAT_VERSION = 2
+
 SPECIAL_ROLES = ("end_of_document", "bos", "pad", "unk")  # pairing priority
 DEFAULTS = {
     "first_weight": 0.9,
@@ -74,13 +82,11 @@ def model_vocab_size(name_or_path: str, flag: str = "--student-vocab-size") -> i
         if size is None and isinstance(text_config, dict):  # multimodal: the text model's
             size = text_config.get("vocab_size")
     else:
-        try:  # a hub name: its config, when reachable
-            from transformers import AutoConfig
-
+        try:  # a hub name: its config, when reachable (the hub's errors are OSErrors)
             config = AutoConfig.from_pretrained(name_or_path)
-            size = getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
-        except Exception:
+        except (OSError, ValueError):
             return None
+        size = getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
         path = f"{name_or_path}'s config"
     if size is None:
         return None
@@ -143,90 +149,100 @@ def build_projection(
     top_k: int = 4,
 ) -> dict:
     """Build W and return the dict that save_projection writes (see the module docstring)."""
-    import torch
-
-    t_vocab = teacher_tok.backend_tokenizer.get_vocab(with_added_tokens=True)
-    s_bytes, t_bytes = token_bytes(student_tok), token_bytes(teacher_tok, t_vocab)
-    vs = len(s_bytes) if student_vocab_size is None else student_vocab_size
-    vt = len(t_bytes) if teacher_vocab_size is None else teacher_vocab_size
-    for side, size, n in (("student", vs, len(s_bytes)), ("teacher", vt, len(t_bytes))):
-        if isinstance(size, bool) or not isinstance(size, int):
-            raise ValueError(f"{side} vocab size {size!r} is not an integer")
-        if size < n:
-            raise ValueError(
-                f"{side} vocab size {size} is smaller than its tokenizer ({n} ids); "
-                f"pass --{side}-vocab-size >= {n} (the model's embedding rows)"
-            )
-    rows: list[int] = []
-    cols: list[int] = []
-    vals: list[float] = []
+    s_bytes, t_bytes = token_bytes(student_tok), token_bytes(teacher_tok)
+    vs = _vocab_size(student_vocab_size, len(s_bytes), "student")
+    vt = _vocab_size(teacher_vocab_size, len(t_bytes), "teacher")
+    weights = lambda n: _piece_weights(n, first_weight, decay, max_pieces)  # noqa: E731
+    entries: list[tuple[int, int, float]] = []  # (student id, teacher id, weight), summed later
 
     # 1. exact pass: identical bytes -> one-hot row; the lowest student id claims each teacher id
+    t_vocab = teacher_tok.backend_tokenizer.get_vocab(with_added_tokens=True)
     index = _teacher_index(t_bytes, t_vocab)
     exact_pairs, claimed, multi = [], set(), []
     for s, b in enumerate(s_bytes):
-        if b is None:
+        if b is None:  # a special token: step 3
             continue
         t = index.get(b)
         if t is None:
             multi.append(s)
             continue
-        rows.append(s), cols.append(t), vals.append(1.0)
+        entries.append((s, t, 1.0))
         if t not in claimed:
             claimed.add(t)
             exact_pairs.append((s, t))
 
     # 2. multi-token pass: teacher pieces of the student token's bytes, weights 0.9 * 0.1**i
-    pieces = encode_bytes(teacher_tok, [s_bytes[s] for s in multi])
-    for s, ids in zip(multi, pieces):
-        for t, w in zip(ids, _piece_weights(len(ids), first_weight, decay, max_pieces)):
-            rows.append(s), cols.append(t), vals.append(w)
+    for s, ids in zip(multi, encode_bytes(teacher_tok, [s_bytes[s] for s in multi])):
+        entries += [(s, t, w) for t, w in zip(ids, weights(len(ids)))]
 
     # 3. special tokens by meaning, each an exact pair; other specials keep an empty row
     specials = []
     for role, s, t in special_pairs(student_tok, teacher_tok):
-        rows.append(s), cols.append(t), vals.append(1.0)
-        claimed.add(t)  # an added token has no bytes: the exact pass never claimed it
-        exact_pairs.append((s, t))
-        specials.append({"role": role, "student_id": s, "teacher_id": t,
-                         "student_token": student_tok.convert_ids_to_tokens(s),
-                         "teacher_token": teacher_tok.convert_ids_to_tokens(t)})  # fmt: skip
+        entries.append((s, t, 1.0))
+        exact_pairs.append((s, t))  # an added token has no bytes: the exact pass never claimed t
+        specials.append(
+            {
+                "role": role,
+                "student_id": s,
+                "teacher_id": t,
+                "student_token": student_tok.convert_ids_to_tokens(s),
+                "teacher_token": teacher_tok.convert_ids_to_tokens(t),
+            }
+        )
 
     # 5. optional reverse pass: teacher token t re-encoded by the student, piece s_i adds w_i
     if reverse:
         t_ids = [t for t, b in enumerate(t_bytes) if b is not None]
-        s_pieces = encode_bytes(student_tok, [t_bytes[t] for t in t_ids])
-        for t, ids in zip(t_ids, s_pieces):
-            for s, w in zip(ids, _piece_weights(len(ids), first_weight, decay, max_pieces)):
-                if s_bytes[s] is not None:  # never a special row (text "</s>" -> Mistral's </s>)
-                    rows.append(s), cols.append(t), vals.append(w)
+        for t, ids in zip(t_ids, encode_bytes(student_tok, [t_bytes[t] for t in t_ids])):
+            # never a special row (the text "</s>" -> Mistral's </s>)
+            entries += [(s, t, w) for s, w in zip(ids, weights(len(ids))) if s_bytes[s] is not None]
 
     # 4. sum duplicate entries, keep the top-k of each row, normalize rows to 1
-    r, c, v = _top_k_normalized(np.array(rows), np.array(cols), np.array(vals), vt, top_k)
+    rows, cols, vals = (np.array(x) for x in zip(*entries))
+    r, c, v = _top_k_normalized(rows, cols, vals, vt, top_k)
     indices = torch.from_numpy(np.stack([r, c]))
     values = torch.from_numpy(v.astype(np.float32))
     W = torch.sparse_coo_tensor(indices, values, (vs, vt), check_invariants=True).coalesce()
-    exact = torch.tensor(sorted(exact_pairs), dtype=torch.long).reshape(-1, 2)
-
-    def identity(tok, size):
-        name = getattr(tok, "name_or_path", "") or ""
-        return {"name": name, "vocab_size": size, "tokenizer_size": len(tok),
-                "sha256": tokenizer_hash(tok)}  # fmt: skip
-
+    params = {
+        "first_weight": first_weight,
+        "decay": decay,
+        "max_pieces": max_pieces,
+        "top_k": top_k,
+        "reverse": reverse,
+    }
     return {
         "W": W,
-        "exact_pairs": exact,
+        "exact_pairs": torch.tensor(sorted(exact_pairs), dtype=torch.long).reshape(-1, 2),
         "special_pairs": specials,
-        "student": identity(student_tok, vs),
-        "teacher": identity(teacher_tok, vt),
-        "params": {
-            "first_weight": first_weight,
-            "decay": decay,
-            "max_pieces": max_pieces,
-            "top_k": top_k,
-            "reverse": reverse,
-        },  # fmt: skip
+        "student": _identity(student_tok, vs),
+        "teacher": _identity(teacher_tok, vt),
+        "params": params,
         "version": FORMAT_VERSION,
+    }
+
+
+def _vocab_size(size: int | None, n: int, side: str) -> int:
+    """W's rows or columns: the model's embedding rows if given (at least the tokenizer's n ids)."""
+    if size is None:
+        return n
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise ValueError(f"{side} vocab size {size!r} is not an integer")
+    if size < n:
+        raise ValueError(
+            f"{side} vocab size {size} is smaller than its tokenizer ({n} ids); "
+            f"pass --{side}-vocab-size >= {n} (the model's embedding rows)"
+        )
+    return size
+
+
+def _identity(tok, size: int) -> dict:
+    """What a W file records of a tokenizer: its hash binds the file to it."""
+    name = getattr(tok, "name_or_path", "") or ""
+    return {
+        "name": name,
+        "vocab_size": size,
+        "tokenizer_size": len(tok),
+        "sha256": tokenizer_hash(tok),
     }
 
 
@@ -245,20 +261,86 @@ def _top_k_normalized(rows, cols, vals, n_cols: int, k: int):
     return rows, cols, summed / row_sum[rows]
 
 
+# ----------------------------------------------------------------------------- H-KL's common set
+
+
+def hkl_pairs(
+    W: Tensor | torch.nn.Module, exact_pairs: Tensor, *, threshold: float = 0.6
+) -> Tensor:
+    """H-KL's common set (METHOD.md 5.3): the exact pairs, plus each other student row's top
+    teacher id under W when its weight is >= threshold and that teacher id is not an exact pair's.
+    A teacher id that several rows claim goes to the highest weight, ties to the lowest student id.
+    One-to-one. W: sparse [VS, VT] (or a module whose forward gives it: a learned W).
+    Returns a LongTensor [n', 2] of (student_id, teacher_id), sorted by student id.
+    """
+    W = W() if isinstance(W, torch.nn.Module) else W
+    W = (W.to_sparse_coo() if W.layout == torch.sparse_csr else W).coalesce().detach()
+    s, t, w = W.indices()[0], W.indices()[1], W.values()
+    exact = exact_pairs.reshape(-1, 2).long().to(s.device)
+    order = _lexsort(t, -w, s)  # each row's heaviest entry first (ties: lowest teacher id)
+    s, t, w = s[order], t[order], w[order]
+    top = _first_of_runs(s) & (w >= threshold)
+    top &= ~torch.isin(s, exact[:, 0]) & ~torch.isin(t, exact[:, 1])  # exact pairs keep priority
+    s, t, w = s[top], t[top], w[top]
+    order = _lexsort(s, -w, t)  # each teacher id's highest weight first (ties: lowest student id)
+    s, t = s[order], t[order]
+    keep = _first_of_runs(t)
+    pairs = torch.cat([exact, torch.stack([s[keep], t[keep]], 1)])
+    return pairs[torch.argsort(pairs[:, 0], stable=True)]
+
+
+def _lexsort(*keys: Tensor) -> Tensor:
+    """The order that sorts by the last key, then the one before, ... (as numpy.lexsort)."""
+    order = torch.arange(len(keys[0]), device=keys[0].device)
+    for key in keys:
+        order = order[torch.argsort(key[order], stable=True)]
+    return order
+
+
+def _first_of_runs(key: Tensor) -> Tensor:
+    """True where a sorted key starts a run of equal values."""
+    return torch.cat([torch.ones_like(key[:1], dtype=torch.bool), key[1:] != key[:-1]])
+
+
 # ----------------------------------------------------------------------------- file I/O
+
+
+def cached_projection(
+    cache_dir: str,
+    student_tok,
+    teacher_tok,
+    student_vocab_size: int,
+    teacher_vocab_size: int,
+    *,
+    build: bool = True,
+) -> str:
+    """The W file of this pair in cache_dir, named by the W format, both tokenizer hashes and the
+    vocabulary sizes (a changed tokenizer or format never finds a stale W); built there first
+    when it is missing and `build` (train.py: each node's first rank), written atomically."""
+    key = f"{tokenizer_hash(student_tok)[:16]}-{tokenizer_hash(teacher_tok)[:16]}"
+    name = f"W-v{FORMAT_VERSION}-{key}-{student_vocab_size}x{teacher_vocab_size}.pt"
+    path = os.path.join(cache_dir, name)
+    if build and not os.path.exists(path):
+        print(
+            f"building W for {student_tok.name_or_path} -> {teacher_tok.name_or_path} into {path}"
+        )
+        projection = build_projection(
+            student_tok,
+            teacher_tok,
+            student_vocab_size=student_vocab_size,
+            teacher_vocab_size=teacher_vocab_size,
+        )
+        save_projection(projection, path)
+    return path
 
 
 def save_projection(projection: dict, path: str) -> None:
     """torch.save to a temp file in the same directory, then rename: never a half-written W."""
-    import torch
-
     atomic_write(path, lambda f: torch.save(projection, f))
 
 
 def load_projection(path: str, student_tok=None, teacher_tok=None) -> dict:
     """Load a W file (weights_only: no pickles) and check it against the given tokenizers."""
-    import torch
-
     if os.path.isdir(path):
         raise ValueError(f"projection file {path} is a directory; pass the W file in it")
     if not os.path.isfile(path):
@@ -269,7 +351,7 @@ def load_projection(path: str, student_tok=None, teacher_tok=None) -> dict:
         projection = torch.load(path, weights_only=True, map_location="cpu")
     except OSError as e:  # the file is there but cannot be read (permissions, I/O)
         raise ValueError(f"cannot read {path}: {e.strerror or e}; check its permissions") from e
-    except Exception as e:
+    except LOAD_ERRORS as e:
         raise ValueError(
             f"{path} is not a readable W file (corrupt or truncated: "
             f"{str(e).splitlines()[0][:80]}); rebuild it with build_projection.py"
@@ -297,133 +379,6 @@ def load_projection(path: str, student_tok=None, teacher_tok=None) -> dict:
                 "rebuild W for this pair"
             )
     return projection
-
-
-# ----------------------------------------------------------------------------- command line
-# Shared by build_projection.py, audit.py and mini.py. Bad input is ONE line on stderr,
-# "error: WHAT; WHAT TO DO", and exit status 2, checked before any slow work or any write.
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block): 'error: argument --x: ...'."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def int_flag(low: int, high: int | None = None, what: str = "") -> Callable:
-    """An argparse type: an integer in [low, high] (high None: no upper bound)."""
-    allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            message = f"{text!r} is not an integer; give {allowed}{what}"
-            raise argparse.ArgumentTypeError(message) from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{value} is out of range; give {allowed}{what}")
-        return value
-
-    return parse
-
-
-def float_flag(low: float, high: float, *, low_open: bool = False, what: str = "") -> Callable:
-    """An argparse type: a finite number in [low, high], or (low, high] with low_open."""
-    allowed = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a number; give a number in {allowed}{what}"
-            ) from None
-        if not math.isfinite(value) or not low <= value <= high or (low_open and value == low):
-            message = f"{text} is out of range; give a number in {allowed}{what}"
-            raise argparse.ArgumentTypeError(message)
-        return value
-
-    return parse
-
-
-def os_error_line(e: OSError) -> str:
-    """An OS error as one line that says what is wrong and what to do."""
-    where = f"{e.filename}: " if e.filename else ""
-    hint = {
-        errno.ENOSPC: "free some space or choose another location",
-        errno.EDQUOT: "free some space or choose another location",
-        errno.EACCES: "check the permissions or choose another location",
-        errno.EPERM: "check the permissions or choose another location",
-        errno.EROFS: "choose a location on a writable file system",
-        errno.ENOENT: "check the path",
-        errno.EISDIR: "name a file, not a directory",
-        errno.ENOTDIR: "a part of the path is a file, not a directory: check the path",
-    }.get(e.errno, "check the path and its permissions")
-    return f"{where}{e.strerror or e}; {hint}"
-
-
-def one_line_errors(run: Callable[[], int]) -> int:
-    """run(), with bad input (ValueError) and OS errors as one line on stderr and status 2: the
-    error path of every CLI here (a bug keeps its traceback)."""
-    try:
-        return run()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-    except OSError as e:
-        print(f"error: {os_error_line(e)}", file=sys.stderr)
-    return 2
-
-
-def _probe_directory(directory: str, path: str) -> None:
-    """Create and remove a temp file in an existing directory: the only check that is right for
-    root, ACLs and read-only mounts alike (os.access is not). Leaves nothing behind."""
-    try:
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".probe-")
-    except OSError as e:
-        raise ValueError(
-            f"cannot write {path}: {directory} is not writable ({e.strerror}); "
-            "choose a writable location"
-        ) from e
-    os.close(fd)
-    os.unlink(probe)
-
-
-def _existing_ancestor(directory: str, path: str) -> str:
-    """The nearest directory on the way up from `directory` that exists (os.makedirs creates the
-    rest); an error if it is a file."""
-    existing = directory
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(
-            f"cannot write {path}: {existing} is a file, not a directory; choose another location"
-        )
-    return existing
-
-
-def check_output_file(path: str, flag: str, example: str) -> None:
-    """Fail fast (ValueError) when the file `path` could not be written: it is a directory, or
-    its directory is not writable and cannot be created. Writes nothing."""
-    if not path:
-        raise ValueError(f"{flag} is empty; name a file, e.g. {flag} {example}")
-    if os.path.isdir(path) or path.endswith(("/", os.sep)):
-        what = "is a directory" if os.path.isdir(path) else "ends with a slash (a directory)"
-        raise ValueError(
-            f"{flag} {path} {what}; name a file, e.g. {flag} {os.path.join(path, example)}"
-        )
-    directory = os.path.dirname(os.path.abspath(path))
-    _probe_directory(_existing_ancestor(directory, path), path)
-
-
-def check_output_dir(path: str, flag: str) -> None:
-    """Fail fast (ValueError) when the directory `path` could not be written or created."""
-    if not path:
-        raise ValueError(f"{flag} is empty; name a directory")
-    path_abs = os.path.abspath(path)
-    if os.path.lexists(path_abs) and not os.path.isdir(path_abs):
-        raise ValueError(f"{flag} {path} is a file, not a directory; name a directory")
-    _probe_directory(_existing_ancestor(path_abs, path), path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -454,13 +409,13 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     check_output_file(args.out, "--out", "W.pt")  # before the slow work
-    # torch's import (~2 s) overlaps the tokenizer work; nothing here needs it until W is built
-    threading.Thread(target=__import__, args=("torch",), daemon=True).start()
     student = load_tokenizer(args.student, trust_remote_code=args.trust_remote_code)
     teacher = load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
     sizes = {}
-    for side, name, given in (("student", args.student, args.student_vocab_size),
-                              ("teacher", args.teacher, args.teacher_vocab_size)):  # fmt: skip
+    for side, name, given in (
+        ("student", args.student, args.student_vocab_size),
+        ("teacher", args.teacher, args.teacher_vocab_size),
+    ):
         flag = f"--{side}-vocab-size"
         sizes[side] = given if given is not None else model_vocab_size(name, flag)
     projection = build_projection(

@@ -1,5 +1,5 @@
 """Text data for train.py: documents -> shuffled, packed windows of `seq_len` student tokens, each
-aligned with every teacher (tokens.py, METHOD.md section 4), tokenized inside DataLoader workers.
+aligned with every teacher (align.py, METHOD.md section 4), tokenized inside DataLoader workers.
 
 - `--data`: local .txt (one file = one document), .jsonl (one JSON object per line) or .parquet
   files, a directory of them or a glob; anything else is a hub dataset name, streamed
@@ -36,13 +36,16 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import datasets
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+from datasets.distributed import split_dataset_by_node
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import IterableDataset, get_worker_info
 
-import tokens
-from tokens import TokenSpans, char_byte_offsets, chunk_ids, predictor_chunks, token_spans
+from align import TokenSpans, char_byte_offsets, chunk_ids, predictor_chunks, token_spans
+from tokens import end_of_document_id, tokenizer_hash
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked processes
 log = logging.getLogger("data")
@@ -119,8 +122,6 @@ def _records(path: str, text_field: str):
         if os.path.getsize(path):
             yield path, lambda issues: _read_txt(path, issues)
     elif path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
         parquet = pq.ParquetFile(path)
         if text_field not in parquet.schema_arrow.names:
             raise LookupError(f"{path} has no column {text_field!r}")
@@ -183,7 +184,7 @@ def _file_documents(path: str, text_field: str) -> Iterator[Parse]:
             yield parse
     except LookupError as e:
         yield _problem("missing_text_field", str(e))
-    except Exception as e:
+    except (OSError, ValueError) as e:  # I/O, a damaged parquet file (pyarrow's ArrowInvalid)
         yield _problem("unreadable_file", f"{path}: {type(e).__name__}: {str(e)[:80]}")
     else:
         if not produced:
@@ -209,9 +210,6 @@ def _interleaved(files: list[str], text_field: str, width: int) -> Iterator[Pars
 def _hub_documents(name, text_field, config, split, shard, n_shards, seed, epoch, shuffle):
     """A hub dataset's documents for one shard: `datasets` streams it and splits it by shard (by
     file, or by example); with shuffle, its files come in a seeded order, reseeded per epoch."""
-    import datasets
-    from datasets.distributed import split_dataset_by_node
-
     try:
         stream = datasets.load_dataset(name, config, split=split, streaming=True)
     except (OSError, datasets.exceptions.DatasetNotFoundError) as e:  # offline, or no such name
@@ -343,10 +341,10 @@ class AlignedWindows(IterableDataset):
         if shuffle_buffer < 0:
             raise ValueError(f"--shuffle-buffer {shuffle_buffer}: give 0 (off) or more documents")
         # a same-tokenizer teacher reads the student's ids, bit for bit (no re-tokenization)
-        student_hash = tokens.tokenizer_hash(student_tok)
-        self.same = [tokens.tokenizer_hash(t) == student_hash for t in self.teacher_toks]
+        student_hash = tokenizer_hash(student_tok)
+        self.same = [tokenizer_hash(t) == student_hash for t in self.teacher_toks]
         self.prefix = [_own_prefix(t) for t in [student_tok, *self.teacher_toks]]
-        self.eod = [tokens.end_of_document_id(t) for t in [student_tok, *self.teacher_toks]]
+        self.eod = [end_of_document_id(t) for t in [student_tok, *self.teacher_toks]]
         if seq_len < len(self.prefix[0]) + 2:
             raise ValueError(
                 f"--seq-len {seq_len} leaves no room after {len(self.prefix[0])} special tokens"
@@ -520,8 +518,14 @@ class AlignedWindows(IterableDataset):
             yield _Segment(student, part[char_lo:char_hi], ended), char_hi
             i = j
         if ends_document and not ended:  # its tail was dropped: the document still ends here
-            empty = TokenSpans([], np.zeros(0, bool), np.zeros(0, np.int64), np.zeros(0, bool),
-                               np.zeros(1, np.int64), 0)  # fmt: skip
+            empty = TokenSpans(
+                [],
+                np.zeros(0, bool),
+                np.zeros(0, np.int64),
+                np.zeros(0, bool),
+                np.zeros(1, np.int64),
+                0,
+            )
             yield _Segment(empty, "", True), len(part)
 
     def _item(self, segments: list[_Segment], issues: Counter) -> dict | None:

@@ -29,17 +29,31 @@ import re
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # heavy imports stay lazy so --paper and input errors answer at once
-    from lm_eval.api.model import LM
-    from lm_eval.tasks import TaskManager
-    from tqdm import tqdm
+import lm_eval
+import torch
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
+from lm_eval.api.model import LM
+from lm_eval.api.registry import get_model
+from lm_eval.tasks import TaskManager
+from lm_eval.utils import handle_non_serializable
+from tqdm import tqdm
+
+from cli import atomic_write
 
 # -----------------------------------------------------------------------------
 # The paper's numbers (shared/reference/PAPER_RESULTS.md): Llama-3.2-1B student, 3-shot, percent.
 
+# The formatter leaves these tables alone: their columns stay aligned, as the paper prints them.
 # fmt: off
 PAPER_COLUMNS = ("MMLU", "GSM8k", "MATH", "Winogrande", "HellaSwag")
 PAPER_SCORES = {  # row id (for --paper-row): the five columns, then Avg as printed
@@ -62,6 +76,7 @@ PAPER_SETTINGS = {  # row id: (setting, teacher, loss)
     "hkl-phi":      ("Cross-tokenizer", "Phi-4-mini", "H-KL"),
     "two-teachers": ("Two teachers", "Phi-4-mini (H-KL, 0.8) + Llama-3.2-3B (KL, 0.2)", "-"),
 }
+# fmt: on
 PAPER_AVG_ONLY = [  # ablations reported only as averages: (experiment, setting, Avg)
     ("ULD alone", "Qwen3-4B", "36.77"),
     ("Loss swap", "Qwen3-4B with H-KL", "35.30"),
@@ -78,17 +93,16 @@ PAPER_AVG_ONLY = [  # ablations reported only as averages: (experiment, setting,
 # Which lm-eval 0.4.13 task, and which key of its results ("metric,filter"), fills each column.
 TASK_METRICS = {
     # group of 57 subjects; lm-eval's aggregate weights each subject by its size
-    "mmlu":         ("MMLU", "acc,none"),
+    "mmlu": ("MMLU", "acc,none"),
     # base models rarely end with "#### N" (strict-match); flexible-extract takes the last number
-    "gsm8k":        ("GSM8k", "exact_match,flexible-extract"),
+    "gsm8k": ("GSM8k", "exact_match,flexible-extract"),
     # Minerva prompt with worked solutions; answers normalized (\boxed{}), 7 subjects size-weighted
     "minerva_math": ("MATH", "exact_match,none"),
     # both fillings are scored on the same suffix, so plain acc is the standard figure
-    "winogrande":   ("Winogrande", "acc,none"),
+    "winogrande": ("Winogrande", "acc,none"),
     # endings differ in length; acc_norm (log-likelihood per byte) is the figure papers report
-    "hellaswag":    ("HellaSwag", "acc_norm,none"),
+    "hellaswag": ("HellaSwag", "acc_norm,none"),
 }
-# fmt: on
 DEFAULT_TASKS = ",".join(TASK_METRICS)
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -213,8 +227,6 @@ def check_device(device: str | None, backend: str) -> None:
         raise UsageError(f"--device {device!r}: use cpu, cuda, cuda:N or mps")
     if device == "cpu":
         return
-    import torch
-
     if device == "mps":
         if not torch.backends.mps.is_available():
             raise UsageError("--device mps: no MPS device here; use --device cpu")
@@ -230,15 +242,6 @@ def check_hub_model(label: str, model: str) -> None:
     """A hub id must be reachable now (or cached, offline), not a row of "failed" after hours."""
     if Path(model).expanduser().is_dir():
         return
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
     where = f"--model {label}={model}"
     try:
         hf_hub_download(model, "config.json")  # what loading reads first; cached after this
@@ -322,8 +325,6 @@ def check_backend(backend: str, tasks: list[str]) -> None:
 
 @functools.cache
 def task_manager(include_paths: tuple[str, ...]) -> TaskManager:
-    from lm_eval.tasks import TaskManager
-
     # Indexing every task YAML takes seconds: once per process (the tests call main() often).
     return TaskManager(include_path=list(include_paths) or None)
 
@@ -391,9 +392,6 @@ def read_cache(path: Path, key: dict, task: str) -> tuple[dict | None, str]:
 
 
 def load_lm(model: str, args: argparse.Namespace) -> LM:
-    import torch
-    from lm_eval.api.registry import get_model
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch_size = args.batch_size or ("auto" if device.startswith("cuda") else 8)
     extra = {"batch_size": batch_size, "device": device if args.backend == "hf" else None}
@@ -407,13 +405,10 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:240]
 
 
-def evaluate_model(
+def cached_results(
     label: str, model: str, tasks: list[str], args: argparse.Namespace, pbar: tqdm
-) -> dict[str, dict]:
-    """lm-eval's output per task, from the cache where there; {"error": why} where it failed."""
-    import lm_eval
-    from lm_eval.utils import handle_non_serializable
-
+) -> tuple[dict[str, dict], dict[str, tuple[dict, Path]]]:
+    """(lm-eval's output of each task cached, {task: (cache key, cache file)} of the others)."""
     raw, todo = {}, {}
     for task in tasks:
         key, cached = cache_path(model, task, args)
@@ -427,31 +422,61 @@ def evaluate_model(
             warning = f"evaluate.py: warning: {label} / {task}: cache file {cached} {why}"
             pbar.write(f"{warning}; evaluating it again", file=sys.stderr)
         todo[task] = (key, cached)
+    return raw, todo
 
+
+def evaluate_task(lm: LM, task: str, args: argparse.Namespace) -> dict:
+    """lm-eval's output for one task, made JSON (what the cache and raw/LABEL.json hold)."""
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[task],
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        task_manager=task_manager(tuple(args.include_path)),
+        log_samples=False,  # per-sample logs of MMLU alone run to hundreds of MB
+    )
+    if not isinstance(out, dict):
+        raise RuntimeError(f"lm-eval returned {out!r}, not results")
+    return json.loads(json.dumps(out, default=handle_non_serializable))
+
+
+def print_traceback() -> None:
+    """The exception being handled, with its full traceback, on stderr above the progress bar:
+    a failure shown as a "failed" cell is never a hidden bug."""
+    with tqdm.external_write_mode(file=sys.stderr):
+        traceback.print_exc()
+
+
+def evaluate_model(
+    label: str, model: str, tasks: list[str], args: argparse.Namespace, pbar: tqdm
+) -> dict[str, dict]:
+    """lm-eval's output per task, from the cache where there; {"error": why} where it failed."""
+    raw, todo = cached_results(label, model, tasks, args, pbar)
     lm, load_error = None, None
     if todo:  # load the model once, and only when some task is not cached yet
         try:
             lm = load_lm(model, args)
+        # Any exception: a model that does not load (bad weights, out of memory, a backend's own
+        # error type) is a row of "failed" cells, and the other models' rows still get written;
+        # the traceback goes to stderr, so a bug is not hidden.
         except Exception as e:
+            print_traceback()
             load_error = f"model did not load: {one_line(e)}"
     for task, (key, cached) in todo.items():
         pbar.set_postfix_str(f"{label}: {task}")
+        if load_error:  # not cached: the next run retries
+            raw[task] = {"error": load_error}
+            pbar.write(f"{label} / {task}: failed: {load_error}")
+            pbar.update(1)
+            continue
         try:
-            if lm is None:
-                raise RuntimeError(load_error)
-            out = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=[task],
-                num_fewshot=args.num_fewshot,
-                limit=args.limit,
-                task_manager=task_manager(tuple(args.include_path)),
-                log_samples=False,  # per-sample logs of MMLU alone run to hundreds of MB
-            )
-            if not isinstance(out, dict):
-                raise RuntimeError(f"lm-eval returned {out!r}, not results")
-            raw[task] = json.loads(json.dumps(out, default=handle_non_serializable))
-        except Exception as e:  # one broken task must not cost the rest of the table
-            raw[task] = {"error": load_error or one_line(e)}  # not cached: the next run retries
+            raw[task] = evaluate_task(lm, task, args)
+        # Any exception: one broken task (a missing data file, a task YAML lm-eval rejects, a
+        # metric that raises) must not cost the rest of the table; its cell says "failed" and the
+        # exit status is 1. The traceback goes to stderr, so a bug is not hidden.
+        except Exception as e:
+            print_traceback()
+            raw[task] = {"error": one_line(e)}  # not cached: the next run retries
             pbar.write(f"{label} / {task}: failed: {raw[task]['error']}")
         else:
             value, why = score(task, raw[task])
@@ -463,8 +488,6 @@ def evaluate_model(
     if lm is not None:
         del lm  # free the card before the next model loads
         gc.collect()
-        import torch
-
         torch.cuda.empty_cache()
 
     raw = {task: raw[task] for task in tasks}
@@ -580,16 +603,13 @@ def paper_markdown() -> str:
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """tokens.atomic_write (temp file, then rename): an interrupted run never leaves half a file,
+    """cli.atomic_write (temp file, then rename): an interrupted run never leaves half a file,
     and the file gets the user's umask. An OS error (disk full, read-only, a directory in the way)
-    ends the run in one line, exit 2: atomic_write reports those as a ValueError naming the path."""
-    from tokens import atomic_write  # imported here: --paper and input errors stay instant
-
+    ends the run in one line, exit 2: atomic_write reports those as a ValueError naming the path,
+    said here in evaluate.py's words (what to do, and that finished tasks resume)."""
     payload = data.encode() if isinstance(data, str) else data
     try:
         atomic_write(str(path), lambda f: f.write(payload))
-    except OSError as e:
-        raise write_error(path, e, resume=True) from None
     except ValueError as e:
         if isinstance(e.__cause__, OSError):
             raise write_error(path, e.__cause__, resume=True) from None
@@ -622,8 +642,6 @@ def run(args: argparse.Namespace) -> int:
     for label, path in models.items():  # may ask the hub: last
         check_hub_model(label, path)
     prepare_out_dir(out_dir)  # the first write, once every input is known good
-
-    from tqdm import tqdm
 
     start, raws = time.time(), {}
     with tqdm(total=len(models) * len(tasks), desc="models x tasks", unit="task") as pbar:
@@ -674,27 +692,54 @@ def run(args: argparse.Namespace) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # fmt: off
-    p.add_argument("--model", action="append", default=[], metavar="LABEL=PATH",
-                   help="checkpoint dir (save_pretrained + tokenizer) or hub id; repeatable")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="checkpoint dir (save_pretrained + tokenizer) or hub id; repeatable",
+    )
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated lm-eval task names")
     p.add_argument("--num-fewshot", type=fewshot_count, default=3, help="an integer >= 0")
-    p.add_argument("--limit", type=limit_value, default=None,
-                   help="examples per task (a fraction if < 1): quick checks only")
-    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
-                   help="extra directory of lm-eval task YAMLs; repeatable")
+    p.add_argument(
+        "--limit",
+        type=limit_value,
+        default=None,
+        help="examples per task (a fraction if < 1): quick checks only",
+    )
+    p.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="extra directory of lm-eval task YAMLs; repeatable",
+    )
     p.add_argument("--out-dir", default="out")
-    p.add_argument("--paper-row", action="append", default=[], metavar="LABEL=ROW",
-                   help=f"show the paper's ROW beside model LABEL; rows: {', '.join(PAPER_SCORES)}")
+    p.add_argument(
+        "--paper-row",
+        action="append",
+        default=[],
+        metavar="LABEL=ROW",
+        help=f"show the paper's ROW beside model LABEL; rows: {', '.join(PAPER_SCORES)}",
+    )
     p.add_argument("--paper", action="store_true", help="print the paper's table and exit")
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="auto: the checkpoint's own (bf16 for Llama)")
-    p.add_argument("--batch-size", type=batch_size_value,
-                   help="an integer >= 1, auto or auto:N; default: auto on GPU, 8 on CPU")
-    p.add_argument("--device", default=None,
-                   help="cpu, cuda, cuda:N or mps (hf backend); default: cuda if available")
-    # fmt: on
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="auto: the checkpoint's own (bf16 for Llama)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=batch_size_value,
+        help="an integer >= 1, auto or auto:N; default: auto on GPU, 8 on CPU",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:N or mps (hf backend); default: cuda if available",
+    )
     return p.parse_args(argv)
 
 

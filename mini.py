@@ -31,6 +31,7 @@ A finished stage is not redone: rerunning continues an interrupted reproduction.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import random
@@ -39,24 +40,72 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from audit import audit
+from build_projection import build_projection, load_projection, save_projection
+from cli import ArgumentParser, atomic_write, check_output_dir, int_flag, one_line_errors
+from tokens import load_tokenizer, token_bytes
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------- settings
 # Sizes of the full and quick reproductions. Steps are train.py optimizer steps.
 SETTINGS = {
-    "full": dict(teacher_docs=30_000, student_docs=1_500, test_docs=400, teacher_steps=1_500,
-                 teacher_batch=64, student_steps=800, student_batch=32, seeds=[0, 1]),
-    "quick": dict(teacher_docs=30_000, student_docs=1_500, test_docs=300, teacher_steps=600,
-                  teacher_batch=64, student_steps=400, student_batch=32, seeds=[0]),
+    "full": dict(
+        teacher_docs=30_000,
+        student_docs=1_500,
+        test_docs=400,
+        teacher_steps=1_500,
+        teacher_batch=64,
+        student_steps=800,
+        student_batch=32,
+        seeds=[0, 1],
+    ),
+    "quick": dict(
+        teacher_docs=30_000,
+        student_docs=1_500,
+        test_docs=300,
+        teacher_steps=600,
+        teacher_batch=64,
+        student_steps=400,
+        student_batch=32,
+        seeds=[0],
+    ),
     # a plumbing check for the tests: every stage, numbers meaningless
-    "smoke": dict(teacher_docs=300, student_docs=60, test_docs=16, teacher_steps=4,
-                  teacher_batch=8, student_steps=3, student_batch=8, seeds=[0]),
-}  # fmt: skip
+    "smoke": dict(
+        teacher_docs=300,
+        student_docs=60,
+        test_docs=16,
+        teacher_steps=4,
+        teacher_batch=8,
+        student_steps=3,
+        student_batch=8,
+        seeds=[0],
+    ),
+}
 # Both architectures: 4 layers, width 128 (the vocabularies are pruned, see prune_tokenizer).
-MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
-             tie_word_embeddings=True)  # fmt: skip
+MODEL = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=128,
+    tie_word_embeddings=True,
+)
 # Tokens per window: one document each (at most 23 Llama tokens with BOS, 26 Qwen3 tokens).
 SEQ_LEN, TEACHER_SEQ_LEN = 24, 32
 # (row, teacher, train.py arguments). "qwen": the Qwen3-tokenizer teacher; "llama": the
@@ -66,33 +115,73 @@ ROWS = [
     ("ce only", None, ["--loss", "ce"]),
     ("gold", "qwen", ["--loss", "gold"]),
     ("gold, static 1.0", "qwen", ["--loss", "gold", "--kd-scaling", "static"]),
-    ("gold, static 0.1", "qwen", ["--loss", "gold", "--kd-scaling", "static",
-                                  "--kd-weight", "0.1"]),
+    (
+        "gold, static 0.1",
+        "qwen",
+        ["--loss", "gold", "--kd-scaling", "static", "--kd-weight", "0.1"],
+    ),
     ("pkl, merge mean", "qwen", ["--loss", "pkl", "--chunk-merge", "mean"]),
     ("pkl, merge first", "qwen", ["--loss", "pkl", "--chunk-merge", "first"]),
-    ("pkl, merge first, learned W", "qwen", ["--loss", "pkl", "--chunk-merge", "first",
-                                             "--learn-projection"]),
-    ("pkl, merge first, static 1.0", "qwen", ["--loss", "pkl", "--chunk-merge", "first",
-                                              "--kd-scaling", "static"]),
-    ("pkl, merge first, static 0.1", "qwen", ["--loss", "pkl", "--chunk-merge", "first",
-                                              "--kd-scaling", "static", "--kd-weight", "0.1"]),
+    (
+        "pkl, merge first, learned W",
+        "qwen",
+        ["--loss", "pkl", "--chunk-merge", "first", "--learn-projection"],
+    ),
+    (
+        "pkl, merge first, static 1.0",
+        "qwen",
+        ["--loss", "pkl", "--chunk-merge", "first", "--kd-scaling", "static"],
+    ),
+    (
+        "pkl, merge first, static 0.1",
+        "qwen",
+        ["--loss", "pkl", "--chunk-merge", "first", "--kd-scaling", "static", "--kd-weight", "0.1"],
+    ),
     ("kl, same tokenizer", "llama", ["--loss", "kl"]),
     # Not run by default: on this pair H-KL's pairs are GOLD's exact pairs (a numeral's top
     # teacher digit is already paired with the single-digit student token), so it trains the
     # same student as "gold" (tests/test_mini.py checks the pairs).
     ("hkl", "qwen", ["--loss", "hkl"]),
-]  # fmt: skip
+]
+# Each teacher's architecture (and tokenizer: "qwen3" is Qwen3's, "llama" Llama-3.2's).
+TEACHER_ARCH = {"qwen": "qwen3", "llama": "llama"}
 FULL_ROWS = [r[0] for r in ROWS if r[0] != "hkl"]
 QUICK_ROWS = ["ce only", "gold", "pkl, merge first"]
 TASK = "xtoken_mini_arith"
 
 # ----------------------------------------------------------------------------- 1. data
-NAMES = [("Mia", "She"), ("Tom", "He"), ("Ana", "She"), ("Ben", "He"), ("Zoe", "She"),
-         ("Sam", "He"), ("Lily", "She"), ("Max", "He"), ("Ella", "She"), ("Leo", "He"),
-         ("Nora", "She"), ("Jack", "He"), ("Ruby", "She"), ("Omar", "He"), ("Ivy", "She"),
-         ("Noah", "He")]  # fmt: skip
-ITEMS = ["apples", "books", "coins", "stamps", "shells", "cards", "pencils", "marbles", "stickers",
-         "cookies", "beads", "stones"]  # fmt: skip
+NAMES = [
+    ("Mia", "She"),
+    ("Tom", "He"),
+    ("Ana", "She"),
+    ("Ben", "He"),
+    ("Zoe", "She"),
+    ("Sam", "He"),
+    ("Lily", "She"),
+    ("Max", "He"),
+    ("Ella", "She"),
+    ("Leo", "He"),
+    ("Nora", "She"),
+    ("Jack", "He"),
+    ("Ruby", "She"),
+    ("Omar", "He"),
+    ("Ivy", "She"),
+    ("Noah", "He"),
+]
+ITEMS = [
+    "apples",
+    "books",
+    "coins",
+    "stamps",
+    "shells",
+    "cards",
+    "pencils",
+    "marbles",
+    "stickers",
+    "cookies",
+    "beads",
+    "stones",
+]
 GAIN = ["got {b} more", "found {b} more", "bought {b} more", "was given {b} more"]
 
 
@@ -125,8 +214,6 @@ def make_data(out: str, s: dict, seed: int = 0) -> dict[str, str]:
 
 
 def write_text(path: str, text: str) -> None:
-    from tokens import atomic_write
-
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
@@ -149,11 +236,6 @@ def prune_tokenizer(name: str, texts: list[str], out_dir: str) -> tuple:
     """The real tokenizer with ids renumbered: the kept ids (used by `texts`, all-digit tokens,
     special tokens) first, in their original order, then the rest. Returns (tokenizer, kept).
     A model with `kept` output rows then never sees or emits an id outside them on this data."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    from tokens import load_tokenizer, token_bytes
-
     done = os.path.join(out_dir, "kept.json")  # written last: the tokenizer is complete
     if os.path.exists(done):
         with open(done) as f:
@@ -195,10 +277,6 @@ def prune_tokenizer(name: str, texts: list[str], out_dir: str) -> tuple:
 
 def pruned_projection(student_tok, teacher_tok, n_student: int, n_teacher: int) -> dict:
     """The real W (built over the renumbered ids) cut to the kept ids, rows renormalized."""
-    import torch
-
-    from build_projection import build_projection
-
     full = build_projection(student_tok, teacher_tok)
     W = full["W"].coalesce()
     (rows, cols), vals = W.indices(), W.values()
@@ -218,9 +296,6 @@ def pruned_projection(student_tok, teacher_tok, n_student: int, n_teacher: int) 
 
 def init_model(arch: str, tok, vocab: int, out_dir: str, seed: int) -> str:
     """A random model with `vocab` output rows, saved with its tokenizer (train.py loads both)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return out_dir
     torch.manual_seed(seed)
@@ -239,17 +314,40 @@ def init_model(arch: str, tok, vocab: int, out_dir: str, seed: int) -> str:
 
 
 # ----------------------------------------------------------------------------- 3-4. training
-def train_job(label: str, init: str, data: str, out_dir: str, steps: int, batch: int, seed: int,
-              extra: list[str], seq_len: int = SEQ_LEN) -> dict:  # fmt: skip
+def train_job(
+    label: str,
+    init: str,
+    data: str,
+    out_dir: str,
+    steps: int,
+    batch: int,
+    seed: int,
+    extra: list[str],
+    seq_len: int = SEQ_LEN,
+) -> dict:
     """A train.py command; done when its last checkpoint exists (then it is not rerun)."""
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--student", init, "--data", data,
-           "--out-dir", out_dir, "--seq-len", str(seq_len), "--batch-size", str(batch),
-           "--grad-accum", "1", "--max-steps", str(steps), "--lr", "3e-3", "--min-lr", "3e-4",
-           "--warmup-steps", "50", "--weight-decay", "0.0", "--num-workers", "0",
-           "--save-every", str(steps), "--keep-last", "1", "--log-every", "50",
-           "--seed", str(seed), "--overwrite",
-           # one problem per window in file order: the setting the table was measured in
-           "--no-pack", "--no-shuffle", *extra]  # fmt: skip
+    flags = {
+        "--student": init,
+        "--data": data,
+        "--out-dir": out_dir,
+        "--seq-len": str(seq_len),
+        "--batch-size": str(batch),
+        "--grad-accum": "1",
+        "--max-steps": str(steps),
+        "--lr": "3e-3",
+        "--min-lr": "3e-4",
+        "--warmup-steps": "50",
+        "--weight-decay": "0.0",
+        "--num-workers": "0",
+        "--save-every": str(steps),
+        "--keep-last": "1",
+        "--log-every": "50",
+        "--seed": str(seed),
+    }
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")]
+    cmd += [word for flag, value in flags.items() for word in (flag, value)]
+    # one problem per window in file order: the setting the table was measured in
+    cmd += ["--overwrite", "--no-pack", "--no-shuffle", *extra]
     return {"label": label, "cmd": cmd, "final": os.path.join(out_dir, f"step_{steps}")}
 
 
@@ -326,11 +424,9 @@ metadata:
 
 def evaluate_all(models: dict[str, str], task_dir: str, out: str) -> dict[str, float]:
     """evaluate.py over every model (cached per model x task): exact match in percent."""
-    import csv
-
-    cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--include-path", task_dir,
-           "--tasks", TASK, "--out-dir", os.path.join(out, "eval"), "--device", "cpu",
-           "--batch-size", "64", "--num-fewshot", "0"]  # fmt: skip
+    cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--include-path", task_dir]
+    cmd += ["--tasks", TASK, "--out-dir", os.path.join(out, "eval"), "--device", "cpu"]
+    cmd += ["--batch-size", "64", "--num-fewshot", "0"]
     for label, path in models.items():  # evaluate.py labels: letters, digits, . _ -
         cmd += ["--model", f"{slug(label)}={path}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
@@ -345,11 +441,6 @@ def evaluate_all(models: dict[str, str], task_dir: str, out: str) -> dict[str, f
 def numeral_mass(model_dir: str, test: list[dict]) -> dict[str, float]:
     """At the position that predicts the answer's first token (answers >= 10), the student's
     total probability on multi-digit numeral tokens, and on the correct token."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from tokens import load_tokenizer, token_bytes
-
     tok = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -384,15 +475,19 @@ def summarize(results: dict, rows: list[str], seeds: list[int]) -> str:
             return f"{values[0]:.1f}"
         return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
-    lines = ["| row | exact match % (mean ± sd) | per seed | multi-digit mass | p(answer token) |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| row | exact match % (mean ± sd) | per seed | multi-digit mass | p(answer token) |",
+        "|---|---|---|---|---|",
+    ]
     for label in rows:
         per = [results[f"{label} / seed {s}"] for s in seeds]
         em = [r["exact_match"] for r in per]
         mass = [r["multi_digit_mass"] for r in per]
         p = [r["p_correct"] for r in per]
-        lines.append(f"| {label} | {spread(em)} | {', '.join(f'{v:.1f}' for v in em)} | "
-                     f"{statistics.mean(mass):.3f} | {statistics.mean(p):.3f} |")  # fmt: skip
+        lines.append(
+            f"| {label} | {spread(em)} | {', '.join(f'{v:.1f}' for v in em)} | "
+            f"{statistics.mean(mass):.3f} | {statistics.mean(p):.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -416,10 +511,6 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    from build_projection import ArgumentParser, int_flag, one_line_errors
-
     p = ArgumentParser(prog="mini.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="out/mini", help="output directory (created if needed)")
     size = p.add_mutually_exclusive_group()
@@ -444,18 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     return one_line_errors(lambda: _run(args))
 
 
-def _run(args) -> int:
-    from build_projection import check_output_dir
-
-    setting = "smoke" if args.smoke else "quick" if args.quick else "full"
-    s = SETTINGS[setting]
-    wanted = args.row or (FULL_ROWS if setting == "full" else QUICK_ROWS)
-    unknown = sorted(set(wanted) - {r[0] for r in ROWS})
-    if unknown:
-        raise ValueError(f"unknown rows {unknown}; choose from {[r[0] for r in ROWS]}")
-    rows = [r for r in ROWS if r[0] in wanted]
-    if args.seeds is not None:
-        s = dict(s, seeds=args.seeds)
+def _run(args: argparse.Namespace) -> int:
+    """The reproduction, stage by stage; each stage skips what an earlier run finished."""
+    setting, s, rows = chosen_setting(args)
     check_output_dir(args.out, "--out")  # before any work
     out = args.out
     started = time.perf_counter()
@@ -463,12 +545,62 @@ def _run(args) -> int:
     print("1. data", flush=True)
     paths = make_data(out, s)
     test = read_jsonl(paths["test"])
-    texts = [d["text"] for d in read_jsonl(paths["teacher"]) + test]
 
     print("2. pruned vocabularies and W", flush=True)
-    from audit import audit
-    from build_projection import load_projection, save_projection
+    vocab = prune_vocabularies(out, [d["text"] for d in read_jsonl(paths["teacher"]) + test])
 
+    print("3. teachers (and the CE-only students)", flush=True)
+    teachers = teacher_jobs(out, s, rows, vocab, paths["teacher"])
+    teacher_dirs = {key: job["final"] for key, job in teachers.items()}
+    students = student_jobs(out, s, rows, vocab, paths["student"], teacher_dirs)
+    train_all(
+        list(teachers.values()),
+        students,
+        f"{len(rows)} rows x {len(s['seeds'])} seeds",
+        args.parallel,
+        os.path.join(out, "logs"),
+    )
+
+    print("5. evaluate.py and numeral mass", flush=True)
+    models = {f"teacher {k}": v for k, v in teacher_dirs.items()}
+    models |= {job["label"]: job["final"] for job in students}
+    results = measure(models, out, paths["test"], test)
+
+    print("6. results", flush=True)
+    minutes = (time.perf_counter() - started) / 60
+    md = write_report(out, setting, s, rows, list(teacher_dirs), results, vocab, len(test), minutes)
+    print(md)
+    return 0
+
+
+def chosen_setting(args: argparse.Namespace) -> tuple[str, dict, list[tuple]]:
+    """(the setting's name, its sizes with --seeds applied, the ROWS to run); a ValueError for an
+    unknown --row."""
+    setting = "smoke" if args.smoke else "quick" if args.quick else "full"
+    s = SETTINGS[setting]
+    wanted = args.row or (FULL_ROWS if setting == "full" else QUICK_ROWS)
+    unknown = sorted(set(wanted) - {r[0] for r in ROWS})
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; choose from {[r[0] for r in ROWS]}")
+    if args.seeds is not None:
+        s = dict(s, seeds=args.seeds)
+    return setting, s, [r for r in ROWS if r[0] in wanted]
+
+
+@dataclass
+class Vocabularies:
+    """The pruned tokenizers and their kept sizes, W's file, the audit's numeral coverage."""
+
+    s_tok: PreTrainedTokenizerFast  # student: Llama-3.2
+    n_s: int
+    q_tok: PreTrainedTokenizerFast  # teacher: Qwen3
+    n_q: int
+    w_path: str
+    coverage: dict[str, str]  # "digits_2", "digits_3": "common/total"
+
+
+def prune_vocabularies(out: str, texts: list[str]) -> Vocabularies:
+    """Stage 2: both pruned tokenizers, the pruned W (saved once), and the audit on it."""
     s_tok, n_s = prune_tokenizer("pkg:llama-3.2", texts, os.path.join(out, "tok", "llama"))
     q_tok, n_q = prune_tokenizer("pkg:qwen3", texts, os.path.join(out, "tok", "qwen"))
     w_path = os.path.join(out, "W_llama_qwen.pt")
@@ -477,75 +609,144 @@ def _run(args) -> int:
     report = audit(s_tok, load_projection(w_path, s_tok, q_tok))
     cats = report["categories"]
     coverage = {k: f"{cats[k]['common']}/{cats[k]['total']}" for k in ("digits_2", "digits_3")}
-    print(f"   student vocab {n_s} of {len(s_tok)}, teacher {n_q} of {len(q_tok)}; audit on the "
-          f"pruned W: common 2-digit {coverage['digits_2']}, 3-digit {coverage['digits_3']}, "
-          f"recommends {report['recommended']}", flush=True)  # fmt: skip
+    print(
+        f"   student vocab {n_s} of {len(s_tok)}, teacher {n_q} of {len(q_tok)}; audit on the "
+        f"pruned W: common 2-digit {coverage['digits_2']}, 3-digit {coverage['digits_3']}, "
+        f"recommends {report['recommended']}",
+        flush=True,
+    )
+    return Vocabularies(s_tok, n_s, q_tok, n_q, w_path, coverage)
 
-    print("3. teachers (and the CE-only students)", flush=True)
-    teachers = {"qwen": ("qwen3", q_tok, n_q)}
+
+def teacher_jobs(out: str, s: dict, rows: list[tuple], vocab: Vocabularies, data: str) -> dict:
+    """{"qwen": its train.py job, and "llama" when a row needs it}, their models initialized."""
+    teachers = {"qwen": (vocab.q_tok, vocab.n_q)}
     if any(t == "llama" for _, t, _ in rows):
-        teachers["llama"] = ("llama", s_tok, n_s)
-    jobs, teacher_dirs = [], {}
-    for key, (arch, tok, n) in teachers.items():
-        init = init_model(arch, tok, n, os.path.join(out, "init", f"teacher-{key}"), seed=100)
+        teachers["llama"] = (vocab.s_tok, vocab.n_s)
+    jobs = {}
+    for key, (tok, n) in teachers.items():
+        init_dir = os.path.join(out, "init", f"teacher-{key}")
+        init = init_model(TEACHER_ARCH[key], tok, n, init_dir, seed=100)
         run_dir = os.path.join(out, "runs", f"teacher-{key}")
-        jobs.append(train_job(f"teacher {key}", init, paths["teacher"], run_dir,
-                              s["teacher_steps"], s["teacher_batch"], 100, ["--loss", "ce"],
-                              TEACHER_SEQ_LEN))  # fmt: skip
-        teacher_dirs[key] = jobs[-1]["final"]
-    teacher_jobs, jobs, students = jobs, [], {}
+        jobs[key] = train_job(
+            f"teacher {key}",
+            init,
+            data,
+            run_dir,
+            s["teacher_steps"],
+            s["teacher_batch"],
+            100,
+            ["--loss", "ce"],
+            TEACHER_SEQ_LEN,
+        )
+    return jobs
+
+
+def student_jobs(
+    out: str,
+    s: dict,
+    rows: list[tuple],
+    vocab: Vocabularies,
+    data: str,
+    teacher_dirs: dict[str, str],
+) -> list[dict]:
+    """One train.py job per row and seed; each seed's model initialized, its data shuffled."""
+    jobs = []
     for seed in s["seeds"]:
-        init = init_model("llama", s_tok, n_s, os.path.join(out, "init", f"student-{seed}"), seed)
-        data = os.path.join(out, "data", f"student-seed{seed}.jsonl")
-        if not os.path.exists(data):  # the same documents, in a seed's own order
-            docs = read_jsonl(paths["student"])
-            random.Random(seed).shuffle(docs)
-            write_jsonl(data, docs)
+        init_dir = os.path.join(out, "init", f"student-{seed}")
+        init = init_model("llama", vocab.s_tok, vocab.n_s, init_dir, seed)
+        seed_data = shuffled_data(out, data, seed)
         for label, teacher, extra in rows:
             extra = list(extra)
             if teacher:
                 extra = ["--teacher", teacher_dirs[teacher], *extra]
                 if teacher == "qwen":
-                    extra += ["--projection", w_path]
+                    extra += ["--projection", vocab.w_path]
             run_dir = os.path.join(out, "runs", f"{slug(label)}-seed{seed}")
-            job = train_job(f"{label} / seed {seed}", init, data, run_dir, s["student_steps"],
-                            s["student_batch"], seed, extra)  # fmt: skip
-            jobs.append(job)
-            students[job["label"]] = job["final"]
-    no_teacher = [j for j in jobs if "--teacher" not in j["cmd"]]  # CE only: beside the teachers
-    run_jobs(teacher_jobs + no_teacher, args.parallel, os.path.join(out, "logs"))
-    print(f"4. students: {len(rows)} rows x {len(s['seeds'])} seeds", flush=True)
-    run_jobs([j for j in jobs if j not in no_teacher], args.parallel, os.path.join(out, "logs"))
+            jobs.append(
+                train_job(
+                    f"{label} / seed {seed}",
+                    init,
+                    seed_data,
+                    run_dir,
+                    s["student_steps"],
+                    s["student_batch"],
+                    seed,
+                    extra,
+                )
+            )
+    return jobs
 
-    print("5. evaluate.py and numeral mass", flush=True)
-    task_dir = write_task(out, paths["test"])
-    models = {f"teacher {k}": v for k, v in teacher_dirs.items()} | students
-    accuracy = evaluate_all(models, task_dir, out)
-    results = {}
-    for label, path in models.items():
-        results[label] = {"exact_match": accuracy[label], **numeral_mass(path, test)}
 
-    print("6. results", flush=True)
-    teacher_lines = "\n".join(
-        f"| teacher {k} ({teachers[k][0]} tokenizer) | {results[f'teacher {k}']['exact_match']:.1f}"
-        f" | | {results[f'teacher {k}']['multi_digit_mass']:.3f} | "
-        f"{results[f'teacher {k}']['p_correct']:.3f} |"
-        for k in teacher_dirs
+def shuffled_data(out: str, data: str, seed: int) -> str:
+    """The student's documents in a seed's own order, written once."""
+    path = os.path.join(out, "data", f"student-seed{seed}.jsonl")
+    if not os.path.exists(path):
+        docs = read_jsonl(data)
+        random.Random(seed).shuffle(docs)
+        write_jsonl(path, docs)
+    return path
+
+
+def train_all(
+    teachers: list[dict], students: list[dict], size: str, parallel: int, log_dir: str
+) -> None:
+    """The teachers with the CE-only students beside them, then (stage 4) the other students."""
+    no_teacher = [j for j in students if "--teacher" not in j["cmd"]]
+    run_jobs(teachers + no_teacher, parallel, log_dir)
+    print(f"4. students: {size}", flush=True)
+    run_jobs([j for j in students if j not in no_teacher], parallel, log_dir)
+
+
+def measure(models: dict[str, str], out: str, test_path: str, test: list[dict]) -> dict:
+    """Stage 5: {label: exact match (evaluate.py), multi-digit mass, p(answer token)}."""
+    accuracy = evaluate_all(models, write_task(out, test_path), out)
+    return {
+        label: {"exact_match": accuracy[label], **numeral_mass(path, test)}
+        for label, path in models.items()
+    }
+
+
+def write_report(
+    out: str,
+    setting: str,
+    s: dict,
+    rows: list[tuple],
+    teachers: list[str],
+    results: dict,
+    vocab: Vocabularies,
+    n_test: int,
+    minutes: float,
+) -> str:
+    """Stage 6: results.md (returned) and results.json."""
+    lines = [summarize(results, [r[0] for r in rows], s["seeds"])]
+    for k in teachers:
+        r = results[f"teacher {k}"]
+        lines.append(
+            f"| teacher {k} ({TEACHER_ARCH[k]} tokenizer) | {r['exact_match']:.1f} | | "
+            f"{r['multi_digit_mass']:.3f} | {r['p_correct']:.3f} |"
+        )
+    table = "\n".join(lines)
+    coverage = vocab.coverage
+    md = (
+        f"# Mini reproduction ({setting})\n\n{table}\n\n"
+        f"Test: {n_test} held-out problems, greedy exact match (lm-eval via evaluate.py). "
+        f"Mass: at the answer's first position, answers >= 10. Student vocab {vocab.n_s}, "
+        f"teacher {vocab.n_q}; audit on the pruned W: 2-digit {coverage['digits_2']}, 3-digit "
+        f"{coverage['digits_3']} in the common set. {minutes:.1f} min.\n"
     )
-    table = summarize(results, [r[0] for r in rows], s["seeds"]) + "\n" + teacher_lines
-    minutes = (time.perf_counter() - started) / 60
-    md = (f"# Mini reproduction ({setting})\n\n{table}\n\n"
-          f"Test: {len(test)} held-out problems, greedy exact match (lm-eval via evaluate.py). "
-          f"Mass: at the answer's first position, answers >= 10. Student vocab {n_s}, teacher "
-          f"{n_q}; audit on the pruned W: 2-digit {coverage['digits_2']}, 3-digit "
-          f"{coverage['digits_3']} in the common set. {minutes:.1f} min.\n")  # fmt: skip
     write_text(os.path.join(out, "results.md"), md)
-    summary = {"setting": setting, "settings": s, "rows": [r[0] for r in rows],
-               "results": results, "audit": coverage, "vocab": {"student": n_s, "teacher": n_q},
-               "minutes": minutes}  # fmt: skip
+    summary = {
+        "setting": setting,
+        "settings": s,
+        "rows": [r[0] for r in rows],
+        "results": results,
+        "audit": coverage,
+        "vocab": {"student": vocab.n_s, "teacher": vocab.n_q},
+        "minutes": minutes,
+    }
     write_text(os.path.join(out, "results.json"), json.dumps(summary, indent=2))
-    print(md)
-    return 0
+    return md
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import struct
 
 import torch
 
+from cli import LOAD_ERRORS
+
 LOCK = "run.lock"
 OVERWRITTEN = ".overwritten"
 
@@ -63,7 +65,7 @@ def checkpoint_problem(path: str, world_size: int) -> str | None:
             torch.load(os.path.join(path, name), weights_only=True, mmap=True)
         except FileNotFoundError:
             return f"{name} is missing"
-        except Exception as e:  # a damaged zip raises RuntimeError, EOFError, pickle errors...
+        except LOAD_ERRORS as e:
             return f"{name} is unreadable ({type(e).__name__})"
     return None
 

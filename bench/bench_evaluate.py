@@ -36,8 +36,14 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from tokens import load_tokenizer  # noqa: E402  (from ROOT, just put on the path)
+
 TASK_DIR = os.path.join(ROOT, "tests", "eval_tasks")
 
 # The direct path: what a user of lm-eval writes, with evaluate.py's settings (log_samples=False
@@ -59,11 +65,6 @@ print("METRICS", json.dumps(out["results"][task], default=str))
 
 def make_model(path: str) -> None:
     """A tiny random Llama with the real Llama-3.2 tokenizer (tests/test_evaluate.py uses it)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tokens import load_tokenizer
-
     tokenizer = load_tokenizer("pkg:llama-3.2")
     config = LlamaConfig(
         vocab_size=len(tokenizer),  # 128,257 ids: <|image|> included
@@ -115,9 +116,9 @@ def main() -> None:
         model = os.path.join(tmp, "step_10")
         make_model(model)
         direct = [sys.executable, "-c", DIRECT, model, args.task, str(args.limit), TASK_DIR]
-        evaluate = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--model", f"tiny={model}",
-                    "--include-path", TASK_DIR, "--tasks", args.task, "--limit", str(args.limit),
-                    "--num-fewshot", "3", "--batch-size", "8", "--device", "cpu"]  # fmt: skip
+        evaluate = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--model", f"tiny={model}"]
+        evaluate += ["--include-path", TASK_DIR, "--tasks", args.task, "--limit", str(args.limit)]
+        evaluate += ["--num-fewshot", "3", "--batch-size", "8", "--device", "cpu"]
 
         timed(direct, tmp)  # warm-up, untimed
         times: dict[str, list[float]] = {"direct": [], "evaluate": [], "cached": []}
@@ -139,9 +140,11 @@ def main() -> None:
         "evaluate": "evaluate.py",
         "cached": "evaluate.py, cached rerun",
     }
-    print(f"machine: {os.cpu_count()} CPU cores; task {args.task}, limit {args.limit}, 3-shot, "
-          f"batch 8, cpu; whole fresh processes, best of {args.repeats}; {metric} "
-          f"{score:.2f} on both paths\n")  # fmt: skip
+    print(
+        f"machine: {os.cpu_count()} CPU cores; task {args.task}, limit {args.limit}, 3-shot, "
+        f"batch 8, cpu; whole fresh processes, best of {args.repeats}; {metric} "
+        f"{score:.2f} on both paths\n"
+    )
     print("| path | seconds | x direct |\n|---|---:|---:|")
     for path, label in rows.items():
         print(f"| {label} | {best[path]:.1f} | {best[path] / best['direct']:.2f} |")
@@ -149,14 +152,20 @@ def main() -> None:
     if args.json:
         overhead = best["evaluate"] - best["direct"]
         figures = [
-            {"measure": f"direct simple_evaluate ({args.task}, limit {args.limit})",
-             "figure": f"{best['direct']:.1f} s"},
-            {"measure": "evaluate.py, same model x task",
-             "figure": f"{best['evaluate']:.1f} s ({best['evaluate'] / best['direct']:.2f}x "
-                       f"direct, {overhead:+.1f} s)"},
-            {"measure": "evaluate.py, cached rerun",
-             "figure": f"{best['cached']:.1f} s ({best['cached'] / best['direct']:.2f}x direct)"},
-        ]  # fmt: skip
+            {
+                "measure": f"direct simple_evaluate ({args.task}, limit {args.limit})",
+                "figure": f"{best['direct']:.1f} s",
+            },
+            {
+                "measure": "evaluate.py, same model x task",
+                "figure": f"{best['evaluate']:.1f} s ({best['evaluate'] / best['direct']:.2f}x "
+                f"direct, {overhead:+.1f} s)",
+            },
+            {
+                "measure": "evaluate.py, cached rerun",
+                "figure": f"{best['cached']:.1f} s ({best['cached'] / best['direct']:.2f}x direct)",
+            },
+        ]
         with open(args.json, "w") as f:
             json.dump({"stage": "evaluate", "figures": figures, "seconds": best}, f, indent=1)
 

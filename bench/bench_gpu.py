@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 
@@ -33,6 +34,8 @@ sys.path.insert(0, HERE)
 from bench_losses import chunk_ids, random_projection  # noqa: E402
 
 import losses  # noqa: E402
+from build_projection import hkl_pairs  # noqa: E402
+from data import make_tiny_corpus  # noqa: E402
 
 LOSSES = ["pkl", "pkl_learnable", "gold", "hkl", "uld", "kl", "ce"]
 TRAIN_LOSSES = ["ce", "pkl", "gold", "hkl"]
@@ -62,7 +65,7 @@ def loss_inputs(name: str, n: int, vs: int, vt: int, k: int, device, dtype) -> t
     if name == "pkl_learnable":
         proj = losses.LearnableProjection(W).to(device)
         return s, t, lambda: losses.pkl_loss(s, t, s_chunk, t_chunk, proj, vocab_topk=k)
-    pairs = losses.hkl_pairs(W, exact) if name == "hkl" else exact
+    pairs = hkl_pairs(W, exact) if name == "hkl" else exact
     return s, t, lambda: losses.gold_loss(s, t, s_chunk, t_chunk, pairs, uld_topk=k)
 
 
@@ -112,7 +115,8 @@ def time_losses(args) -> list[dict]:
                 }
             )
             del s, t, fn
-        except Exception as e:  # report and go on: one failure must not hide the others
+        except (RuntimeError, ValueError) as e:  # out of memory, a CUDA error: report, go on
+            traceback.print_exc()  # the whole trace: a bug must not pass for a device limit
             rows.append({"loss": name, "error": f"{type(e).__name__}: {e}"[:300]})
         if cuda:
             torch.cuda.empty_cache()
@@ -122,8 +126,6 @@ def time_losses(args) -> list[dict]:
 
 def long_doc_corpus(path: str) -> str:
     """Documents of several thousand tokens, so that 2,048-token windows are full."""
-    from data import make_tiny_corpus
-
     src = make_tiny_corpus(os.path.join(path, "src"), n_docs=3000, seed=1)
     texts = []
     with open(os.path.join(src, "part-000.jsonl"), "rb") as f:
@@ -178,11 +180,15 @@ def time_training(args) -> list[dict]:
                 with open(os.path.join(out, "metrics.jsonl")) as f:
                     records = [json.loads(line) for line in f]
                 timed = records[2:] or records
-                rows.append({
-                    "loss": loss,
-                    "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
-                    "peak_mem_gb": max(r.get("peak_mem_gb", float("nan")) for r in records),
-                    "steps": len(records), "wall_s": wall})  # fmt: skip
+                rows.append(
+                    {
+                        "loss": loss,
+                        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+                        "peak_mem_gb": max(r.get("peak_mem_gb", float("nan")) for r in records),
+                        "steps": len(records),
+                        "wall_s": wall,
+                    }
+                )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -225,11 +231,16 @@ def main() -> None:
             f"{r['extra_peak_gb']:.2f} ({r['grad_gb']:.2f})",
         ],
     )
-    print_table(f"{gpu}: train.py --preset {args.preset}, median tokens/s of steps 3-{args.steps}",
-                ["loss", "student tokens/s per GPU", "x reference 3k", "peak GB"],
-                result.get("train", []),
-                lambda r: [f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / 3000:.2f}",
-                           f"{r['peak_mem_gb']:.1f}"])  # fmt: skip
+    print_table(
+        f"{gpu}: train.py --preset {args.preset}, median tokens/s of steps 3-{args.steps}",
+        ["loss", "student tokens/s per GPU", "x reference 3k", "peak GB"],
+        result.get("train", []),
+        lambda r: [
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['tokens_per_s'] / 3000:.2f}",
+            f"{r['peak_mem_gb']:.1f}",
+        ],
+    )
 
 
 def print_table(title: str, header: list[str], rows: list[dict], cells) -> None:

@@ -27,12 +27,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import losses  # noqa: E402
+from build_projection import hkl_pairs  # noqa: E402
 
 warnings.filterwarnings("ignore", "Sparse invariant checks")
 LOSSES = ["pkl", "pkl_learnable", "gold", "hkl", "uld", "kl", "ce"]
 # (student positions, teacher positions) of a chunk and its probability: ~1.2 student per teacher
-CHUNK_SHAPES = [((1, 1), 0.70), ((2, 1), 0.15), ((3, 1), 0.05), ((1, 2), 0.04), ((2, 2), 0.03),
-                ((1, 3), 0.03)]  # fmt: skip
+CHUNK_SHAPES = [
+    ((1, 1), 0.70),
+    ((2, 1), 0.15),
+    ((3, 1), 0.05),
+    ((1, 2), 0.04),
+    ((2, 2), 0.03),
+    ((1, 3), 0.03),
+]
 
 
 def chunk_ids(batch: int, positions: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +103,7 @@ def make_inputs(name: str, args) -> tuple:
     if name == "pkl_learnable":
         proj = losses.LearnableProjection(W)
         return s, t, lambda: losses.pkl_loss(s, t, s_chunk, t_chunk, proj, vocab_topk=args.k)
-    pairs = losses.hkl_pairs(W, exact) if name == "hkl" else exact
+    pairs = hkl_pairs(W, exact) if name == "hkl" else exact
     return s, t, lambda: losses.gold_loss(s, t, s_chunk, t_chunk, pairs, uld_topk=args.k)
 
 
@@ -129,10 +136,16 @@ def child(name: str, args) -> dict:
             wall[key].append(time.perf_counter() - start)
             cpu[key].append(time.process_time() - start_cpu)
     best = {key: min(v) for key, v in wall.items()}
-    return {"loss": name, "floor_s": best["floor"], "loss_s": best["loss"],
-            "ratio": best["loss"] / best["floor"],
-            "cpu_ratio": min(cpu["loss"]) / min(cpu["floor"]), "extra_peak_gb": extra,
-            "extra_peak_minus_grad_gb": extra - grad_gb, "grad_gb": grad_gb}  # fmt: skip
+    return {
+        "loss": name,
+        "floor_s": best["floor"],
+        "loss_s": best["loss"],
+        "ratio": best["loss"] / best["floor"],
+        "cpu_ratio": min(cpu["loss"]) / min(cpu["floor"]),
+        "extra_peak_gb": extra,
+        "extra_peak_minus_grad_gb": extra - grad_gb,
+        "grad_gb": grad_gb,
+    }
 
 
 def main() -> None:
@@ -157,10 +170,14 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args)))
         return
-    print(f"N={args.n} VS={args.vs} VT={args.vt} K={args.k} fp32, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, best of {args.repeats}")  # fmt: skip
-    print(f"{'loss':<14}{'floor s':>9}{'loss s':>9}{'x floor':>9}{'x floor cpu':>13}"
-          f"{'extra GB':>10}{'- grad GB':>11}")  # fmt: skip
+    print(
+        f"N={args.n} VS={args.vs} VT={args.vt} K={args.k} fp32, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, best of {args.repeats}"
+    )
+    print(
+        f"{'loss':<14}{'floor s':>9}{'loss s':>9}{'x floor':>9}{'x floor cpu':>13}"
+        f"{'extra GB':>10}{'- grad GB':>11}"
+    )
     figures = []
     for name in args.losses.split(","):
         argv = [sys.executable, __file__, "--child", name] + [
@@ -172,9 +189,11 @@ def main() -> None:
             figures.append({"measure": f"{name}: time / floor, extra peak", "figure": "failed"})
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{name:<14}{r['floor_s']:>9.2f}{r['loss_s']:>9.2f}{r['ratio']:>9.2f}"
-              f"{r['cpu_ratio']:>13.2f}{r['extra_peak_gb']:>10.2f}"
-              f"{r['extra_peak_minus_grad_gb']:>11.2f}")  # fmt: skip
+        print(
+            f"{name:<14}{r['floor_s']:>9.2f}{r['loss_s']:>9.2f}{r['ratio']:>9.2f}"
+            f"{r['cpu_ratio']:>13.2f}{r['extra_peak_gb']:>10.2f}"
+            f"{r['extra_peak_minus_grad_gb']:>11.2f}"
+        )
         gb, beyond = r["extra_peak_gb"], r["extra_peak_minus_grad_gb"]
         figure = f"{r['ratio']:.2f}x floor; {gb:.2f} GB extra peak ({beyond:.2f} beyond the grad)"
         measure = "the floor, run against itself" if name == "floor" else f"{name}: time / floor"

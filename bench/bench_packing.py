@@ -44,7 +44,14 @@ import sys
 import tempfile
 import time
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data  # noqa: E402
+import train  # noqa: E402
+from tokens import load_tokenizer  # noqa: E402
+
 PACKAGE, DOC_DIR = "git-doc", "/usr/share/doc/git-doc"
 # what train.py printed that a reader should see (tqdm glues warnings to its bar: search)
 NOTE = re.compile(r"(data: .*|warning.*|error.*|\w+Warning.*|Traceback.*)", re.IGNORECASE)
@@ -101,13 +108,22 @@ def train_argv(
     corpus: str, seq_len: int, pack: bool, batch: int, accum: int, steps: int, out: str, cache: str
 ) -> list[str]:
     """train.py's command line for one run (what the figures describe)."""
-    return [
-        "--preset", "tiny", "--data", corpus, "--seq-len", str(seq_len),
-        "--batch-size", str(batch), "--grad-accum", str(accum), "--max-steps", str(steps),
-        "--num-workers", "1", "--save-every", "0", "--log-every", "1", "--out-dir", out,
-        "--overwrite", "--projection-cache", cache, "--loss", "pkl",
-        *([] if pack else ["--no-pack"]),
-    ]  # fmt: skip
+    flags = {
+        "--preset": "tiny",
+        "--data": corpus,
+        "--seq-len": seq_len,
+        "--batch-size": batch,
+        "--grad-accum": accum,
+        "--max-steps": steps,
+        "--num-workers": 1,
+        "--save-every": 0,
+        "--log-every": 1,
+        "--out-dir": out,
+        "--projection-cache": cache,
+        "--loss": "pkl",
+    }
+    argv = [str(x) for flag, value in flags.items() for x in (flag, value)]
+    return [*argv, "--overwrite", *([] if pack else ["--no-pack"])]
 
 
 def run_train(argv: list[str], out: str) -> tuple[list[dict], list[str]]:
@@ -131,22 +147,10 @@ def pipeline_counts(argv: list[str], steps: int) -> list[tuple[int, int]]:
     """(real student tokens, student positions computed) of each step, from train.py's data
     pipeline built with train.py's arguments for this command line. One rank and one DataLoader
     worker, as in the runs: its batches are the dataset's windows in order."""
-    sys.path.insert(0, ROOT)
-    import torch
-
-    import data
-    import train
-    from tokens import load_tokenizer
-
     logging.getLogger("data").setLevel(logging.ERROR)  # train.py's own run reports these
     args = train.parse_args(argv)
     student, teachers = load_tokenizer(args.student), [load_tokenizer(t) for t in args.teacher]
-    dataset = data.AlignedWindows(  # the call in train.py, less resume state and ranks
-        args.data, student, teachers, args.seq_len, text_field=args.text_field,
-        teacher_cap=args.teacher_cap, repeat=True, data_config=args.data_config,
-        split=args.split, pack=args.pack, shuffle=args.shuffle,
-        shuffle_buffer=args.shuffle_buffer, seed=args.seed,
-    )  # fmt: skip
+    dataset = train.make_dataset(args, args.data, student, teachers)  # one rank, no resume
     collate = functools.partial(data.collate, pad_ids=dataset.pad_ids)
     batches = iter(torch.utils.data.DataLoader(dataset, args.batch_size, collate_fn=collate))
     counts = []

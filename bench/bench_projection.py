@@ -27,10 +27,9 @@ def run_once(student: str, teacher: str, out: str) -> tuple[float, float]:
         "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
     )
     start = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-c", code, "--student", student, "--teacher", teacher, "--out", out],
-        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
-    )  # fmt: skip
+    argv = [sys.executable, "-c", code, "--student", student, "--teacher", teacher, "--out", out]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(result.stderr)
@@ -52,8 +51,8 @@ def main() -> None:
             wall = min(r[0] for r in runs)
             peak = max(r[1] for r in runs)
             print(f"| {student} | {teacher} | {wall:.1f} | {peak:.0f} |")
-            figures.append({"measure": f"{student} -> {teacher}: wall, peak RSS",
-                            "figure": f"{wall:.1f} s, {peak:.0f} MB peak RSS"})  # fmt: skip
+            measure = f"{student} -> {teacher}: wall, peak RSS"
+            figures.append({"measure": measure, "figure": f"{wall:.1f} s, {peak:.0f} MB peak RSS"})
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"stage": "W build", "figures": figures}, f, indent=1)

@@ -34,9 +34,9 @@ RUNS = [
 def step_seconds(args: list[str], steps: int, cache: str) -> float:
     """Median seconds per step after two warm-up steps."""
     with tempfile.TemporaryDirectory() as out:
-        train.main(["--preset", "tiny", "--out-dir", out, "--projection-cache", cache,
-                    "--num-workers", "1", "--max-steps", str(steps), "--save-every",
-                    str(10 * steps), *args])  # fmt: skip
+        common = ["--preset", "tiny", "--out-dir", out, "--projection-cache", cache]
+        common += ["--num-workers", "1", "--max-steps", str(steps), "--save-every", str(10 * steps)]
+        train.main([*common, *args])
         with open(os.path.join(out, "metrics.jsonl")) as f:
             records = [json.loads(line) for line in f][2:]
     # tokens_per_s = the step's real student tokens ("tokens") / its seconds
@@ -51,15 +51,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         times = {label: step_seconds(run, args.steps, cache) for label, run in RUNS}
     base = times["ce only"]
-    print(f"\nmachine: {os.cpu_count()} CPU cores; tiny preset, 1 process, median of "
-          f"{args.steps - 2} steps\n")  # fmt: skip
+    print(
+        f"\nmachine: {os.cpu_count()} CPU cores; tiny preset, 1 process, median of "
+        f"{args.steps - 2} steps\n"
+    )
     print("| loss | s/step | x CE-only step |\n|---|---:|---:|")
     for label, seconds in times.items():
         print(f"| {label} | {seconds:.3f} | {seconds / base:.2f} |")
     if args.json:
-        figures = [{"measure": f"{label}: s/step",
-                    "figure": f"{seconds:.3f} s ({seconds / base:.2f}x CE-only)"}
-                   for label, seconds in times.items()]  # fmt: skip
+        figures = [
+            {
+                "measure": f"{label}: s/step",
+                "figure": f"{seconds:.3f} s ({seconds / base:.2f}x CE-only)",
+            }
+            for label, seconds in times.items()
+        ]
         with open(args.json, "w") as f:
             json.dump({"stage": "train step", "figures": figures}, f, indent=1)
 

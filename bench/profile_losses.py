@@ -14,12 +14,12 @@ waiting. Each call is run once (warm-up), then once under torch modes that count
   .to(device) without non_blocking, x[index tensor] = python scalar: they wait for the stream
   too; the last one was found by torch.cuda.set_sync_debug_mode on an H200). Host tensors (made
   by .cpu(), or by factories with no device=) are followed through the ops and not counted.
-  The modes do not see inside a custom autograd Function's backward: losses.py's backward reads
+  The modes do not see inside a custom autograd Function's backward: blocked.py's backward reads
   grad_out once (bool(grad_out != 1)), one more sync per call than printed, before and after;
 - ops: every aten op run, forward and backward: about one kernel launch each on a GPU;
 - blocks: the calls of the loss's per-block function (one autograd.grad each).
 On CPU the same code runs, so the counts are those a GPU run would make (--like-cuda picks the
-block size that losses.py would pick on a CUDA device with that many GB).
+block size that blocked.py would pick on a CUDA device with that many GB).
 """
 
 from __future__ import annotations
@@ -36,13 +36,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)  # bench_losses, when this file is loaded from elsewhere (the tests)
+from bench_losses import chunk_ids, random_projection  # noqa: E402
+
+import blocked  # noqa: E402
 import losses  # noqa: E402
+from build_projection import hkl_pairs  # noqa: E402
 
 warnings.filterwarnings("ignore", "Sparse invariant checks")
 LOSSES = ["pkl", "pkl_learnable", "gold", "hkl", "uld", "kl", "ce"]
-SYNC_CALLS = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__",
-              "nonzero", "argwhere", "bincount", "unique", "unique_consecutive", "masked_select",
-              "equal"}  # fmt: skip
+SYNC_CALLS = {
+    *("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__"),
+    *("nonzero", "argwhere", "bincount", "unique", "unique_consecutive", "masked_select", "equal"),
+}
 
 
 class OpCounter(TorchDispatchMode):
@@ -86,17 +92,16 @@ class SyncCounter(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         inputs = list(_tensors((args, kwargs)))
         on_device = any(not getattr(t, "_host", False) for t in inputs)
+        indexed = list(_tensors(args[1])) if name in ("__getitem__", "__setitem__") else []
+        size_from_data = name == "repeat_interleave" and "output_size" not in kwargs
         if on_device and (
             name in SYNC_CALLS
             or (name == "where" and len(args) == 1)
-            or (name == "repeat_interleave" and "output_size" not in kwargs
-                and any(isinstance(a, torch.Tensor) for a in args[1:]))
-            or (name in ("__getitem__", "__setitem__") and any(
-                t.dtype == torch.bool for t in _tensors(args[1])))
-        ):  # fmt: skip
+            or (size_from_data and any(isinstance(a, torch.Tensor) for a in args[1:]))
+            or any(t.dtype == torch.bool for t in indexed)
+        ):
             self.syncs[name.strip("_")] += 1
-        elif (on_device and name == "__setitem__" and not isinstance(args[2], torch.Tensor)
-              and any(True for _ in _tensors(args[1]))):  # fmt: skip
+        elif on_device and name == "__setitem__" and indexed and not torch.is_tensor(args[2]):
             self.syncs["x[index] = scalar (copies it to the device)"] += 1
         to_device = name == "to" and any(_is_device(a) for a in (*args[1:], kwargs.get("device")))
         if name == "to" and inputs and not on_device and to_device:
@@ -120,9 +125,6 @@ class SyncCounter(TorchFunctionMode):
 
 
 def loss_fn(name: str, args, g: torch.Generator):
-    sys.path.insert(0, HERE)  # here, not at the top: tests import SyncCounter alone
-    from bench_losses import chunk_ids, random_projection
-
     s_chunk, t_chunk = chunk_ids(4, args.n // 4, g)
     vt = args.vs if name == "kl" else args.vt
     s = torch.randn(4, args.n // 4, args.vs, generator=g).to(torch.bfloat16).requires_grad_()
@@ -140,27 +142,28 @@ def loss_fn(name: str, args, g: torch.Generator):
     if name == "pkl_learnable":
         proj = losses.LearnableProjection(W)
         return s, lambda: losses.pkl_loss(s, t, s_chunk, t_chunk, proj, vocab_topk=args.k)
-    pairs = losses.hkl_pairs(W, exact) if name == "hkl" else exact
+    pairs = hkl_pairs(W, exact) if name == "hkl" else exact
     return s, lambda: losses.gold_loss(s, t, s_chunk, t_chunk, pairs, uld_topk=args.k)
 
 
 def count_blocks(fn) -> tuple[int, object]:
-    """Run fn, counting the per-block loss calls (the closures that _block_sum receives)."""
+    """Run fn, counting the calls of the per-block function (the `terms` that the losses hand to
+    blocked.block_sum, called once per block)."""
     calls = [0]
-    inner = losses._block_sum
+    inner = blocked.block_sum
 
-    def counting(block_loss, *rest, **kw):
+    def counting(terms, *rest, **kw):
         def wrapped(*a, **k):
             calls[0] += 1
-            return block_loss(*a, **k)
+            return terms(*a, **k)
 
         return inner(wrapped, *rest, **kw)
 
-    losses._block_sum = counting
+    blocked.block_sum = counting  # the losses call it through the module: they get this one
     try:
         out = fn()
     finally:
-        losses._block_sum = inner
+        blocked.block_sum = inner
     return calls[0], out
 
 
@@ -171,16 +174,14 @@ def main() -> None:
     p.add_argument("--vt", type=int, default=151936)
     p.add_argument("--k", type=int, default=8192)
     p.add_argument("--like-cuda", type=float, metavar="GB", help="block size of a GPU this big")
-    p.add_argument("--block-elements", type=int, help="losses.BLOCK_ELEMENTS (CPU's block size)")
+    p.add_argument("--block-elements", type=int, help="blocked.BLOCK_ELEMENTS (CPU's block size)")
     p.add_argument("--losses", default=",".join(LOSSES))
     args = p.parse_args()
     if args.block_elements:
-        losses.BLOCK_ELEMENTS = args.block_elements
-    if args.like_cuda and hasattr(losses, "_block_elements"):
-        elements = losses._cuda_block_elements(int(args.like_cuda * 2**30))
-        losses._block_elements = lambda device: elements
-    elif args.like_cuda:
-        print("this losses.py has one block size for every device")
+        blocked.BLOCK_ELEMENTS = args.block_elements
+    if args.like_cuda:
+        elements = blocked.cuda_block_elements(int(args.like_cuda * 2**30))
+        blocked.block_elements = lambda device: elements
     print(f"N={args.n} VS={args.vs} VT={args.vt} K={args.k} bf16; per call, forward + backward")
     print(f"{'loss':<14}{'blocks':>7}{'syncs':>7}{'aten ops':>9}  syncs by kind")
     for name in args.losses.split(","):

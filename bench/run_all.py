@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 
+import torch
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 # script: (stage, its quick arguments); full runs use each script's own defaults
 SCRIPTS = {
@@ -47,8 +49,6 @@ def machine() -> str:
     memory = info["MemTotal"]
     if memory.endswith(" kB"):
         memory = f"{int(memory[:-3]) / 2**20:.0f} GB"
-    import torch  # imported last: only this needs it, and it takes seconds
-
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
         gpu = f"{n} x {torch.cuda.get_device_name(0)}"

@@ -79,5 +79,14 @@ def cache(tmp_path_factory) -> str:
 
 def tiny_argv(out_dir, cache: str, *extra: str) -> list[str]:
     """train.py's arguments for an in-process tiny run (no DataLoader workers)."""
-    return ["--preset", "tiny", "--out-dir", str(out_dir), "--projection-cache", cache,
-            "--num-workers", "0", *extra]  # fmt: skip
+    return [
+        "--preset",
+        "tiny",
+        "--out-dir",
+        str(out_dir),
+        "--projection-cache",
+        cache,
+        "--num-workers",
+        "0",
+        *extra,
+    ]

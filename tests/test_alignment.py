@@ -1,4 +1,4 @@
-"""tokens.align_text on REAL tokenizer pairs, checked against expectations computed here from the
+"""align.align_text on REAL tokenizer pairs, checked against expectations computed here from the
 definitions (METHOD.md section 4): token bytes, cumulative byte boundaries, the teacher's own
 normalization (Qwen3: NFC); never from the aligner's own intermediate results."""
 
@@ -15,8 +15,9 @@ import pytest
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
+from align import _spans_from_offsets, align_text, predictor_chunks, token_spans
 from conftest import get_tokenizer
-from tokens import _spans_from_offsets, align_text, predictor_chunks, token_bytes, token_spans
+from tokens import token_bytes
 
 TEXTS = {
     "numbers": "In 2024, 201 of 1,234,567 users paid $3.14159 (0.5% vs 12.75%) on 10/20/30.",

@@ -66,9 +66,18 @@ def test_categorize_follows_the_definitions():
 def test_cli_writes_the_json_schema_and_shows_rows(tmp_path, capsys, llama, qwen):
     out = tmp_path / "audit.json"
     code = audit.main(
-        ["--student", "pkg:llama-3.2", "--teacher", "pkg:qwen3", "--json", str(out),
-         "--show", "201", " the"]
-    )  # fmt: skip
+        [
+            "--student",
+            "pkg:llama-3.2",
+            "--teacher",
+            "pkg:qwen3",
+            "--json",
+            str(out),
+            "--show",
+            "201",
+            " the",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     report = json.loads(out.read_text())
@@ -83,12 +92,18 @@ def test_cli_writes_the_json_schema_and_shows_rows(tmp_path, capsys, llama, qwen
     # <|endoftext|> (151643), not with <|im_end|> (151645), which Qwen3's config calls eos
     end_of_text, endoftext = "<|end_of_text|>", "<|endoftext|>"
     assert report["special_pairs"] == [
-        {"role": "end_of_document",
-         "student_id": llama.convert_tokens_to_ids(end_of_text), "student_token": end_of_text,
-         "teacher_id": qwen.convert_tokens_to_ids(endoftext), "teacher_token": endoftext}
-    ]  # fmt: skip
-    assert "special tokens paired:\n  end_of_document  '<|end_of_text|>' (128001) <-> " \
-        "'<|endoftext|>' (151643)\nrecommended loss" in printed  # fmt: skip
+        {
+            "role": "end_of_document",
+            "student_id": llama.convert_tokens_to_ids(end_of_text),
+            "student_token": end_of_text,
+            "teacher_id": qwen.convert_tokens_to_ids(endoftext),
+            "teacher_token": endoftext,
+        }
+    ]
+    assert (
+        "special tokens paired:\n  end_of_document  '<|end_of_text|>' (128001) <-> "
+        "'<|endoftext|>' (151643)\nrecommended loss" in printed
+    )
 
 
 def test_llama_vs_o200k_pairs_only_the_end_of_document(llama, o200k, W_llama_o200k):
@@ -120,25 +135,32 @@ def test_cli_uses_a_W_file_and_rejects_one_from_another_pair(tmp_path, capsys, W
 # ----------------------------------------------------------------------------- bad input
 
 BAD_AUDIT_INPUTS = [
-    (["--min-coverage", "-1", "--threshold", "5"], "argument --min-coverage: -1 is out of range; "
-     "give a number in [0, 1]"),
+    (
+        ["--min-coverage", "-1", "--threshold", "5"],
+        "argument --min-coverage: -1 is out of range; give a number in [0, 1]",
+    ),
     (["--threshold", "5"], "argument --threshold: 5 is out of range; give a number in (0, 1]"),
     (["--threshold", "0"], "argument --threshold: 0 is out of range"),
     (["--threshold", "nan"], "argument --threshold: nan is out of range"),
     (["--threshold", "inf"], "argument --threshold: inf is out of range"),
     (["--min-coverage", "1.5"], "argument --min-coverage: 1.5 is out of range"),
     (["--min-coverage", "most"], "argument --min-coverage: 'most' is not a number"),
-    (["--critical", "digits_2,digits_9"], "--critical: unknown category ['digits_9']; choose "
-     "from digits_1"),
-    (["--json", "{tmp}"], "--json {tmp} is a directory; name a file, e.g. --json "
-     "{tmp}/audit.json"),
-    (["--json", "{tmp}/file/audit.json"], "cannot write {tmp}/file/audit.json: {tmp}/file is a "
-     "file, not a directory"),
+    (
+        ["--critical", "digits_2,digits_9"],
+        "--critical: unknown category ['digits_9']; choose from digits_1",
+    ),
+    (["--json", "{tmp}"], "--json {tmp} is a directory; name a file, e.g. --json {tmp}/audit.json"),
+    (
+        ["--json", "{tmp}/file/audit.json"],
+        "cannot write {tmp}/file/audit.json: {tmp}/file is a file, not a directory",
+    ),
     (["--projection", "{tmp}"], "projection file {tmp} is a directory"),
     (["--projection", "{tmp}/W.pt"], "projection file {tmp}/W.pt does not exist; build it"),
-    (["--teacher", "no-such-org/no-such-model"], "cannot load tokenizer 'no-such-org/"
-     "no-such-model'"),
-]  # fmt: skip
+    (
+        ["--teacher", "no-such-org/no-such-model"],
+        "cannot load tokenizer 'no-such-org/no-such-model'",
+    ),
+]
 
 
 @pytest.mark.parametrize(
@@ -149,7 +171,7 @@ def test_audit_bad_input_is_one_line_and_exit_2(extra, message, tmp_path, capsys
     (tmp_path / "file").write_text("x")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in [*PAIR, *extra]]
     monkeypatch.setattr(audit, "audit", no_work)  # no bad input gets as far as the audit
-    monkeypatch.setattr("build_projection.build_projection", no_work)
+    monkeypatch.setattr(audit, "build_projection", no_work)
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # conftest: the hub name is unreachable
     code, err = run_main(audit.main, argv, capsys)
     assert_one_line_error(code, err, message.replace("{tmp}", str(tmp_path)))
@@ -157,19 +179,19 @@ def test_audit_bad_input_is_one_line_and_exit_2(extra, message, tmp_path, capsys
 
 
 def test_audit_function_refuses_out_of_range_settings(llama, W_llama_qwen):
-    for kwargs, message in (({"threshold": 5}, r"threshold 5 .* \(0, 1\]"),
-                            ({"threshold": float("nan")}, "threshold nan"),
-                            ({"min_coverage": -1}, r"min_coverage -1 .* \[0, 1\]"),
-                            ({"critical": ("digits_9",)}, "unknown category")):  # fmt: skip
+    for kwargs, message in (
+        ({"threshold": 5}, r"threshold 5 .* \(0, 1\]"),
+        ({"threshold": float("nan")}, "threshold nan"),
+        ({"min_coverage": -1}, r"min_coverage -1 .* \[0, 1\]"),
+        ({"critical": ("digits_9",)}, "unknown category"),
+    ):
         with pytest.raises(ValueError, match=message):
             audit.audit(llama, W_llama_qwen, **kwargs)
 
 
 def test_audit_refuses_a_read_only_json_location_before_any_work(request, capsys, monkeypatch):
-    import tokens
-
     readonly = request.getfixturevalue("readonly_dir")
-    monkeypatch.setattr(tokens, "load_tokenizer", no_work)
+    monkeypatch.setattr(audit, "load_tokenizer", no_work)
     out = str(readonly / "audit.json")
     code, err = run_main(audit.main, [*PAIR, "--json", out], capsys)
     assert_one_line_error(code, err, f"cannot write {out}: {readonly} is not writable")
@@ -178,7 +200,7 @@ def test_audit_refuses_a_read_only_json_location_before_any_work(request, capsys
 
 @pytest.mark.usefixtures("cached_tokenizers", "full_disk")
 def test_audit_json_on_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch, W_llama_qwen):
-    monkeypatch.setattr("build_projection.build_projection", lambda *a, **k: W_llama_qwen)
+    monkeypatch.setattr(audit, "build_projection", lambda *a, **k: W_llama_qwen)
     out = tmp_path / "audit.json"
     code, err = run_main(audit.main, [*PAIR, "--json", str(out)], capsys)
     assert_one_line_error(code, err, f"cannot write {out}: No space left on device; free some")

@@ -244,8 +244,9 @@ def test_shuffle_is_seeded_reseeded_per_epoch_and_mixes_files(tmp_path, llama, q
         write_jsonl(tmp_path / f"topic{f}.jsonl", [f"topic {f} document {i}." for i in range(12)])
 
     def order(seed, epochs=2, **kw):
-        dataset = AlignedWindows(str(tmp_path), llama, [qwen], seq_len=512, pack=False,
-                                 seed=seed, repeat=True, **kw)  # fmt: skip
+        dataset = AlignedWindows(
+            str(tmp_path), llama, [qwen], seq_len=512, pack=False, seed=seed, repeat=True, **kw
+        )
         stream = iter(dataset)
         return [text_of(llama, next(stream)["student_ids"]) for _ in range(36 * epochs)]
 

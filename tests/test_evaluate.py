@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+import cli
+
 ROOT = Path(__file__).resolve().parent.parent
 TASK_DIR = ROOT / "tests" / "eval_tasks"
 TASKS = "xtoken_tiny_choice,xtoken_tiny_arith,xtoken_tiny_group"
@@ -497,10 +499,9 @@ def test_read_only_out_dir_is_rejected_before_evaluating(
 
 
 def full_disk(monkeypatch, fails):
-    """tokens.atomic_write whose write runs out of space (ENOSPC) for paths where fails(path)."""
-    import tokens
-
-    real = tokens.atomic_write
+    """cli.atomic_write, as evaluate.py calls it, whose write runs out of space (ENOSPC) for
+    paths where fails(path)."""
+    real = cli.atomic_write
 
     def atomic_write(path, write):
         def out_of_space(f):
@@ -509,7 +510,7 @@ def full_disk(monkeypatch, fails):
 
         return real(path, out_of_space if fails(path) else write)
 
-    monkeypatch.setattr(tokens, "atomic_write", atomic_write)
+    monkeypatch.setattr(ev, "atomic_write", atomic_write)
 
 
 @pytest.mark.parametrize("fails", ["results.md", "cache"])

@@ -13,6 +13,7 @@ import torch
 from test_projection import assert_one_line_error, full_disk, no_work, readonly_dir, run_main  # noqa: F401  (fixtures)
 
 import mini
+from build_projection import hkl_pairs
 from conftest import ROOT
 
 SETTING = mini.SETTINGS["smoke"]
@@ -140,17 +141,21 @@ BAD_MINI_INPUTS = [
     (["--parallel", "two"], "argument --parallel: 'two' is not an integer"),
     (["--seeds", "0,one"], "argument --seeds: '0,one' is not a comma-separated list of integers"),
     (["--seeds", ""], "argument --seeds: '' is not a comma-separated list of integers"),
-    (["--seeds", "0,-1"], "argument --seeds: seeds [-1] are out of range; give integers in "
-     "[0, 2**32)"),
+    (
+        ["--seeds", "0,-1"],
+        "argument --seeds: seeds [-1] are out of range; give integers in [0, 2**32)",
+    ),
     (["--seeds", "4294967296"], "seeds [4294967296] are out of range"),
     (["--seeds", "1,0,1"], "argument --seeds: seeds [1] are repeated; give each seed once"),
     (["--quick"], "argument --quick: not allowed with argument --smoke"),
     (["--row", "gold", "--row", "nonsense"], "unknown rows ['nonsense']; choose from ['ce only'"),
     (["--out", "{tmp}/file"], "--out {tmp}/file is a file, not a directory; name a directory"),
-    (["--out", "{tmp}/file/mini"], "cannot write {tmp}/file/mini: {tmp}/file is a file, not a "
-     "directory"),
+    (
+        ["--out", "{tmp}/file/mini"],
+        "cannot write {tmp}/file/mini: {tmp}/file is a file, not a directory",
+    ),
     (["--out", ""], "--out is empty"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(
@@ -189,8 +194,11 @@ def test_the_script_exits_2_with_one_line(tmp_path):
     """The same through `python mini.py` (its exit status is main's), in a fresh process."""
     result = subprocess.run(
         [sys.executable, "mini.py", "--out", str(tmp_path), "--smoke", "--parallel", "0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert_one_line_error(result.returncode, result.stderr, "--parallel: 0 is out of range")
     assert result.stdout == "" and os.listdir(tmp_path) == []
 
@@ -199,8 +207,6 @@ def test_hkl_pairs_equal_golds_on_the_pruned_pair(pruned):
     """Why the full run leaves H-KL out: its pairs add nothing to GOLD's here. A numeral's top
     teacher token is its first digit (weight 0.9 >= 0.6), already paired with the student's
     single-digit token, and exact pairs keep priority."""
-    from losses import hkl_pairs
-
     _, s_tok, n_s, q_tok, n_q = pruned
     small = mini.pruned_projection(s_tok, q_tok, n_s, n_q)
     pairs = hkl_pairs(small["W"], small["exact_pairs"], threshold=0.6)

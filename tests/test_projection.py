@@ -142,8 +142,10 @@ def test_llama_vs_mistral_pairs_end_of_document_and_bos(llama, mistral):
 def test_mistral_v1_vs_v3_pairs_every_role_and_unk(mistral):
     projection = build(mistral, get_tokenizer("mistral-v3"))
     assert special(projection) == [
-        ("end_of_document", "</s>", "</s>"), ("bos", "<s>", "<s>"), ("unk", "<unk>", "<unk>")
-    ]  # fmt: skip
+        ("end_of_document", "</s>", "</s>"),
+        ("bos", "<s>", "<s>"),
+        ("unk", "<unk>", "<unk>"),
+    ]
     for s, t in ((2, 2), (1, 1), (0, 0)):
         assert row(projection, s) == {t: 1.0}
         assert [s, t] in projection["exact_pairs"].tolist()
@@ -163,9 +165,14 @@ def test_reverse_pass_keeps_special_rows_one_hot(mistral, qwen):
 
 @pytest.mark.parametrize(
     "name, expected",
-    [("llama-3.2", "<|end_of_text|>"), ("qwen3", "<|endoftext|>"), ("o200k", "<|endoftext|>"),
-     ("mistral-v1", "</s>"), ("mistral-v3", "</s>")],
-)  # fmt: skip
+    [
+        ("llama-3.2", "<|end_of_text|>"),
+        ("qwen3", "<|endoftext|>"),
+        ("o200k", "<|endoftext|>"),
+        ("mistral-v1", "</s>"),
+        ("mistral-v3", "</s>"),
+    ],
+)
 def test_end_of_document_id_of_each_packaged_tokenizer(name, expected):
     tok = get_tokenizer(name)
     token_id = end_of_document_id(tok)
@@ -369,10 +376,21 @@ def test_W_of_an_unknown_version_is_a_clear_error(tmp_path):
 def test_cli_builds_a_loadable_file_in_a_fresh_process(tmp_path):
     out = tmp_path / "W.pt"
     result = subprocess.run(
-        [sys.executable, "build_projection.py", "--student", "pkg:llama-3.2", "--teacher",
-         "pkg:qwen3", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "build_projection.py",
+            "--student",
+            "pkg:llama-3.2",
+            "--teacher",
+            "pkg:qwen3",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "exact pairs" in result.stdout
     loaded = torch.load(out, weights_only=True)
@@ -414,6 +432,7 @@ def no_work(*args, **kwargs):
 @pytest.fixture
 def cached_tokenizers(monkeypatch):
     """pkg:NAME from the session's cache (conftest), every other name as the CLIs load it."""
+    import audit
     import conftest
     import tokens
 
@@ -426,7 +445,7 @@ def cached_tokenizers(monkeypatch):
             conftest._TOKENIZERS[name[4:]] = real(name)
         return conftest._TOKENIZERS[name[4:]]
 
-    monkeypatch.setattr(tokens, "load_tokenizer", load)  # audit.py imports it inside main
+    monkeypatch.setattr(audit, "load_tokenizer", load)
     monkeypatch.setattr(build_projection, "load_tokenizer", load)
 
 
@@ -460,7 +479,7 @@ def readonly_dir(tmp_path, monkeypatch):
 
 @pytest.fixture
 def full_disk(monkeypatch):
-    """Every write to a file opened from a descriptor (tokens.atomic_write's temp file) fails
+    """Every write to a file opened from a descriptor (cli.atomic_write's temp file) fails
     with ENOSPC, as on a full disk."""
     import errno
 
@@ -488,23 +507,32 @@ def full_disk(monkeypatch):
 PAIR = ["--student", "pkg:llama-3.2", "--teacher", "pkg:qwen3"]
 
 BAD_BUILD_INPUTS = [
-    (["--student-vocab-size", "0"], "argument --student-vocab-size: 0 is out of range; give an "
-     "integer >= 1"),
+    (
+        ["--student-vocab-size", "0"],
+        "argument --student-vocab-size: 0 is out of range; give an integer >= 1",
+    ),
     (["--teacher-vocab-size", "-5"], "argument --teacher-vocab-size: -5 is out of range"),
     (["--student-vocab-size", "12.5"], "argument --student-vocab-size: '12.5' is not an integer"),
-    (["--student-vocab-size", "1000"], "student vocab size 1000 is smaller than its tokenizer "
-     "(128257 ids); pass --student-vocab-size >= 128257"),
-    (["--teacher-vocab-size", "151000"], "teacher vocab size 151000 is smaller than its "
-     "tokenizer (151669 ids)"),
+    (
+        ["--student-vocab-size", "1000"],
+        "student vocab size 1000 is smaller than its tokenizer "
+        "(128257 ids); pass --student-vocab-size >= 128257",
+    ),
+    (
+        ["--teacher-vocab-size", "151000"],
+        "teacher vocab size 151000 is smaller than its tokenizer (151669 ids)",
+    ),
     (["--out", "{tmp}"], "is a directory; name a file, e.g. --out {tmp}/W.pt"),
     (["--out", "{tmp}/new/"], "ends with a slash (a directory)"),
     (["--out", ""], "--out is empty"),
     (["--out", "{tmp}/file/sub/W.pt"], "{tmp}/file is a file, not a directory"),
-    (["--student", "no-such-org/no-such-model"], "cannot load tokenizer 'no-such-org/"
-     "no-such-model'"),
+    (
+        ["--student", "no-such-org/no-such-model"],
+        "cannot load tokenizer 'no-such-org/no-such-model'",
+    ),
     (["--student", "./no/such/dir"], "tokenizer path ./no/such/dir does not exist"),
     (["--teacher"], "argument --teacher: expected one argument"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(

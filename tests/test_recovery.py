@@ -89,14 +89,25 @@ def test_overwrite_with_a_typo_keeps_the_old_run_until_the_new_one_has_a_checkpo
 ):
     train.main(argv(tmp_path, cache, "--max-steps", "2", "--save-every", "2"))
     config = (tmp_path / "run_config.json").read_text()
-    message = fails(capsys, argv(tmp_path, cache, "--overwrite", "--max-steps", "2",
-                                 "--data", str(tmp_path / "typo.jsonl")))  # fmt: skip
+    message = fails(
+        capsys,
+        argv(
+            tmp_path,
+            cache,
+            "--overwrite",
+            "--max-steps",
+            "2",
+            "--data",
+            str(tmp_path / "typo.jsonl"),
+        ),
+    )
     assert "no such file" in message
     assert (tmp_path / "step_2").is_dir() and len(metrics(tmp_path)) == 2  # nothing lost
     assert (tmp_path / "run_config.json").read_text() == config
     # a good --overwrite: the old run waits aside until the new run's first checkpoint
-    train.main(argv(tmp_path, cache, "--overwrite", "--max-steps", "1", "--save-every", "1",
-                    "--seed", "7"))  # fmt: skip
+    train.main(
+        argv(tmp_path, cache, "--overwrite", "--max-steps", "1", "--save-every", "1", "--seed", "7")
+    )
     assert not (tmp_path / run_dir.OVERWRITTEN).exists()
     assert [s for s, _ in run_dir.checkpoints(tmp_path)] == [1]
     assert json.loads((tmp_path / "run_config.json").read_text())["seed"] == 7
@@ -181,22 +192,36 @@ def test_rotation_keeps_the_last_checkpoint_before_a_run_of_skipped_steps(
         return norm * float("nan") if calls["n"] >= 3 else norm
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", diverges_from_step_3)
-    train.main(argv(tmp_path, cache, "--max-steps", "5", "--save-every", "1", "--keep-last", "1",
-                    "--max-bad-steps", "10"))  # fmt: skip
+    train.main(
+        argv(
+            tmp_path,
+            cache,
+            "--max-steps",
+            "5",
+            "--save-every",
+            "1",
+            "--keep-last",
+            "1",
+            "--max-bad-steps",
+            "10",
+        )
+    )
     assert [s for s, _ in run_dir.checkpoints(tmp_path)] == [2, 5]  # step_2: the last good one
 
 
 def test_a_second_run_in_the_same_directory_is_refused_and_a_stale_lock_taken_over(
     tmp_path, cache, capsys
 ):
-    tmp_path.joinpath(run_dir.LOCK).write_text(json.dumps({"host": os.uname().nodename,
-                                                          "pid": os.getpid()}))  # fmt: skip
+    tmp_path.joinpath(run_dir.LOCK).write_text(
+        json.dumps({"host": os.uname().nodename, "pid": os.getpid()})
+    )
     message = fails(capsys, argv(tmp_path, cache, "--max-steps", "1"))
     assert f"in use by the run of pid {os.getpid()}" in message
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    tmp_path.joinpath(run_dir.LOCK).write_text(json.dumps({"host": os.uname().nodename,
-                                                          "pid": dead.pid}))  # fmt: skip
+    tmp_path.joinpath(run_dir.LOCK).write_text(
+        json.dumps({"host": os.uname().nodename, "pid": dead.pid})
+    )
     train.main(argv(tmp_path, cache, "--max-steps", "1"))
     assert "stale lock" in capsys.readouterr().out
     assert not tmp_path.joinpath(run_dir.LOCK).exists() and len(metrics(tmp_path)) == 1
@@ -213,8 +238,11 @@ def wait_for_step(out_dir, step: int, process, limit: float = 240) -> None:
 
 
 def test_sigint_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(tmp_path, cache):
-    command = [sys.executable, os.path.join(ROOT, "train.py"),
-               *argv(tmp_path, cache, "--max-steps", "200", "--save-every", "1000")]  # fmt: skip
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        *argv(tmp_path, cache, "--max-steps", "200", "--save-every", "1000"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_step(tmp_path, 2, process)
@@ -225,15 +253,22 @@ def test_sigint_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(tmp_p
     assert f"stopped by a signal after step {last}" in err.decode()
     assert [s for s, _ in run_dir.checkpoints(tmp_path)] == [last]
     assert "Traceback" not in err.decode() and not (tmp_path / run_dir.LOCK).exists()
-    train.main(argv(tmp_path, cache, "--max-steps", str(last + 1), "--save-every", "1000",
-                    "--resume"))  # fmt: skip
+    train.main(
+        argv(tmp_path, cache, "--max-steps", str(last + 1), "--save-every", "1000", "--resume")
+    )
     assert metrics(tmp_path)[-1]["step"] == last + 1
 
 
 def torchrun(tmp_path, cache, *extra) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-               "--master_port=29533", os.path.join(ROOT, "train.py"),
-               *argv(tmp_path, cache, *extra)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29533",
+        os.path.join(ROOT, "train.py"),
+        *argv(tmp_path, cache, *extra),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -257,8 +292,9 @@ def test_sigterm_to_one_rank_of_a_ddp_job_stops_every_rank_with_a_checkpoint(tmp
 
 def test_fewer_documents_than_ranks_is_one_clear_error_on_every_rank(tmp_path, cache):
     (tmp_path / "one.jsonl").write_text(json.dumps({"text": "a single document"}) + "\n")
-    process = torchrun(tmp_path / "run", cache, "--data", str(tmp_path / "one.jsonl"),
-                       "--max-steps", "2")  # fmt: skip
+    process = torchrun(
+        tmp_path / "run", cache, "--data", str(tmp_path / "one.jsonl"), "--max-steps", "2"
+    )
     _, err = process.communicate(timeout=240)
     err = err.decode()
     assert process.returncode != 0
@@ -282,7 +318,12 @@ def bug_at_step_2(*args, **kwargs):
 losses.pkl_loss = bug_at_step_2
 train.main({argv(tmp_path, cache, "--loss", "pkl", "--max-steps", "5", "--num-workers", "1")!r})
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 1 and "RuntimeError: an injected bug" in done.stderr
     assert "Traceback" in done.stderr and not (tmp_path / run_dir.LOCK).exists()
