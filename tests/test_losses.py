@@ -11,7 +11,9 @@ import os
 import pytest
 import torch
 
+import blocked
 import losses
+from build_projection import hkl_pairs
 
 torch.set_num_threads(1)
 pytestmark = [
@@ -163,9 +165,9 @@ def block_elements(request, monkeypatch):
     """Run a test with everything in one block (chunk means as a matmul, or slot by slot as for
     GPU-sized blocks), one chunk per block, and blocks of a few chunks."""
     if request.param == "slots":
-        monkeypatch.setattr(losses, "DENSE_MEAN_ELEMENTS", 0)
+        monkeypatch.setattr(blocked, "DENSE_MEAN_ELEMENTS", 0)
     elif request.param is not None:
-        monkeypatch.setattr(losses, "BLOCK_ELEMENTS", request.param)
+        monkeypatch.setattr(blocked, "BLOCK_ELEMENTS", request.param)
 
 
 # ----------------------------------------------------------------------------- naive references
@@ -263,6 +265,75 @@ def test_learnable_projection_gradients_match_naive(block_elements):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
+def plain_losses(s, t, s_chunk, t_chunk, seed):
+    """The whole-batch references of all_losses' calls, with the same inputs."""
+    W, pairs = random_W(seed), torch.tensor([[0, 3], [5, 5], [12, 10]])
+    same_tok = s.detach().flip(-1)
+    no_pairs = torch.zeros(0, 2, dtype=torch.long)
+    return {
+        "pkl": lambda proj: losses.pkl_loss_plain(s, t, s_chunk, t_chunk, W, vocab_topk=5),
+        "pkl_learnable": lambda proj: losses.pkl_loss_plain(
+            s, t, s_chunk, t_chunk, proj, vocab_topk=5
+        ),
+        "gold": lambda proj: losses.gold_loss_plain(s, t, s_chunk, t_chunk, pairs, uld_topk=4),
+        "uld": lambda proj: losses.gold_loss_plain(s, t, s_chunk, t_chunk, no_pairs, uld_topk=0),
+        "kl": lambda proj: losses.kl_loss_plain(s, same_tok, s_chunk >= 0, vocab_topk=4),
+        "ce": lambda proj: losses.ce_loss_plain(s, torch.where(s_chunk >= 0, s_chunk % VS, -100)),
+    }
+
+
+@pytest.mark.parametrize("layout", ["short", "long"])
+def test_plain_losses_equal_the_blocked_ones(block_elements, layout):
+    """The whole-batch references and the blocked losses train.py uses: one set of equations
+    (losses.*_terms), two ways to sum it; values and gradients (the learned W's too) agree."""
+    s, t, s_chunk, t_chunk = random_batch(25) if layout == "short" else long_batch(25, True)
+    blocked_calls, proj = all_losses(s, t, s_chunk, t_chunk, 25)
+    for name, plain in plain_losses(s, t, s_chunk, t_chunk, 25).items():
+        inputs = (s, proj.logits) if name == "pkl_learnable" else (s,)
+        expected, got = plain(proj), blocked_calls[name]()
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12, msg=name)
+        for a, b in zip(grads(got, *inputs), grads(expected, *inputs), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("k,tau", [(5, 1.0), (0, 2.0)])
+def test_plain_losses_match_naive_references(k, tau):
+    s, t, s_chunk, t_chunk = random_batch(26)
+    W, pairs = random_W(26), torch.tensor([[0, 3], [2, 0], [7, 1]])
+    cases = [
+        (
+            losses.pkl_loss_plain(s, t, s_chunk, t_chunk, W, vocab_topk=k, temperature=tau),
+            naive_pkl(s, t, s_chunk, t_chunk, W.to_dense(), k, tau),
+        ),
+        (
+            losses.gold_loss_plain(s, t, s_chunk, t_chunk, pairs, uld_topk=k, temperature=tau),
+            naive_gold(s, t, s_chunk, t_chunk, pairs, k, tau),
+        ),
+        (
+            losses.kl_loss_plain(
+                s, s.detach().flip(-1), s_chunk >= 0, vocab_topk=k, temperature=tau
+            ),
+            naive_kl(s, s.detach().flip(-1), s_chunk >= 0, k, tau),
+        ),
+    ]
+    for plain, naive in cases:
+        torch.testing.assert_close(plain, naive, rtol=0, atol=1e-10)
+        torch.testing.assert_close(grads(plain, s)[0], grads(naive, s)[0], rtol=0, atol=1e-10)
+
+
+def test_plain_losses_with_no_valid_chunk_are_a_zero_that_backpropagates():
+    s, t, s_chunk, t_chunk = random_batch(27)
+    none = torch.full_like(s_chunk, -1)
+    for loss in (
+        losses.pkl_loss_plain(s, t, none, t_chunk, random_W(27)),
+        losses.gold_loss_plain(s, t, none, t_chunk, torch.tensor([[0, 3]])),
+        losses.kl_loss_plain(s, s.detach(), none >= 0),
+        losses.ce_loss_plain(s, torch.full_like(s_chunk, -100)),
+    ):
+        assert loss.item() == 0
+        assert torch.equal(grads(loss, s)[0], torch.zeros_like(s))
+
+
 def test_no_grad_gives_the_same_values():
     s, t, s_chunk, t_chunk = random_batch(17)
     W, pairs = random_W(17), torch.tensor([[0, 3], [5, 5]])
@@ -347,10 +418,10 @@ def test_long_chunks_match_naive_references(block_elements, interleave):
 
 
 def test_block_size_is_chosen_per_device():
-    assert losses._block_elements(torch.device("cpu")) == losses.BLOCK_ELEMENTS
-    h200 = losses._cuda_block_elements(141 * 2**30)
+    assert blocked.block_elements(torch.device("cpu")) == blocked.BLOCK_ELEMENTS
+    h200 = blocked.cuda_block_elements(141 * 2**30)
     assert h200 // 128256 > 1000  # a GPU block holds ~1,000 positions of a 128k vocabulary
-    assert losses._cuda_block_elements(2**20) == losses.BLOCK_ELEMENTS  # never below CPU's
+    assert blocked.cuda_block_elements(2**20) == blocked.BLOCK_ELEMENTS  # never below CPU's
 
 
 def all_losses(s, t, s_chunk, t_chunk, seed):
@@ -374,11 +445,11 @@ def test_gpu_sized_blocks_give_the_results_of_cpu_sized_ones(monkeypatch, layout
     results = {}
     for setting in ("cpu-one-chunk", "cpu-few-chunks", "gpu"):
         if setting == "gpu":  # at real sizes, a GPU block's chunk means go slot by slot
-            elements = losses._cuda_block_elements(141 * 2**30)
-            monkeypatch.setattr(losses, "_block_elements", lambda device, e=elements: e)
-            monkeypatch.setattr(losses, "DENSE_MEAN_ELEMENTS", 0)
+            elements = blocked.cuda_block_elements(141 * 2**30)
+            monkeypatch.setattr(blocked, "block_elements", lambda device, e=elements: e)
+            monkeypatch.setattr(blocked, "DENSE_MEAN_ELEMENTS", 0)
         else:
-            monkeypatch.setattr(losses, "BLOCK_ELEMENTS", 1 if setting == "cpu-one-chunk" else 40)
+            monkeypatch.setattr(blocked, "BLOCK_ELEMENTS", 1 if setting == "cpu-one-chunk" else 40)
         calls, proj = all_losses(s, t, s_chunk, t_chunk, 21)
         for name, call in calls.items():
             loss = call()
@@ -401,7 +472,7 @@ def test_syncs_per_call_do_not_grow_with_the_number_of_blocks(monkeypatch):
     counts = {}
     for elements in (None, 1):
         if elements is not None:
-            monkeypatch.setattr(losses, "BLOCK_ELEMENTS", elements)
+            monkeypatch.setattr(blocked, "BLOCK_ELEMENTS", elements)
         calls, _ = all_losses(s, t, s_chunk, t_chunk, 22)
         for name, call in calls.items():
             counter = profile.SyncCounter()
@@ -662,14 +733,24 @@ def test_hkl_pairs_add_each_rows_top_teacher_token_above_threshold():
             (3, 5, 0.4),
         ]
     )
-    pairs = losses.hkl_pairs(W, torch.tensor([[0, 0]]), threshold=0.6)
+    pairs = hkl_pairs(W, torch.tensor([[0, 0]]), threshold=0.6)
     assert pairs.tolist() == [[0, 0], [1, 2], [3, 1]]  # row 2's top weight 0.55 < 0.6
 
 
 def test_hkl_pairs_conflicts_go_to_the_highest_weight_then_lowest_student():
-    W = sparse([(1, 2, 0.7), (1, 3, 0.3), (2, 2, 0.9), (2, 4, 0.1), (3, 5, 0.8), (3, 1, 0.2),
-                (4, 5, 0.8), (4, 0, 0.2)])  # fmt: skip
-    pairs = losses.hkl_pairs(W, torch.zeros(0, 2, dtype=torch.long))
+    W = sparse(
+        [
+            (1, 2, 0.7),
+            (1, 3, 0.3),
+            (2, 2, 0.9),
+            (2, 4, 0.1),
+            (3, 5, 0.8),
+            (3, 1, 0.2),
+            (4, 5, 0.8),
+            (4, 0, 0.2),
+        ]
+    )
+    pairs = hkl_pairs(W, torch.zeros(0, 2, dtype=torch.long))
     assert pairs.tolist() == [[2, 2], [3, 5]]
 
 
@@ -680,7 +761,7 @@ def test_hkl_pairs_exact_pairs_keep_priority_and_result_is_one_to_one():
     )
     exact = torch.tensor([[0, 0], [1, 1]])
     for w in (W, W.to_sparse_csr(), losses.LearnableProjection(W)):
-        pairs = losses.hkl_pairs(w, exact)
+        pairs = hkl_pairs(w, exact)
         assert pairs.tolist() == [[0, 0], [1, 1], [5, 4]]
         assert len(set(pairs[:, 0].tolist())) == len(set(pairs[:, 1].tolist())) == len(pairs)
 
@@ -727,8 +808,18 @@ def check_gold_common_suppresses_uncommon(W, exact_pairs, teacher_common_ids, st
 @pytest.fixture
 def hand_made_W():
     """Student "2","0","1","a","b","201"; teacher "2","0","1","a","b","c"; "201" -> "2","0","1"."""
-    W = sparse([(0, 0, 1.0), (1, 1, 1.0), (2, 2, 1.0), (3, 3, 1.0), (4, 4, 1.0),
-                (5, 0, 0.9009), (5, 1, 0.0901), (5, 2, 0.0090)])  # fmt: skip
+    W = sparse(
+        [
+            (0, 0, 1.0),
+            (1, 1, 1.0),
+            (2, 2, 1.0),
+            (3, 3, 1.0),
+            (4, 4, 1.0),
+            (5, 0, 0.9009),
+            (5, 1, 0.0901),
+            (5, 2, 0.0090),
+        ]
+    )
     return W, torch.tensor([[0, 0], [1, 1], [2, 2], [3, 3], [4, 4]])
 
 
@@ -773,7 +864,7 @@ def test_pkl_teacher_mass_on_2_pulls_up_llama_201_real_W(llama_qwen):
 def test_hkl_leaves_llama_201_uncommon_because_qwen_2_is_an_exact_pair_real_W(llama_qwen):
     # why the audit picks P-KL for Qwen: widening cannot pair "201", its top teacher id is taken
     W, exact_pairs = llama_qwen
-    pairs = losses.hkl_pairs(W, exact_pairs)
+    pairs = hkl_pairs(W, exact_pairs)
     assert len(pairs) > len(exact_pairs)
     assert LLAMA_201 not in pairs[:, 0].tolist()
     assert [pairs[:, 0].unique().numel(), pairs[:, 1].unique().numel()] == [len(pairs)] * 2
