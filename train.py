@@ -6,9 +6,11 @@
     python train.py --loss ce                                      # continued pre-training baseline
     torchrun --nproc_per_node=2 train.py --preset tiny --max-steps 20   # CPU, gloo, no downloads
 
-Reads top to bottom: settings, DDP, tokenizers and models, one KD loss per teacher (METHOD.md 5),
-data, optimizer, the loop, checkpoints. Each teacher sees the same text as the student, tokenized
-its own way; data.py aligns the two token streams into chunks and the losses compare chunks.
+main() is the recipe, top to bottom: settings, DDP, the run directory, the student, the teachers
+with their losses and W, data, optimizer, the loop, checkpoints. Each teacher sees the same text as
+the student, tokenized its own way; data.py aligns the two token streams into chunks and the losses
+(losses.py, METHOD.md 5) compare chunks. Validate, then act: every flag, the run directory, the
+models, W and the data are checked on every rank before anything is written.
 """
 
 from __future__ import annotations
@@ -30,264 +32,63 @@ from typing import NoReturn
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
+from tqdm import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 import losses
 import run_dir
-from build_projection import os_error_line
-from tokens import atomic_write, load_tokenizer, tokenizer_hash
+from audit import audit
+from build_projection import cached_projection, hkl_pairs, load_projection
+from cli import atomic_write, os_error_line
+from data import REASONS, AlignedWindows, advance_state, collate, issue_counts, make_tiny_corpus
+from tokens import load_tokenizer, tokenizer_hash
 
-# fmt: off
 # Run settings that must match to --resume a run (the rest, e.g. --max-steps, may change).
-RESUME_KEYS = ("student", "teacher", "loss", "teacher_weight", "learn_projection", "seq_len",
-               "batch_size", "grad_accum", "chunk_merge", "kd_scaling", "kd_weight", "ce_weight",
-               "preset", "data", "data_config", "split", "pack", "shuffle", "shuffle_buffer",
-               "seed", "vocab_topk", "uld_topk", "hkl_threshold", "temperature", "lr")
+# (The tables below opt out of the formatter: as sentences they read; one value a line, they don't.)
+RESUME_KEYS = (
+    "student", "teacher", "loss", "teacher_weight", "learn_projection", "seq_len", "batch_size",
+    "grad_accum", "chunk_merge", "kd_scaling", "kd_weight", "ce_weight", "preset", "data",
+    "data_config", "split", "pack", "shuffle", "shuffle_buffer", "seed", "vocab_topk", "uld_topk",
+    "hkl_threshold", "temperature", "lr",
+)  # fmt: skip
 # Presets build random models with the REAL tokenizers (no downloads). tiny: 2 layers, width 64,
 # for CPU tests and the demo. shapes-1b-4b: Llama-3.2-1B and Qwen3-4B shapes, for GPU throughput
 # (random weights: the speed of a step does not depend on them); 6 x 2,048 tokens per GPU per step
 # as in the public reference run (global batch 96 on 16 GPUs).
 PRESETS = {
-    "tiny": dict(student="pkg:llama-3.2", teacher=["pkg:qwen3"], seq_len=64, batch_size=2,
-                 grad_accum=1, max_steps=20, lr=1e-3, min_lr=1e-4, warmup_steps=2, log_every=1,
-                 save_every=10, num_workers=1),
-    "shapes-1b-4b": dict(student="pkg:llama-3.2", teacher=["pkg:qwen3"], seq_len=2048,
-                         batch_size=2, grad_accum=3, max_steps=20, warmup_steps=2, log_every=1,
-                         save_every=0, num_workers=4),
-}
-# Model shapes of the presets: (llama, qwen3) by preset; vocab is at least the tokenizer's size.
+    "tiny": dict(
+        student="pkg:llama-3.2", teacher=["pkg:qwen3"], seq_len=64, batch_size=2, grad_accum=1,
+        max_steps=20, lr=1e-3, min_lr=1e-4, warmup_steps=2, log_every=1, save_every=10,
+        num_workers=1,
+    ),
+    "shapes-1b-4b": dict(
+        student="pkg:llama-3.2", teacher=["pkg:qwen3"], seq_len=2048, batch_size=2, grad_accum=3,
+        max_steps=20, warmup_steps=2, log_every=1, save_every=0, num_workers=4,
+    ),
+}  # fmt: skip
+# Model shapes of the presets: (student, teacher) by preset; vocab is at least the tokenizer's.
 SHAPES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16),
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                         vocab_size=128256),
-    "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                     vocab_size=151936),
-}
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16,
+    ),
+    "llama-3.2-1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, vocab_size=128256,
+    ),
+    "qwen3-4b": dict(
+        hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936,
+    ),
+}  # fmt: skip
 PRESET_SHAPES = {"tiny": ("tiny", "tiny"), "shapes-1b-4b": ("llama-3.2-1b", "qwen3-4b")}
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    a = p.add_argument
-    a("--student", default="meta-llama/Llama-3.2-1B")
-    a("--teacher", action="append", help="repeat for several teachers")
-    a("--loss", action="append", choices=["auto", "pkl", "hkl", "gold", "uld", "kl", "ce"],
-      help="per teacher, in --teacher order (one value applies to all); auto = audit.py")
-    a("--teacher-weight", action="append", type=float, help="static alpha_m per teacher")
-    a("--projection", action="append", help="W file per teacher (default: a cached build)")
-    a("--projection-cache", default=os.path.expanduser("~/.cache/xtoken"))
-    a("--learn-projection", action="store_true", help="learn W's weights (P-KL only)")
-    a("--kd-scaling", choices=["dynamic", "static"], default="dynamic")
-    a("--kd-weight", type=float, default=1.0)
-    a("--ce-weight", type=float, default=1.0)
-    a("--temperature", type=float, default=1.0)
-    a("--vocab-topk", type=int, default=8192)
-    a("--uld-topk", type=int, default=8192)
-    a("--hkl-threshold", type=float, default=0.6)
-    a("--chunk-merge", choices=["mean", "first"], default="mean")
-    # data: raw text (the official nvidia/Nemotron-ClimbMix release is GPT-2 token ids)
-    a("--data", default="OptimalScale/ClimbMix")
-    a("--data-config", help="hub dataset configuration (its subset name)")
-    a("--split", default="train", help="hub dataset split")
-    a("--text-field", default="text")
-    a("--no-pack", dest="pack", action="store_false",
-      help="one document per window (default: documents packed into full windows)")
-    a("--no-shuffle", dest="shuffle", action="store_false",
-      help="read documents in file order (default: seeded shuffle, reseeded per epoch)")
-    a("--shuffle-buffer", type=int, default=10_000, help="documents per DataLoader worker "
-      "held by the shuffle (default 10000)")
-    a("--seq-len", type=int, default=2048)
-    a("--teacher-cap", type=int, help="max teacher tokens per window (default 2 x seq-len)")
-    a("--num-workers", type=int, default=2)
-    # optimizer: the public reference config (the paper states none)
-    a("--batch-size", type=int, default=4, help="sequences per rank per micro-step")
-    a("--grad-accum", type=int, default=3)
-    a("--max-steps", type=int, default=30_000)
-    a("--stop-step", type=int, help="end this job after step N (the schedule still follows "
-      "--max-steps; --resume continues): for time-limited jobs")
-    a("--lr", type=float, default=5e-5)
-    a("--min-lr", type=float, default=5e-6)
-    a("--warmup-steps", type=int, default=300)
-    a("--weight-decay", type=float, default=0.1)
-    a("--betas", type=float, nargs=2, default=(0.9, 0.95))
-    a("--grad-clip", type=float, default=1.0)
-    a("--projection-lr", type=float, default=1e-2)
-    a("--max-bad-steps", type=int, default=5, help="non-finite steps in a row before stopping")
-    # run
-    a("--out-dir", default="out/run")
-    a("--resume", action="store_true", help="continue from the latest checkpoint")
-    a("--overwrite", action="store_true", help="discard a previous run in --out-dir")
-    a("--seed", type=int, default=1337)
-    a("--preset", choices=sorted(PRESETS))
-    a("--save-every", type=int, default=1000, help="0: no checkpoints (benchmarks)")
-    a("--keep-last", type=int, default=3)
-    a("--log-every", type=int, default=10)
-    a("--compile", action="store_true")
-    a("--gradient-checkpointing", action="store_true")
-    a("--trust-remote-code", action="store_true")
-    a("--wandb", action="store_true")
-    a("--tensorboard", action="store_true")
-    if argv is None:
-        argv = sys.argv[1:]
-    preset = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--preset"), None)
-    preset = preset or next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), None)
-    if preset is not None and preset not in PRESETS:
-        p.error(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    if preset:
-        p.set_defaults(**{k: v for k, v in PRESETS[preset].items() if k != "teacher"})
-    args = p.parse_args(argv)
-    if preset and args.teacher is None and args.loss != ["ce"]:
-        args.teacher = PRESETS[preset]["teacher"]
-    return args
-
-
-# fmt: on
-
-
-def per_teacher(values: list | None, n: int, default, name: str) -> list:
-    """One value per teacher: none -> default, one -> repeated, n -> as given."""
-    if not values:
-        return [default] * n
-    if len(values) == 1:
-        return values * n
-    if len(values) != n:
-        raise ValueError(f"{len(values)} values of --{name} for {n} teachers: give 1 or {n}")
-    return values
-
-
-def drop_padded_columns(W: torch.Tensor, vocab: int, path: str) -> torch.Tensor:
-    """W cut to the teacher's tokenizer ids: a W built for a padded output layer has empty
-    padded columns (build_projection.py gives padding no entries); anything else is an error."""
-    if W.shape[1] <= vocab:
-        return W
-    W = W.coalesce()
-    if bool((W.indices()[1] >= vocab).any()):
-        raise ValueError(
-            f"{path} maps student ids to teacher ids >= {vocab}, which the teacher's "
-            "tokenizer does not have: rebuild W for this teacher"
-        )
-    return torch.sparse_coo_tensor(W.indices(), W.values(), (W.shape[0], vocab)).coalesce()
-
-
-@dataclass
-class Teacher:
-    """One teacher and what its KD term needs (METHOD.md 5.2-5.4)."""
-
-    name: str
-    tok: object
-    model: torch.nn.Module
-    loss: str  # pkl, hkl, gold, uld or kl
-    weight: float  # alpha_m
-    vocab: int  # its tokenizer's ids: output rows beyond them are padding
-    W: torch.Tensor | losses.LearnableProjection | None = None  # P-KL
-    w_path: str | None = None  # where W is read from
-    pairs: torch.Tensor | None = None  # GOLD, H-KL: the common set
-
-
-def tiny_model(arch: str, vocab_size: int, seq_len: int, shape: str = "tiny"):
-    """A random Llama/Qwen3 of a SHAPES entry, with at least vocab_size output rows."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    config = dict(SHAPES[shape], max_position_embeddings=max(4 * seq_len, 512),
-                  tie_word_embeddings=True)  # fmt: skip
-    config["vocab_size"] = max(vocab_size, config.get("vocab_size", 0))
-    if arch == "qwen3":
-        return Qwen3ForCausalLM(Qwen3Config(**config))
-    return LlamaForCausalLM(LlamaConfig(**config))
-
-
-def load_model(name: str, tok, args, dtype: torch.dtype, device: torch.device):
-    """A checkpoint directory or hub model; a random preset model for pkg: names with --preset."""
-    from transformers import AutoModelForCausalLM
-
-    if name.startswith("pkg:") and not os.path.isdir(name):
-        if not args.preset:
-            raise ValueError(f"{name} is a tokenizer, not a model: use it with --preset tiny")
-        vocab = -(-len(tok) // 64) * 64  # pad to a multiple of 64, as real models do
-        arch = "qwen3" if "qwen" in name else "llama"
-        shape = PRESET_SHAPES[args.preset][arch == "qwen3"]
-        with torch.device(device):  # initialised where it runs: a 4B model is slow to init on CPU
-            return tiny_model(arch, vocab, args.seq_len, shape).to(dtype)
-    return AutoModelForCausalLM.from_pretrained(
-        name, dtype=dtype, trust_remote_code=args.trust_remote_code
-    ).to(device)
-
-
-def first_positions_only(chunk: torch.Tensor) -> torch.Tensor:
-    """--chunk-merge first (METHOD.md 5.1): keep each chunk's first predictor position only."""
-    previous = torch.nn.functional.pad(chunk[:, :-1], (1, 0), value=-1)
-    return torch.where(chunk != previous, chunk, -1)
-
-
-def chunk_counts(s_chunk: torch.Tensor, t_chunk: torch.Tensor) -> tuple[int, int]:
-    """(valid chunks, chunks on either side) of a batch: a chunk is valid when it has a position
-    on both sides (METHOD.md 5); the others carry no KD signal. Chunk ids are per row."""
-    width = int(max(s_chunk.max(), t_chunk.max(), 0)) + 1
-    row = torch.arange(len(s_chunk)).unsqueeze(1) * width  # (row, chunk) as one key
-    s_keys = torch.unique((row + s_chunk)[s_chunk >= 0])
-    t_keys = torch.unique((row + t_chunk)[t_chunk >= 0])
-    valid = int(torch.isin(s_keys, t_keys).sum())
-    return valid, len(s_keys) + len(t_keys) - valid
-
-
-N_STEP_SUMS = 4  # loss, ce, kd, kd_scale; then per teacher its KD term, valid and union chunks
-
-
-def prepare_batch(batch: dict, teachers: list[Teacher], chunk_merge: str) -> dict:
-    """A collated batch as the loop uses it, still on the host: --chunk-merge applied, and
-    `counts` = [student tokens, labelled tokens, then per teacher the targets its KD term is a
-    mean over (positions for KL, valid chunks otherwise)], `valid_union` for the logs."""
-    out = {k: v for k, v in batch.items() if k not in ("position", "issues")}
-    labelled = int((out["labels"] != -100).sum())
-    counts, valid_union = [int(out["student_mask"].sum()), labelled], []
-    for i, t in enumerate(teachers):
-        s_chunk, t_chunk = out[f"student_chunk_{i}"], out[f"teacher_chunk_{i}"]
-        if chunk_merge == "first":
-            s_chunk, t_chunk = first_positions_only(s_chunk), first_positions_only(t_chunk)
-            out[f"student_chunk_{i}"], out[f"teacher_chunk_{i}"] = s_chunk, t_chunk
-        valid, union = chunk_counts(s_chunk, t_chunk)
-        counts.append(labelled if t.loss == "kl" else valid)
-        valid_union += [valid, union]
-    out["counts"] = torch.tensor(counts, dtype=torch.float64)
-    out["valid_union"] = torch.tensor(valid_union, dtype=torch.float64)
-    return out
-
-
-def share(count: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """count / total (0 when total is 0): a micro-batch's weight in the step's mean."""
-    return (count / total.clamp_min(1)).float()
-
-
-def trim_output_vocabulary(model: torch.nn.Module, n: int) -> None:
-    """Keep the first n output rows of a teacher (its tokenizer's ids): the rest pad the matrix to
-    a round size (Qwen3: 151,936 rows for 151,669 ids) and must never enter a softmax, a top-k
-    subset or GOLD's uncommon set. The kept rows are a view: no copy, tied embeddings stay."""
-    head = model.get_output_embeddings()
-    if head.weight.shape[0] <= n:
-        return
-    trimmed = torch.nn.Linear(head.in_features, n, bias=head.bias is not None,
-                              device="meta")  # fmt: skip
-    trimmed.weight = torch.nn.Parameter(head.weight[:n], requires_grad=False)
-    if head.bias is not None:
-        trimmed.bias = torch.nn.Parameter(head.bias[:n], requires_grad=False)
-    model.set_output_embeddings(trimmed)
-
-
-checkpoints = run_dir.checkpoints  # complete checkpoints, oldest first
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """A DataLoader worker ignores Ctrl-C (the terminal sends it to the whole process group: the
-    rank's process stops gracefully) and leaves quietly on SIGTERM (the DataLoader's own way to end
-    a worker; a scheduler's SIGTERM to every process): the rank already holds the batches of the
-    step it finishes, and a worker killed by a signal would abort it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
-
-
 # Every numeric flag and what it must be (checked before anything is read or written).
 RANGES = {
     "seq_len": (lambda v: v >= 2, "at least 2"),
@@ -317,11 +118,154 @@ RANGES = {
     "teacher_cap": (lambda v: v >= 1, "at least 1"),
     "shuffle_buffer": (lambda v: v >= 0, "0 (no buffer) or more"),
 }
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+PAD_LOGIT = -1e4  # exp() of it underflows to exactly 0 in any float dtype: out of every softmax
 
 
-def check_settings(args) -> tuple[list[str], list[str], list[float], list]:
+def main(argv: list[str] | None = None) -> None:
+    # ---- settings, and this process's place in the torchrun job ------------------------------
+    args = parse_args(argv)
+    job = Job(args.out_dir)  # DDP from torchrun's environment: nccl on GPUs, gloo on CPU
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        # ---- checks first: flags, the run directory, models, W, data; nothing written before
+        settings = job.together(check_settings, args)
+        decision = job.broadcast(job.together(lambda: job.master and inspect_run_dir(args, job)))
+        # ---- the student: fp32 weights (bf16 autocast on GPU), the same seed on every rank
+        student_tok, student = job.together(load_student, args, job.device)
+        # ---- the teachers, each with its loss and, across tokenizers, its W
+        teachers = job.together(load_teachers, args, settings, student_tok, student, job)
+        job.together(attach_projections, teachers, args, student_tok, student, job.device)
+        learned = [t.W for t in teachers if isinstance(t.W, losses.LearnableProjection)]
+        resume = {}
+        if decision["resume"]:
+            resume = job.together(load_resume, decision, student, learned, job)
+        # ---- data: tokenization and alignment run in DataLoader workers
+        source = job.together(data_source, args, job.master)
+        toks, start = [t.tok for t in teachers], resume.get("data_state")
+        dataset = job.together(
+            make_dataset, args, source, student_tok, toks, start, job.rank, job.world_size
+        )
+        job.together(lambda: job.master and start_run(args))  # every check passed: it starts
+        if job.master:
+            describe(args, student, teachers, job.world_size)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            collate_fn=functools.partial(collate, pad_ids=dataset.pad_ids),
+            worker_init_fn=ignore_stop_signals,
+        )
+        # ---- optimizer: AdamW, warm-up then cosine; W's weights get their own group
+        optimizer = make_optimizer(args, student, learned, resume, job.cuda)
+        model = torch.compile(student) if args.compile else student
+        if job.ddp:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[job.local_rank] if job.cuda else None
+            )
+        # ---- the loop; checkpoints as it goes
+        trainer = Trainer(args, job, model, student, student_tok, teachers, learned, optimizer)
+        trainer.loop(iter(loader), resume)
+    finally:  # whatever ends the run in this process; a killed process leaves a stale lock
+        job.lock.release()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    job.end()
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    a = p.add_argument
+    a("--student", default="meta-llama/Llama-3.2-1B")
+    a("--teacher", action="append", help="repeat for several teachers")
+    # per teacher, in --teacher order (one value applies to all); auto: the audit's choice
+    a("--loss", action="append", choices=["auto", *KD_LOSSES, "ce"], help="per teacher")
+    a("--teacher-weight", action="append", type=float, help="static alpha_m per teacher")
+    a("--projection", action="append", help="W file per teacher (default: a cached build)")
+    a("--projection-cache", default=os.path.expanduser("~/.cache/xtoken"))
+    a("--learn-projection", action="store_true", help="learn W's weights (P-KL only)")
+    a("--kd-scaling", choices=["dynamic", "static"], default="dynamic")
+    a("--kd-weight", type=float, default=1.0)
+    a("--ce-weight", type=float, default=1.0)
+    a("--temperature", type=float, default=1.0)
+    a("--vocab-topk", type=int, default=8192)
+    a("--uld-topk", type=int, default=8192)
+    a("--hkl-threshold", type=float, default=0.6)
+    a("--chunk-merge", choices=["mean", "first"], default="mean")
+    # data: raw text (the official nvidia/Nemotron-ClimbMix release is GPT-2 token ids)
+    a("--data", default="OptimalScale/ClimbMix")
+    a("--data-config", help="hub dataset configuration (its subset name)")
+    a("--split", default="train", help="hub dataset split")
+    a("--text-field", default="text")
+    a("--no-pack", dest="pack", action="store_false", help="one document per window")
+    a("--no-shuffle", dest="shuffle", action="store_false", help="documents in file order")
+    a("--shuffle-buffer", type=int, default=10_000, help="documents each worker shuffles")
+    a("--seq-len", type=int, default=2048)
+    a("--teacher-cap", type=int, help="max teacher tokens per window (default 2 x seq-len)")
+    a("--num-workers", type=int, default=2)
+    # optimizer: the public reference config (the paper states none)
+    a("--batch-size", type=int, default=4, help="sequences per rank per micro-step")
+    a("--grad-accum", type=int, default=3)
+    a("--max-steps", type=int, default=30_000)
+    # --stop-step: end this job after step N (the schedule follows --max-steps; --resume goes on)
+    a("--stop-step", type=int, help="end this job after step N (for time-limited jobs)")
+    a("--lr", type=float, default=5e-5)
+    a("--min-lr", type=float, default=5e-6)
+    a("--warmup-steps", type=int, default=300)
+    a("--weight-decay", type=float, default=0.1)
+    a("--betas", type=float, nargs=2, default=(0.9, 0.95))
+    a("--grad-clip", type=float, default=1.0)
+    a("--projection-lr", type=float, default=1e-2)
+    a("--max-bad-steps", type=int, default=5, help="non-finite steps in a row before stopping")
+    # run
+    a("--out-dir", default="out/run")
+    a("--resume", action="store_true", help="continue from the latest checkpoint")
+    a("--overwrite", action="store_true", help="discard a previous run in --out-dir")
+    a("--seed", type=int, default=1337)
+    a("--preset", choices=sorted(PRESETS))
+    a("--save-every", type=int, default=1000, help="0: no checkpoints (benchmarks)")
+    a("--keep-last", type=int, default=3)
+    a("--log-every", type=int, default=10)
+    a("--compile", action="store_true")
+    a("--gradient-checkpointing", action="store_true")
+    a("--trust-remote-code", action="store_true")
+    a("--wandb", action="store_true")
+    a("--tensorboard", action="store_true")
+    argv = sys.argv[1:] if argv is None else argv
+    preset = apply_preset(p, argv)
+    args = p.parse_args(argv)
+    if preset and args.teacher is None and args.loss != ["ce"]:
+        args.teacher = PRESETS[preset]["teacher"]
+    return args
+
+
+def apply_preset(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """--preset NAME's values become the parser's defaults (flags on the command line win)."""
+    preset = next((argv[i + 1] for i, x in enumerate(argv[:-1]) if x == "--preset"), None)
+    preset = preset or next((x.split("=", 1)[1] for x in argv if x.startswith("--preset=")), None)
+    if preset is not None and preset not in PRESETS:
+        parser.error(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    if preset:
+        parser.set_defaults(**{k: v for k, v in PRESETS[preset].items() if k != "teacher"})
+    return preset
+
+
+@dataclass
+class Settings:
+    """The per-teacher flags, one value per teacher."""
+
+    teachers: list[str]
+    losses: list[str]
+    weights: list[float]
+    projections: list[str | None]
+
+
+def check_settings(args) -> Settings:
     """The flags on their own, before anything is read or written: ranges, and one loss, weight and
-    W file per teacher. Returns (teachers, losses, weights, W files)."""
+    W file per teacher."""
     for name, (ok, what) in RANGES.items():
         value = getattr(args, name)
         for v in value if isinstance(value, list | tuple) else [value]:
@@ -337,18 +281,112 @@ def check_settings(args) -> tuple[list[str], list[str], list[float], list]:
         loss_names = []
     elif "ce" in loss_names:
         raise ValueError("--loss ce is the no-teacher baseline: drop --teacher or pick a KD loss")
-    weights = per_teacher(args.teacher_weight, len(names), 1.0 / max(1, len(names)),
-                          "teacher-weight")  # fmt: skip
+    default_weight = 1.0 / max(1, len(names))
+    weights = per_teacher(args.teacher_weight, len(names), default_weight, "teacher-weight")
     files = per_teacher(args.projection, len(names), None, "projection")
     if args.learn_projection and not loss_names.count("pkl") and "auto" not in loss_names:
         raise ValueError("--learn-projection learns W for P-KL: use it with --loss pkl")
     for path in files:
         if path and not os.path.isfile(path):
             raise ValueError(f"projection file {path} does not exist")
-    return names, loss_names, weights, files
+    return Settings(names, loss_names, weights, files)
 
 
-def inspect_run_dir(args, lock: run_dir.RunLock, world_size: int) -> dict:
+def per_teacher(values: list | None, n: int, default, name: str) -> list:
+    """One value per teacher: none -> default, one -> repeated, n -> as given."""
+    if not values:
+        return [default] * n
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise ValueError(f"{len(values)} values of --{name} for {n} teachers: give 1 or {n}")
+    return values
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+class Job:
+    """This process in the torchrun job: its rank and device, the run directory's lock, and the
+    one error path, taken by every rank together: one line on stderr (from rank 0), exit status
+    2, no rank left waiting in a collective."""
+
+    def __init__(self, out_dir: str):
+        self.ddp = int(os.environ.get("RANK", -1)) != -1
+        self.cuda = torch.cuda.is_available()
+        if self.ddp:
+            dist.init_process_group(backend="nccl" if self.cuda else "gloo")
+        self.rank = dist.get_rank() if self.ddp else 0
+        self.world_size = dist.get_world_size() if self.ddp else 1
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0)) if self.ddp else 0
+        self.master = self.rank == 0
+        self.device = torch.device(f"cuda:{self.local_rank}" if self.cuda else "cpu")
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+        self.lock = run_dir.RunLock(out_dir)
+
+    def together(self, fn, *fn_args):
+        """fn(*fn_args) on every rank; an expected failure on any rank (bad input: ValueError, the
+        OS: OSError) stops every rank with its message. Also a barrier."""
+        result, error = None, None
+        try:
+            result = fn(*fn_args)
+        except ValueError as e:
+            error = str(e)
+        except OSError as e:
+            error = os_error_line(e)
+        error = self.agree(error)
+        if error:
+            self.stop(error)
+        return result
+
+    def agree(self, error: str | None) -> str | None:
+        """The first error any rank met: every rank learns it, so that every rank stops."""
+        if not self.ddp:
+            return error
+        errors = [None] * self.world_size
+        dist.all_gather_object(errors, error)
+        return next((e for e in errors if e), None)
+
+    def broadcast(self, value):
+        """Rank 0's value, on every rank."""
+        if not self.ddp:
+            return value
+        shared = [value]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0]
+
+    def stop(self, message: str, code: int = 2) -> NoReturn:
+        if self.master:
+            print(f"error: {message}", file=sys.stderr)
+        self.end(code)
+
+    def end(self, code: int | None = None) -> None:
+        """The lock released, the process group destroyed; sys.exit(code) unless code is None.
+        Every rank calls it together."""
+        self.lock.release()
+        if self.ddp and dist.is_initialized():
+            # a barrier first: while it waits (without the GIL), gloo's thread finishes freeing the
+            # last collective's tensors; freed later, with the group, the two threads deadlock
+            dist.barrier()
+            dist.destroy_process_group()
+        if code is not None:
+            sys.exit(code)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker ignores Ctrl-C (the terminal sends it to the whole process group: the
+    rank's process stops gracefully) and leaves quietly on SIGTERM (the DataLoader's own way to end
+    a worker; a scheduler's SIGTERM to every process): the rank already holds the batches of the
+    step it finishes, and a worker killed by a signal would abort it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+def inspect_run_dir(args, job: Job) -> dict:
     """Rank 0: take the directory's lock, check that this run may use it (one configuration per
     directory; an existing run needs --resume or --overwrite) and pick the checkpoint to resume
     from (the newest that verifies). Writes nothing but the lock."""
@@ -359,139 +397,725 @@ def inspect_run_dir(args, lock: run_dir.RunLock, world_size: int) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     if not os.access(out_dir, os.W_OK):
         raise ValueError(f"--out-dir {out_dir} is not writable: pick another directory")
-    problem = lock.acquire()
+    problem = job.lock.acquire()
     if problem:
         raise ValueError(problem)
-    config_path = os.path.join(out_dir, "run_config.json")
+    if not args.overwrite:
+        check_same_configuration(args)
     previous = run_dir.checkpoints(out_dir)
-    if os.path.exists(config_path) and not args.overwrite:
-        try:
-            with open(config_path) as f:
-                saved = json.load(f)
-        except ValueError:
-            raise ValueError(f"{config_path} is not valid JSON: repair or delete it") from None
-        if not set(RESUME_KEYS) <= saved.keys():
-            raise ValueError(
-                f"{out_dir} holds a run of an older train.py (its settings lack "
-                f"{sorted(set(RESUME_KEYS) - saved.keys())}): it cannot be resumed; "
-                "pick another --out-dir, or pass --overwrite to replace it"
-            )
-        changed = sorted(k for k in RESUME_KEYS if json.dumps(saved.get(k)) !=
-                         json.dumps(getattr(args, k)))  # fmt: skip
-        if changed:
-            raise ValueError(f"{out_dir} holds a run with another configuration "
-                             f"({', '.join(changed)} differ): pick another --out-dir, or pass "
-                             "--overwrite to replace it")  # fmt: skip
     if previous and not args.resume and not args.overwrite:
-        raise ValueError(f"{out_dir} holds a run (step {previous[-1][0]}): pass --resume to "
-                         "continue it or --overwrite to replace it")  # fmt: skip
+        raise ValueError(
+            f"{out_dir} holds a run (step {previous[-1][0]}): pass --resume to "
+            "continue it or --overwrite to replace it"
+        )
     decision = {"resume": None, "warnings": [], "created": created}
     if args.resume and not args.overwrite:
-        decision["resume"], decision["warnings"] = run_dir.newest_good_checkpoint(
-            out_dir, world_size
-        )
-        if decision["resume"] is None:
-            found = f" ({len(previous)} damaged)" if previous else ""
-            raise ValueError(f"--resume: {out_dir} holds no complete checkpoint{found}: drop "
-                             "--resume to start a new run")  # fmt: skip
+        found, decision["warnings"] = run_dir.newest_good_checkpoint(out_dir, job.world_size)
+        if found is None:
+            damaged = f" ({len(previous)} damaged)" if previous else ""
+            raise ValueError(
+                f"--resume: {out_dir} holds no complete checkpoint{damaged}: drop "
+                "--resume to start a new run"
+            )
+        decision["resume"] = found
     return decision
 
 
-def load_student(args, device):
-    """The student's tokenizer and model (fp32 weights; bf16 autocast on GPU), same seed on
-    every rank (identical initial weights; DDP also broadcasts them)."""
+def check_same_configuration(args) -> None:
+    """A directory holds one run: its run_config.json must agree with these flags on RESUME_KEYS."""
+    path = os.path.join(args.out_dir, "run_config.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except ValueError:
+        raise ValueError(f"{path} is not valid JSON: repair or delete it") from None
+    if not set(RESUME_KEYS) <= saved.keys():
+        raise ValueError(
+            f"{args.out_dir} holds a run of an older train.py (its settings lack "
+            f"{sorted(set(RESUME_KEYS) - saved.keys())}): it cannot be resumed; "
+            "pick another --out-dir, or pass --overwrite to replace it"
+        )
+    same = lambda k: json.dumps(saved.get(k)) == json.dumps(getattr(args, k))  # noqa: E731
+    changed = [k for k in RESUME_KEYS if not same(k)]
+    if changed:
+        raise ValueError(
+            f"{args.out_dir} holds a run with another configuration "
+            f"({', '.join(sorted(changed))} differ): pick another --out-dir, or pass "
+            "--overwrite to replace it"
+        )
+
+
+def start_run(args) -> None:
+    """Rank 0, once every check has passed: --overwrite moves the old run aside (deleted at the
+    new run's first checkpoint), and run_config.json is written."""
+    if args.overwrite and run_dir.move_aside(args.out_dir):
+        print(
+            f"--overwrite: the previous run in {args.out_dir} is moved to "
+            f"{run_dir.OVERWRITTEN}/ until this run's first checkpoint"
+        )
+    config = json.dumps({k: getattr(args, k) for k in RESUME_KEYS}, indent=2)
+    atomic_write(os.path.join(args.out_dir, "run_config.json"), lambda f: f.write(config.encode()))
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def load_student(args, device: torch.device):
+    """The student's tokenizer and model: fp32 weights, the same seed on every rank (identical
+    initial weights; DDP also broadcasts them)."""
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    student_tok = load_tokenizer(args.student, trust_remote_code=args.trust_remote_code)
-    student = load_model(args.student, student_tok, args, torch.float32, device)
+    tok = load_tokenizer(args.student, trust_remote_code=args.trust_remote_code)
+    student = load_model(args.student, tok, args, torch.float32, device)
     if args.gradient_checkpointing:
         enable = getattr(student, "activation_checkpointing_enable", None)  # transformers >= 5
         (enable or student.gradient_checkpointing_enable)()
-    return student_tok, student
+    return tok, student
 
 
-def load_teachers(args, settings, student_tok, student_vocab, teacher_dtype, device,
-                  local_master: bool) -> list[Teacher]:  # fmt: skip
-    """Each teacher's tokenizer and model (eval, no gradients, padded rows trimmed) and the path
-    of its W; each node's first rank builds a W that is not cached yet (atomic writes)."""
-    from build_projection import FORMAT_VERSION, build_projection, save_projection
+def load_model(name: str, tok, args, dtype: torch.dtype, device: torch.device):
+    """A checkpoint directory or hub model; a random preset model for pkg: names with --preset."""
+    if name.startswith("pkg:") and not os.path.isdir(name):
+        if not args.preset:
+            raise ValueError(f"{name} is a tokenizer, not a model: use it with --preset tiny")
+        vocab = -(-len(tok) // 64) * 64  # pad to a multiple of 64, as real models do
+        arch = "qwen3" if "qwen" in name else "llama"
+        shape = PRESET_SHAPES[args.preset][arch == "qwen3"]
+        with torch.device(device):  # initialised where it runs: a 4B model is slow to init on CPU
+            return tiny_model(arch, vocab, args.seq_len, shape).to(dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        name, dtype=dtype, trust_remote_code=args.trust_remote_code
+    )
+    return model.to(device)
 
-    names, loss_names, weights, files = settings
+
+def tiny_model(arch: str, vocab_size: int, seq_len: int, shape: str = "tiny"):
+    """A random Llama/Qwen3 of a SHAPES entry, with at least vocab_size output rows."""
+    config = dict(SHAPES[shape], max_position_embeddings=max(4 * seq_len, 512))
+    config.update(tie_word_embeddings=True, vocab_size=max(vocab_size, config.get("vocab_size", 0)))
+    if arch == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(**config))
+    return LlamaForCausalLM(LlamaConfig(**config))
+
+
+@dataclass
+class Teacher:
+    """One teacher and what its KD term needs (METHOD.md 5.2-5.4)."""
+
+    name: str
+    tok: object
+    model: torch.nn.Module
+    loss: str  # a key of KD_LOSSES
+    weight: float  # alpha_m
+    vocab: int  # its tokenizer's ids: output rows beyond them are padding
+    w_path: str | None = None  # across tokenizers: the W file
+    W: torch.Tensor | losses.LearnableProjection | None = None  # P-KL: the projection
+    pairs: torch.Tensor | None = None  # GOLD, H-KL: the common set
+
+
+def load_teachers(args, settings: Settings, student_tok, student, job: Job) -> list[Teacher]:
+    """Each teacher's tokenizer and model (eval, no gradients; bf16 on GPU), its loss (auto: the
+    audit's choice) and what that loss needs: W, or the common pairs."""
+    student_vocab = student.get_output_embeddings().weight.shape[0]
+    dtype = torch.bfloat16 if job.cuda else torch.float32
     teachers = []
-    for i, name in enumerate(names):
+    for i, name in enumerate(settings.teachers):
         tok = load_tokenizer(name, trust_remote_code=args.trust_remote_code)
-        model = load_model(name, tok, args, teacher_dtype, device).to(device, teacher_dtype).eval()
+        model = load_model(name, tok, args, dtype, job.device).to(job.device, dtype).eval()
         model.requires_grad_(False)
         rows = model.get_output_embeddings().weight.shape[0]
-        t = Teacher(name, tok, model, loss_names[i], weights[i], vocab=min(len(tok), rows))
-        same_tokenizer = tokenizer_hash(tok) == tokenizer_hash(student_tok)
-        if t.loss == "kl" or (t.loss == "auto" and same_tokenizer):
-            if not same_tokenizer:
-                raise ValueError(f"--loss kl needs the student's tokenizer; teacher {name} has "
-                                 "another: use pkl, hkl or gold")  # fmt: skip
+        t = Teacher(name, tok, model, settings.losses[i], settings.weights[i], min(len(tok), rows))
+        if tokenizer_hash(tok) == tokenizer_hash(student_tok) and t.loss in ("kl", "auto"):
             if rows != student_vocab:
-                raise ValueError(f"teacher {name} has {rows} output rows, the student "
-                                 f"{student_vocab}: KL needs equal vocabularies")  # fmt: skip
-            t.loss = "kl"
-            teachers.append(t)
-            continue
-        trim_output_vocabulary(model, t.vocab)  # its padded rows: never a target
-        # W: the given file, or a cached build keyed by the W format, both tokenizer hashes and
-        # the vocabulary sizes
-        key = f"{tokenizer_hash(student_tok)[:16]}-{tokenizer_hash(tok)[:16]}"
-        t.w_path = files[i] or os.path.join(
-            args.projection_cache, f"W-v{FORMAT_VERSION}-{key}-{student_vocab}x{t.vocab}.pt"
-        )
-        if local_master and not os.path.exists(t.w_path):
-            print(f"building W for {args.student} -> {name} into {t.w_path}")
-            save_projection(build_projection(student_tok, tok, student_vocab_size=student_vocab,
-                                             teacher_vocab_size=t.vocab), t.w_path)  # fmt: skip
+                raise ValueError(
+                    f"teacher {name} has {rows} output rows, the student "
+                    f"{student_vocab}: KL needs equal vocabularies"
+                )
+            t.loss = "kl"  # the same tokenizer and ids: position p of both predicts one token
+        elif t.loss == "kl":
+            raise ValueError(
+                f"--loss kl needs the student's tokenizer; teacher {name} has "
+                "another: use pkl, hkl or gold"
+            )
+        else:
+            trim_output_vocabulary(model, t.vocab)  # its padded rows: never a target
+            # W: the given file, or the cache's, built by each node's first rank if missing
+            t.w_path = settings.projections[i] or cached_projection(
+                args.projection_cache,
+                student_tok,
+                tok,
+                student_vocab,
+                t.vocab,
+                build=job.local_rank == 0,
+            )
         teachers.append(t)
     return teachers
 
 
-def prepare_losses(args, teachers: list[Teacher], student_tok, student_vocab, device) -> list:
-    """Each cross-tokenizer teacher's W (loaded and verified against both tokenizers), its loss
-    (auto: audit.py's choice) and what the loss needs. Returns the learnable projections."""
-    from build_projection import load_projection
-
-    projections = []
+def attach_projections(teachers: list[Teacher], args, student_tok, student, device) -> None:
     for t in teachers:
-        if t.loss == "kl":
-            continue
-        path = t.w_path
-        projection = load_projection(path, student_tok, t.tok)
-        projection["W"] = drop_padded_columns(projection["W"], t.vocab, path)
-        if tuple(projection["W"].shape) != (student_vocab, t.vocab):
-            raise ValueError(f"teacher {t.name}'s vocabulary ({t.vocab} ids; student "
-                             f"{student_vocab} rows) does not match its W "
-                             f"{tuple(projection['W'].shape)} in {path}: rebuild W with "
-                             "--student-vocab-size/--teacher-vocab-size")  # fmt: skip
-        if t.loss == "auto":
-            from audit import audit
-
-            t.loss = audit(student_tok, projection, threshold=args.hkl_threshold)["recommended"]
-        if args.learn_projection and t.loss != "pkl":
-            raise ValueError(f"--learn-projection is for P-KL; teacher {t.name} uses {t.loss}")
-        W = projection["W"].to(device)
-        if t.loss == "pkl":
-            t.W = losses.LearnableProjection(W).to(device) if args.learn_projection else W
-            if args.learn_projection:
-                projections.append(t.W)
-        elif t.loss == "hkl":
-            t.pairs = losses.hkl_pairs(W, projection["exact_pairs"],
-                                       threshold=args.hkl_threshold).to(device)  # fmt: skip
-        elif t.loss == "gold":
-            t.pairs = projection["exact_pairs"].to(device)
-    return projections
+        if t.w_path:
+            attach_projection(t, student_tok, student, args, device)
 
 
-def load_resume(path: str, student, projections, rank: int, world_size: int) -> dict:
+def attach_projection(t: Teacher, student_tok, student, args, device) -> None:
+    """W from t.w_path (verified against both tokenizers, padded columns cut), the loss it decides
+    (auto: the audit's recommendation), and what that loss takes from it."""
+    path, student_vocab = t.w_path, student.get_output_embeddings().weight.shape[0]
+    projection = load_projection(path, student_tok, t.tok)
+    W = drop_padded_columns(projection["W"], t.vocab, path)
+    if tuple(W.shape) != (student_vocab, t.vocab):
+        raise ValueError(
+            f"teacher {t.name}'s vocabulary ({t.vocab} ids; student {student_vocab} "
+            f"rows) does not match its W {tuple(W.shape)} in {path}: rebuild W with "
+            "--student-vocab-size/--teacher-vocab-size"
+        )
+    if t.loss == "auto":
+        t.loss = audit(student_tok, projection, threshold=args.hkl_threshold)["recommended"]
+    if args.learn_projection and t.loss != "pkl":
+        raise ValueError(f"--learn-projection is for P-KL; teacher {t.name} uses {t.loss}")
+    W = W.to(device)
+    if t.loss == "pkl":
+        t.W = losses.LearnableProjection(W).to(device) if args.learn_projection else W
+    elif t.loss == "hkl":
+        exact = projection["exact_pairs"]
+        t.pairs = hkl_pairs(W, exact, threshold=args.hkl_threshold).to(device)
+    elif t.loss == "gold":
+        t.pairs = projection["exact_pairs"].to(device)
+
+
+def drop_padded_columns(W: torch.Tensor, vocab: int, path: str) -> torch.Tensor:
+    """W cut to the teacher's tokenizer ids: a W built for a padded output layer has empty
+    padded columns (build_projection.py gives padding no entries); anything else is an error."""
+    if W.shape[1] <= vocab:
+        return W
+    W = W.coalesce()
+    if bool((W.indices()[1] >= vocab).any()):
+        raise ValueError(
+            f"{path} maps student ids to teacher ids >= {vocab}, which the teacher's "
+            "tokenizer does not have: rebuild W for this teacher"
+        )
+    return torch.sparse_coo_tensor(W.indices(), W.values(), (W.shape[0], vocab)).coalesce()
+
+
+def trim_output_vocabulary(model: torch.nn.Module, n: int) -> None:
+    """Keep the first n output rows of a teacher (its tokenizer's ids): the rest pad the matrix to
+    a round size (Qwen3: 151,936 rows for 151,669 ids) and must never enter a softmax, a top-k
+    subset or GOLD's uncommon set. The kept rows are a view: no copy, tied embeddings stay."""
+    head = model.get_output_embeddings()
+    if head.weight.shape[0] <= n:
+        return
+    bias = head.bias is not None
+    trimmed = torch.nn.Linear(head.in_features, n, bias=bias, device="meta")
+    trimmed.weight = torch.nn.Parameter(head.weight[:n], requires_grad=False)
+    if bias:
+        trimmed.bias = torch.nn.Parameter(head.bias[:n], requires_grad=False)
+    model.set_output_embeddings(trimmed)
+
+
+def describe(args, student, teachers: list[Teacher], world_size: int) -> None:
+    n_params = sum(p.numel() for p in student.parameters())
+    tokens_per_step = args.batch_size * args.grad_accum * world_size * args.seq_len
+    print(
+        f"student {args.student}: {n_params / 1e6:.1f}M parameters; {world_size} rank(s); "
+        f"{tokens_per_step:,} student tokens per step"
+    )
+    for t in teachers:
+        print(f"teacher {t.name}: loss {t.loss}, weight {t.weight}")
+
+
+# ----------------------------------------------------------------------------- the KD terms
+# One KD term per teacher and micro-batch, by loss name (METHOD.md 5.2-5.4): a mean over the
+# micro-batch's valid chunks (positions for kl). s, z: student and teacher logits; c: the batch.
+
+
+def kd_pkl(t: Teacher, s, z, c: dict, i: int, args) -> torch.Tensor:
+    tau, k = args.temperature, args.vocab_topk
+    return losses.pkl_loss(s, z, *chunks(c, i), t.W, vocab_topk=k, temperature=tau)
+
+
+def kd_gold(t: Teacher, s, z, c: dict, i: int, args) -> torch.Tensor:
+    """GOLD, and H-KL: GOLD with a wider common set (t.pairs)."""
+    tau, k = args.temperature, args.uld_topk
+    return losses.gold_loss(s, z, *chunks(c, i), t.pairs, uld_topk=k, temperature=tau)
+
+
+def kd_uld(t: Teacher, s, z, c: dict, i: int, args) -> torch.Tensor:
+    return losses.uld_loss(
+        s, z, *chunks(c, i), uld_topk=args.uld_topk, temperature=args.temperature
+    )
+
+
+def chunks(batch: dict, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher i's chunk ids: (student side, teacher side)."""
+    return batch[f"student_chunk_{i}"], batch[f"teacher_chunk_{i}"]
+
+
+def kd_kl(t: Teacher, s, z, c: dict, i: int, args) -> torch.Tensor:
+    """Same tokenizer and ids: position p of both models predicts the same token."""
+    if t.vocab < z.shape[-1]:  # equal padded vocabularies: the padding is no target
+        z[..., t.vocab :] = PAD_LOGIT
+    mask = c["labels"] != -100
+    return losses.kl_loss(s, z, mask, vocab_topk=args.vocab_topk, temperature=args.temperature)
+
+
+KD_LOSSES = {"pkl": kd_pkl, "hkl": kd_gold, "gold": kd_gold, "uld": kd_uld, "kl": kd_kl}
+
+
+def kd_loss(t: Teacher, s_logits, t_logits, batch: dict, i: int, args) -> torch.Tensor:
+    """Teacher i's KD term on this micro-batch, by its loss."""
+    if t.loss not in KD_LOSSES:
+        raise ValueError(f"unknown loss {t.loss!r}; choose from {', '.join(KD_LOSSES)}")
+    if t.loss != "kl" and t_logits.shape[-1] != t.vocab:  # a forward that skips the trimmed layer
+        raise ValueError(
+            f"its forward gives {t_logits.shape[-1]} logits for {t.vocab} "
+            "tokenizer ids: its output layer could not be trimmed"
+        )
+    return KD_LOSSES[t.loss](t, s_logits, t_logits, batch, i, args)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def data_source(args, master: bool) -> str:
+    """--data; with a preset and no --data, a small generated corpus (rank 0 writes it)."""
+    if not (args.preset and args.data == "OptimalScale/ClimbMix"):
+        return args.data
+    source = os.path.join(args.out_dir, "tiny_corpus")
+    if master and not os.path.exists(source):
+        make_tiny_corpus(source, n_docs=400, seed=0)
+    return source
+
+
+def make_dataset(args, source, student_tok, teacher_toks, start=None, rank=0, world_size=1):
+    """Windows of --seq-len student tokens aligned with every teacher (data.py): this rank's
+    share, from the resume state `start`."""
+    return AlignedWindows(
+        source,
+        student_tok,
+        teacher_toks,
+        args.seq_len,
+        text_field=args.text_field,
+        rank=rank,
+        world_size=world_size,
+        start=start,
+        teacher_cap=args.teacher_cap,
+        repeat=True,
+        data_config=args.data_config,
+        split=args.split,
+        pack=args.pack,
+        shuffle=args.shuffle,
+        shuffle_buffer=args.shuffle_buffer,
+        seed=args.seed,
+    )
+
+
+def first_positions_only(chunk: torch.Tensor) -> torch.Tensor:
+    """--chunk-merge first (METHOD.md 5.1): keep each chunk's first predictor position only."""
+    previous = torch.nn.functional.pad(chunk[:, :-1], (1, 0), value=-1)
+    return torch.where(chunk != previous, chunk, -1)
+
+
+def chunk_counts(s_chunk: torch.Tensor, t_chunk: torch.Tensor) -> tuple[int, int]:
+    """(valid chunks, chunks on either side) of a batch: a chunk is valid when it has a position
+    on both sides (METHOD.md 5); the others carry no KD signal. Chunk ids are per row."""
+    width = int(max(s_chunk.max(), t_chunk.max(), 0)) + 1
+    row = torch.arange(len(s_chunk)).unsqueeze(1) * width  # (row, chunk) as one key
+    s_keys = torch.unique((row + s_chunk)[s_chunk >= 0])
+    t_keys = torch.unique((row + t_chunk)[t_chunk >= 0])
+    valid = int(torch.isin(s_keys, t_keys).sum())
+    return valid, len(s_keys) + len(t_keys) - valid
+
+
+def prepare_batch(batch: dict, teachers: list[Teacher], chunk_merge: str) -> dict:
+    """A collated batch as the loop uses it, still on the host: --chunk-merge applied, and
+    `counts` = [student tokens, labelled tokens, then per teacher the targets its KD term is a
+    mean over (positions for KL, valid chunks otherwise)], `valid_union` for the logs."""
+    out = {k: v for k, v in batch.items() if k not in ("position", "issues")}
+    labelled = int((out["labels"] != -100).sum())
+    counts, valid_union = [int(out["student_mask"].sum()), labelled], []
+    for i, t in enumerate(teachers):
+        s_chunk, t_chunk = out[f"student_chunk_{i}"], out[f"teacher_chunk_{i}"]
+        if chunk_merge == "first":
+            s_chunk, t_chunk = first_positions_only(s_chunk), first_positions_only(t_chunk)
+            out[f"student_chunk_{i}"], out[f"teacher_chunk_{i}"] = s_chunk, t_chunk
+        valid, union = chunk_counts(s_chunk, t_chunk)
+        counts.append(labelled if t.loss == "kl" else valid)
+        valid_union += [valid, union]
+    out["counts"] = torch.tensor(counts, dtype=torch.float64)
+    out["valid_union"] = torch.tensor(valid_union, dtype=torch.float64)
+    return out
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def make_optimizer(args, student, learned: list, resume: dict, fused: bool):
+    """AdamW: weight decay on matrices only; a learned W has its own group (lr --projection-lr,
+    no weight decay; it is not clipped either: METHOD.md 5.2). Each group's base_lr is scaled by
+    lr_scale every step."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    for group in groups:
+        group["base_lr"] = args.lr
+    w_params = [p for proj in learned for p in proj.parameters()]
+    if w_params:
+        groups.append({"params": w_params, "weight_decay": 0.0, "base_lr": args.projection_lr})
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), fused=fused)
+    if "optimizer" in resume:
+        optimizer.load_state_dict(resume["optimizer"])
+    return optimizer
+
+
+def lr_scale(step: int, args) -> float:
+    """Linear warm-up to 1, then cosine down to min_lr/lr at max_steps."""
+    if step < args.warmup_steps:
+        return (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+    floor = args.min_lr / args.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+N_STEP_SUMS = 4  # loss, ce, kd, kd_scale; then per teacher its KD term, valid and union chunks
+
+
+class Trainer:
+    """The loop's state: the models, the optimizer, and the counters a checkpoint keeps."""
+
+    def __init__(self, args, job, model, student, student_tok, teachers, learned, optimizer):
+        self.args, self.job, self.model, self.student = args, job, model, student
+        self.student_tok, self.teachers, self.learned = student_tok, teachers, learned
+        self.optimizer = optimizer
+        self.w_params = [p for proj in learned for p in proj.parameters()]
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if job.cuda else nullcontext()
+        self.signalled: list[int] = []  # SIGTERM / SIGINT: finish the step, save, stop
+        self.static_kd_weight = torch.tensor(args.kd_weight, device=job.device)
+        self.lr, self.grad_norm = args.lr, float("nan")  # of the last step
+
+    def loop(self, batches, resume: dict) -> None:
+        args, job = self.args, self.job
+        step, data_state = resume.get("step", 0), resume.get("data_state")
+        skipped, bad_in_a_row = resume.get("skipped", 0), 0
+        streak_start = None  # the first skipped step of the current run of skipped steps
+        last_step = min(args.max_steps, args.stop_step or args.max_steps)
+        logger = Logger(args, job.master, step)
+        progress = None
+        if job.master:
+            progress = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True)
+        self.catch_stop_signals()
+        while step < last_step:
+            started = time.perf_counter()
+            sums, counts, data_state, bad, stop_asked = self.step(step, batches, data_state)
+            skipped, bad_in_a_row = skipped + bad, (bad_in_a_row + 1) * bad
+            streak_start = (streak_start or step + 1) if bad else None
+            step += 1
+            if bad and job.master:
+                print(
+                    f"warning: non-finite loss or gradient at step {step}, update skipped",
+                    file=sys.stderr,
+                )
+            record = self.record(step, sums, counts, skipped, started)
+            stopping = bad_in_a_row > args.max_bad_steps
+            logged = step % args.log_every == 0 or step == last_step or stopping
+            if logged:
+                record["data_issues"] = self.data_issues(data_state)
+                logger.log(record)
+            if stopping:
+                if progress:
+                    progress.close()
+                job.stop(
+                    f"{bad_in_a_row} non-finite steps in a row (last at step {step}): lower "
+                    "--lr, check the data, or resume from an earlier checkpoint"
+                )
+            if progress:
+                progress.update(1)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", ce=f"{record['ce']:.3f}")
+            due = args.save_every and (step % args.save_every == 0 or step == last_step)
+            if due or stop_asked:
+                self.save(step, data_state, skipped, streak_start)
+            if stop_asked:
+                if progress:
+                    progress.close()
+                if not logged:
+                    logger.log(record)
+                if job.master:
+                    print(
+                        f"stopped by a signal after step {step}: checkpoint step_{step} "
+                        "written; run again with --resume to continue",
+                        file=sys.stderr,
+                    )
+                job.end(128 + (self.signalled[0] if self.signalled else signal.SIGTERM))
+        if progress:
+            progress.close()
+        logger.close()
+
+    def catch_stop_signals(self) -> None:
+        """SIGTERM (what a scheduler sends before it kills a job) or SIGINT: finish the step,
+        write a checkpoint, stop; a second signal stops at once. main() puts the old handlers
+        back."""
+
+        def on_signal(signum, frame) -> None:
+            self.signalled.append(signum)
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, on_signal)
+
+    def step(self, step: int, batches, data_state) -> tuple:
+        """One optimizer step over --grad-accum micro-batches on every rank: (its sums and counts,
+        still on the device; the data state after it; whether it was skipped (a non-finite loss or
+        gradient on any rank); whether any rank was asked to stop)."""
+        args, job, teachers = self.args, self.job, self.teachers
+        scale = lr_scale(step, args)
+        self.lr = args.lr * scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * scale
+        # The step's batches first: the objective divides by the step's counts over all
+        # micro-steps and ranks (METHOD.md 5.5), and those come from the batches alone.
+        micro_batches = []
+        for _ in range(args.grad_accum):
+            batch = next(batches, None)
+            if batch is None:  # this rank's share of the data is empty
+                break
+            data_state = advance_state(data_state, batch)  # where to resume after this batch
+            micro_batches.append(prepare_batch(batch, teachers, args.chunk_merge))
+        counts = self.step_counts(micro_batches)
+        sums = torch.zeros(N_STEP_SUMS + 3 * len(teachers) + 1, device=job.device)
+        for micro, batch in enumerate(micro_batches):
+            last = micro == len(micro_batches) - 1
+            with nullcontext() if last or not job.ddp else self.model.no_sync():
+                sums[:-1] += self.micro_step(batch, counts)
+        for p in self.w_params:  # W's weights live outside DDP: their gradients are averaged here
+            if p.grad is None:  # no valid chunk on this rank in this step
+                p.grad = torch.zeros_like(p)
+            if job.ddp:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        # the step's sums over all ranks, and whether any rank was asked to stop
+        sums[-1] = float(bool(self.signalled))
+        if job.ddp:
+            dist.all_reduce(sums)
+        self.grad_norm = float("nan")
+        bad = not bool(torch.isfinite(sums[:N_STEP_SUMS]).all())
+        if not bad:  # gradients are equal on every rank here: so is this decision
+            norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), args.grad_clip)
+            self.grad_norm = float(norm)
+            bad = not math.isfinite(self.grad_norm) or any(
+                not bool(torch.isfinite(p.grad).all()) for p in self.w_params
+            )
+        if not bad:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return sums, counts, data_state, bad, bool(sums[-1] > 0)
+
+    def step_counts(self, micro_batches: list[dict]) -> torch.Tensor:
+        """[student tokens, labelled tokens, then per teacher the targets its KD term averages]
+        over the whole step: all micro-batches, all ranks (read from the host batches)."""
+        n = 2 + len(self.teachers)
+        counts = torch.zeros(n + 1, dtype=torch.float64)
+        counts[-1] = len(micro_batches) < self.args.grad_accum  # a rank whose data ran out
+        counts[:-1] = sum((b["counts"] for b in micro_batches), counts[:-1])
+        counts = counts.to(self.job.device)
+        if self.job.ddp:
+            dist.all_reduce(counts)
+        ran_out = int(counts[-1])
+        if ran_out:
+            self.job.stop(
+                f"{ran_out} rank(s) got no documents: the data has fewer documents than ranks x "
+                f"DataLoader workers ({self.job.world_size} x {max(self.args.num_workers, 1)}): "
+                "lower --num-workers, use fewer ranks, or add documents"
+            )
+        return counts[:-1]
+
+    def micro_step(self, batch: dict, counts: torch.Tensor) -> torch.Tensor:
+        """Forward, losses and backward of one micro-batch; its share of the step's sums."""
+        args, job = self.args, self.job
+        batch = {k: v.to(job.device, non_blocking=True) for k, v in batch.items()}
+        with self.autocast:
+            s_logits = self.model(
+                input_ids=batch["student_ids"], attention_mask=batch["student_mask"]
+            ).logits
+        # each term: its mean over this micro-batch x (its count here / the step's count)
+        ce_mean = losses.ce_loss(s_logits, batch["labels"])
+        ce_part = ce_mean * share(batch["counts"][1], counts[1])
+        kd_means, kd_parts = [], []
+        for i, t in enumerate(self.teachers):
+            with torch.no_grad(), self.autocast:
+                t_logits = t.model(
+                    input_ids=batch[f"teacher_ids_{i}"], attention_mask=batch[f"teacher_mask_{i}"]
+                ).logits
+            try:
+                kd_mean = kd_loss(t, s_logits, t_logits, batch, i, args)
+            except ValueError as e:
+                if str(e) != losses.NON_FINITE:
+                    raise SystemExit(f"error: teacher {t.name}: {e}") from None
+                # skipped on every rank; backward still runs, as DDP needs
+                kd_mean = s_logits.float().sum() * float("nan")
+            kd_means.append(kd_mean)
+            kd_parts.append(kd_mean * share(batch["counts"][2 + i], counts[2 + i]))
+        weights = [t.weight for t in self.teachers]
+        kd_mean = sum((w * k for w, k in zip(weights, kd_means)), ce_mean.new_zeros(()))
+        if args.kd_scaling == "dynamic":  # loss = sg(CE / KD) * KD + CE, CE and KD of this
+            # micro-batch on this rank: the scale needs no second pass and no communication
+            kd_scale = torch.where(
+                kd_mean.detach() > 0, ce_mean.detach() / kd_mean.detach(), torch.ones_like(kd_mean)
+            )
+            ce_scale = 1.0
+        else:
+            kd_scale, ce_scale = self.static_kd_weight, args.ce_weight
+        loss = losses.combine(
+            ce_part, kd_parts, weights, dynamic=False, kd_weight=kd_scale, ce_weight=ce_scale
+        )
+        (loss * job.world_size).backward()  # DDP averages gradients over ranks; we want the sum
+        kd_part = sum((w * k for w, k in zip(weights, kd_parts)), ce_part.new_zeros(()))
+        n = args.grad_accum * job.world_size
+        scale_share = kd_scale / n if self.teachers else kd_scale * 0
+        parts = [loss, ce_part, kd_part, scale_share.float(), *kd_parts]
+        return torch.stack([*(p.detach() for p in parts), *batch["valid_union"]]).float()
+
+    def record(self, step: int, sums, counts, skipped: int, started: float) -> dict:
+        """The step's metrics.jsonl record, from one read of the device."""
+        values = torch.cat([sums.double(), counts]).tolist()  # the one read
+        n, tokens = len(self.teachers), values[-len(counts)]
+        record = {
+            "step": step,
+            "lr": self.lr,
+            "loss": values[0],
+            "ce": values[1],
+            "kd": values[2],
+            "kd_scale": values[3],
+            "grad_norm": self.grad_norm,
+            "tokens": int(tokens),
+            "skipped": skipped,
+            "tokens_per_s": tokens / (time.perf_counter() - started),
+        }
+        valid_union = values[N_STEP_SUMS + n : N_STEP_SUMS + 3 * n]
+        record["valid_chunks"] = sum(valid_union[0::2]) / max(sum(valid_union[1::2]), 1)
+        if self.job.cuda:
+            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.job.device) / 2**30
+        for t, value in zip(self.teachers, values[N_STEP_SUMS : N_STEP_SUMS + n]):
+            record[f"kd/{t.name}"] = value
+        return record
+
+    def data_issues(self, data_state) -> dict:
+        """Skipped/split documents by reason, over all ranks (every rank logs this step)."""
+        issues = torch.tensor(
+            [issue_counts(data_state)[r] for r in REASONS], device=self.job.device
+        )
+        if self.job.ddp:
+            dist.all_reduce(issues)
+        return {r: n for r, n in zip(REASONS, issues.tolist()) if n}
+
+    def save(self, step: int, data_state, skipped: int, streak_start: int | None) -> None:
+        """A checkpoint, never from non-finite weights; rotation keeps the newest checkpoint from
+        before the current run of skipped steps. A failed write stops the run in one line."""
+        job, out_dir = self.job, self.args.out_dir
+        if not all(bool(torch.isfinite(p).all()) for p in self.student.parameters()):
+            if job.master:
+                print(
+                    f"warning: non-finite weights at step {step}: no checkpoint written",
+                    file=sys.stderr,
+                )
+            return
+        before = [s for s, _ in run_dir.checkpoints(out_dir) if s < (streak_start or 0)]
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "step": step,
+            "skipped": skipped,
+            "world_size": job.world_size,
+            "projections": [p.state_dict() for p in self.learned],
+            "args": json.dumps(vars(self.args), default=str),
+        }
+        error = save_checkpoint(
+            out_dir,
+            step,
+            self.student,
+            self.student_tok,
+            state,
+            data_state,
+            self.args.keep_last,
+            job,
+            protect=max(before, default=None),
+        )
+        if error:
+            latest = run_dir.checkpoints(out_dir)
+            latest = f"step_{latest[-1][0]}" if latest else "none"
+            job.stop(
+                f"checkpoint step_{step} could not be written ({error}); the latest "
+                f"complete checkpoint is {latest}: fix that, then --resume"
+            )
+
+
+def share(count: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """count / total (0 when total is 0): a micro-batch's weight in the step's mean."""
+    return (count / total.clamp_min(1)).float()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(
+    out_dir, step, student, tok, state: dict, data_state, keep_last: int, job: Job, protect=None
+) -> str | None:
+    """out_dir/step_N/: save_pretrained weights + tokenizer (lm-eval/vLLM load it as it is), the
+    trainer state, and each rank's RNG and data position. Written into a temp directory that is
+    renamed when complete, so a kill mid-write leaves the previous checkpoint intact; a failed
+    write (a full disk) removes the temp directory and returns its reason, on every rank. Then
+    the oldest checkpoints beyond keep_last go (never step `protect`), and so does a run that
+    --overwrite moved aside."""
+    tmp = os.path.join(out_dir, f".tmp_step_{step}")
+
+    def shared() -> None:
+        if job.master:
+            shutil.rmtree(tmp, ignore_errors=True)
+            student.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+
+    def mine() -> None:
+        python_rng = random.getstate()
+        rank_state = {
+            "torch_rng": torch.get_rng_state(),
+            "data_state": data_state,
+            "python_rng": [python_rng[0], list(python_rng[1])],
+        }
+        torch.save(rank_state, os.path.join(tmp, f"rank_{job.rank}.pt"))
+
+    def publish() -> None:
+        if job.master:
+            final = os.path.join(out_dir, f"step_{step}")
+            if os.path.exists(final):  # a damaged one that the resume skipped: replaced
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            run_dir.rotate(out_dir, keep_last, protect)
+            run_dir.drop_overwritten(out_dir)
+
+    for part in (shared, mine, publish):
+        error = None
+        try:
+            part()
+        except OSError as e:
+            error = os_error_line(e)
+        error = job.agree(error)
+        if error:
+            if job.master:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return error
+    return None
+
+
+def load_resume(decision: dict, student, learned: list, job: Job) -> dict:
     """Weights, W's weights, this rank's RNG and data position from a verified checkpoint; the
     optimizer state and counters are returned for the optimizer built later."""
-    from safetensors.torch import load_file
-
+    step, path = decision["resume"]
     weights = load_file(os.path.join(path, "model.safetensors"))
     missing, unexpected = student.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight"} if student.config.tie_word_embeddings else set()
@@ -503,446 +1127,29 @@ def load_resume(path: str, student, projections, rank: int, world_size: int) -> 
     if tied:
         student.tie_weights()
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
-    if state["world_size"] != world_size:
+    if state["world_size"] != job.world_size:
         raise ValueError(
             f"{path} was written by {state['world_size']} ranks, this run has "
-            f"{world_size}: resume with the same number of processes"
+            f"{job.world_size}: resume with the same number of processes"
         )
-    for proj, proj_state in zip(projections, state["projections"]):
+    for proj, proj_state in zip(learned, state["projections"]):
         proj.load_state_dict(proj_state)
-    mine = torch.load(os.path.join(path, f"rank_{rank}.pt"), weights_only=True)
+    mine = torch.load(os.path.join(path, f"rank_{job.rank}.pt"), weights_only=True)
     torch.set_rng_state(mine["torch_rng"])
     random.setstate((mine["python_rng"][0], tuple(mine["python_rng"][1]), None))
-    return {"optimizer": state["optimizer"], "skipped": state["skipped"],
-            "data_state": mine["data_state"], "step": state["step"]}  # fmt: skip
+    if job.master:
+        for warning in decision["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"resuming from {path}")
+    return {
+        "optimizer": state["optimizer"],
+        "skipped": state["skipped"],
+        "data_state": mine["data_state"],
+        "step": state["step"],
+    }
 
 
-def start_run(args) -> None:
-    """Rank 0, once every check has passed: --overwrite moves the old run aside (deleted at the
-    new run's first checkpoint), and run_config.json is written."""
-    if args.overwrite and run_dir.move_aside(args.out_dir):
-        print(f"--overwrite: the previous run in {args.out_dir} is moved to "
-              f"{run_dir.OVERWRITTEN}/ until this run's first checkpoint")  # fmt: skip
-    config = {k: getattr(args, k) for k in RESUME_KEYS}
-    atomic_write(os.path.join(args.out_dir, "run_config.json"),
-                 lambda f: f.write(json.dumps(config, indent=2).encode()))  # fmt: skip
-
-
-def first_error(error: str | None) -> str | None:
-    """The first error any rank met: every rank learns it, so that every rank stops (none is left
-    waiting in a collective)."""
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    return next((e for e in errors if e), None)
-
-
-# fmt: off
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    lock = run_dir.RunLock(args.out_dir)
-    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    try:
-        train(args, lock)
-    finally:  # whatever ends the run in this process; a killed process leaves a stale lock
-        lock.release()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-
-
-def train(args: argparse.Namespace, lock: run_dir.RunLock) -> None:
-    """The recipe: settings, DDP, checks, models, data, optimizer, the loop, checkpoints."""
-
-    # ---- DDP: torchrun sets RANK/WORLD_SIZE; nccl on GPUs, gloo on CPU -------------------------
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    cuda = torch.cuda.is_available()
-    if ddp:
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    else:
-        rank, world_size, local_rank = 0, 1, 0
-    master = rank == 0
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    teacher_dtype = torch.bfloat16 if cuda else torch.float32
-
-    def stop(message: str, code: int = 2) -> NoReturn:
-        """The one error path: one line on stderr (from rank 0), the lock released, and every
-        rank exits with status 2 (they all call this together)."""
-        if master:
-            print(f"error: {message}", file=sys.stderr)
-        lock.release()
-        if ddp:
-            dist.destroy_process_group()
-        sys.exit(code)
-
-    def together(fn, *fn_args):
-        """fn(*fn_args) on every rank; an expected failure on any rank (bad input: ValueError, the
-        OS: OSError) stops every rank with its message. Also a barrier."""
-        result, error = None, None
-        try:
-            result = fn(*fn_args)
-        except ValueError as e:
-            error = str(e)
-        except OSError as e:
-            error = os_error_line(e)
-        error = agree(error, ddp)
-        if error:
-            stop(error)
-        return result
-
-    # ---- checks first: flags, the run directory, models, W, data; nothing is written before ----
-    settings = together(check_settings, args)
-    decision = together(lambda: inspect_run_dir(args, lock, world_size) if master else None)
-    if ddp:
-        shared = [decision]
-        dist.broadcast_object_list(shared, src=0)
-        decision = shared[0]
-    student_tok, student = together(load_student, args, device)
-    student_vocab = student.get_output_embeddings().weight.shape[0]
-    local_master = local_rank == 0
-    teachers = together(load_teachers, args, settings, student_tok, student_vocab, teacher_dtype,
-                        device, local_master)
-    projections = together(prepare_losses, args, teachers, student_tok, student_vocab, device)
-    resume_state, start_step = {}, 0
-    if decision["resume"]:
-        start_step, path = decision["resume"]
-        resume_state = together(load_resume, path, student, projections, rank, world_size)
-        if master:
-            for warning in decision["warnings"]:
-                print(f"warning: {warning}", file=sys.stderr)
-            print(f"resuming from {path}")
-
-    # ---- data: tokenization and alignment run in DataLoader workers ---------------------------
-    from data import REASONS, AlignedWindows, advance_state, collate, issue_counts, make_tiny_corpus
-
-    out_dir = args.out_dir
-    data_source = args.data
-    if args.preset and args.data == "OptimalScale/ClimbMix":
-        data_source = os.path.join(out_dir, "tiny_corpus")
-        together(lambda: master and not os.path.exists(data_source)
-                 and make_tiny_corpus(data_source, n_docs=400, seed=0))
-    dataset = together(lambda: AlignedWindows(
-        data_source, student_tok, [t.tok for t in teachers], args.seq_len,
-        text_field=args.text_field, rank=rank, world_size=world_size,
-        start=resume_state.get("data_state"), teacher_cap=args.teacher_cap, repeat=True,
-        data_config=args.data_config, split=args.split, pack=args.pack, shuffle=args.shuffle,
-        shuffle_buffer=args.shuffle_buffer, seed=args.seed))
-    together(lambda: master and start_run(args))  # every check passed: the run starts here
-    if master:
-        n_params = sum(p.numel() for p in student.parameters())
-        tokens_per_step = args.batch_size * args.grad_accum * world_size * args.seq_len
-        print(f"student {args.student}: {n_params / 1e6:.1f}M parameters; {world_size} rank(s); "
-              f"{tokens_per_step:,} student tokens per step")
-        for t in teachers:
-            print(f"teacher {t.name}: loss {t.loss}, weight {t.weight}")
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-        collate_fn=functools.partial(collate, pad_ids=dataset.pad_ids),
-        worker_init_fn=ignore_stop_signals)
-    batches = iter(loader)
-
-    # ---- optimizer: AdamW, warm-up then cosine; W's weights get their own group ---------------
-    decay = [p for p in student.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in student.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay, "base_lr": args.lr},
-              {"params": no_decay, "weight_decay": 0.0, "base_lr": args.lr}]
-    w_params = [p for proj in projections for p in proj.parameters()]
-    if w_params:  # lr 1e-2, no weight decay, no clipping (METHOD.md 5.2)
-        groups.append({"params": w_params, "weight_decay": 0.0, "base_lr": args.projection_lr})
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), fused=cuda)
-    if "optimizer" in resume_state:
-        optimizer.load_state_dict(resume_state["optimizer"])
-
-    def lr_scale(step: int) -> float:
-        """Linear warm-up to 1, then cosine down to min_lr/lr at max_steps."""
-        if step < args.warmup_steps:
-            return (step + 1) / args.warmup_steps
-        progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
-        floor = args.min_lr / args.lr
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    model = student
-    if args.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if cuda else None)
-    logger = Logger(args, out_dir, master, start_step)
-
-    # ---- the loop ------------------------------------------------------------------------------
-    step, bad_in_a_row, skipped = start_step, 0, resume_state.get("skipped", 0)
-    data_state = resume_state.get("data_state")
-    progress = None
-    if master:
-        from tqdm import tqdm
-
-        progress = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True)
-    last_step = min(args.max_steps, args.stop_step or args.max_steps)
-    static_kd_weight = torch.tensor(args.kd_weight, device=device)
-    streak_start = None  # the first skipped step of the current run of skipped steps
-    # SIGTERM (what a scheduler sends before it kills a job) or SIGINT: finish the step, write a
-    # checkpoint, stop; a second signal stops at once
-    signalled: list[int] = []
-
-    def on_signal(signum, frame) -> None:
-        signalled.append(signum)
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-
-    for sig in STOP_SIGNALS:  # main() puts the previous handlers back
-        signal.signal(sig, on_signal)
-    while step < last_step:
-        started = time.perf_counter()
-        scale = lr_scale(step)
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * scale
-        # The step's batches first: the objective divides by the step's counts over all
-        # micro-steps and ranks (METHOD.md 5.5), and those come from the batches alone.
-        micro_batches = []
-        for _ in range(args.grad_accum):
-            batch = next(batches, None)
-            if batch is None:  # this rank's share of the data is empty
-                break
-            data_state = advance_state(data_state, batch)  # where to resume after this batch
-            micro_batches.append(prepare_batch(batch, teachers, args.chunk_merge))
-        # [student tokens, labelled tokens, then per teacher the targets its KD term averages],
-        # and the number of ranks whose data ran out
-        counts = torch.zeros(3 + len(teachers), dtype=torch.float64)
-        counts[-1] = len(micro_batches) < args.grad_accum
-        counts[:-1] = sum((b["counts"] for b in micro_batches), counts[:-1])
-        counts = counts.to(device)
-        if ddp:
-            dist.all_reduce(counts)
-        counts, ran_out = counts[:-1], int(counts[-1])
-        if ran_out:
-            stop(f"{ran_out} rank(s) got no documents: the data has fewer documents than ranks x "
-                 f"DataLoader workers ({world_size} x {max(args.num_workers, 1)}): lower "
-                 "--num-workers, use fewer ranks, or add documents")
-        step_sums = torch.zeros(N_STEP_SUMS + 3 * len(teachers) + 1, device=device)
-        for micro, batch in enumerate(micro_batches):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            if ddp:  # sync gradients on the last micro-step only
-                model.require_backward_grad_sync = micro == args.grad_accum - 1
-            with autocast:
-                s_logits = model(input_ids=batch["student_ids"],
-                                 attention_mask=batch["student_mask"]).logits
-            # each term: its mean over this micro-batch x (its count here / the step's count)
-            ce_mean = losses.ce_loss(s_logits, batch["labels"])
-            ce_part = ce_mean * share(batch["counts"][1], counts[1])
-            kd_means, kd_parts = [], []
-            for i, t in enumerate(teachers):
-                with torch.no_grad(), autocast:
-                    t_logits = t.model(input_ids=batch[f"teacher_ids_{i}"],
-                                       attention_mask=batch[f"teacher_mask_{i}"]).logits
-                try:
-                    kd_mean = kd_loss(t, s_logits, t_logits, batch[f"student_chunk_{i}"],
-                                      batch[f"teacher_chunk_{i}"], batch, args)
-                except ValueError as e:
-                    if str(e) != losses.NON_FINITE:
-                        raise SystemExit(f"error: teacher {t.name}: {e}") from None
-                    # skipped on every rank below; backward still runs, as DDP needs
-                    kd_mean = s_logits.float().sum() * float("nan")
-                kd_means.append(kd_mean)
-                kd_parts.append(kd_mean * share(batch["counts"][2 + i], counts[2 + i]))
-            weights = [t.weight for t in teachers]
-            kd_mean = sum((w * k for w, k in zip(weights, kd_means)), ce_mean.new_zeros(()))
-            if args.kd_scaling == "dynamic":  # loss = sg(CE / KD) * KD + CE, CE and KD of this
-                # micro-batch (on this rank): the scale needs no second pass and no communication
-                kd_scale = torch.where(kd_mean.detach() > 0, ce_mean.detach() / kd_mean.detach(),
-                                       torch.ones_like(kd_mean))
-                ce_scale = 1.0
-            else:
-                kd_scale, ce_scale = static_kd_weight, args.ce_weight
-            loss = losses.combine(ce_part, kd_parts, weights, dynamic=False,
-                                  kd_weight=kd_scale, ce_weight=ce_scale)
-            # DDP averages gradients over ranks; the objective is their sum
-            (loss * world_size).backward()
-            kd_part = sum((w * k for w, k in zip(weights, kd_parts)), ce_part.new_zeros(()))
-            scale_share = kd_scale / (args.grad_accum * world_size) if teachers else kd_scale * 0
-            step_sums[:-1] += torch.stack([loss.detach(), ce_part.detach(), kd_part.detach(),
-                                      scale_share.detach().float(), *(k.detach() for k in kd_parts),
-                                      *batch["valid_union"]]).float()
-        if w_params:  # W's weights live outside DDP: their gradients are averaged by hand
-            for p in w_params:
-                if p.grad is None:  # no valid chunk on this rank in this step
-                    p.grad = torch.zeros_like(p)
-                if ddp:
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-        # the step's values over all ranks, whether any rank saw a non-finite loss, and
-        # whether any rank was asked to stop
-        step_sums[-1] = float(bool(signalled))
-        if ddp:
-            dist.all_reduce(step_sums)
-        asked_to_stop = bool(step_sums[-1] > 0)
-        bad = not bool(torch.isfinite(step_sums[:N_STEP_SUMS]).all())
-        grad_norm = float("nan")
-        if not bad:  # gradients are equal on every rank here: so is this decision
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip))
-            bad = not math.isfinite(grad_norm) or any(
-                not bool(torch.isfinite(p.grad).all()) for p in w_params)
-        if not bad:
-            optimizer.step()
-            bad_in_a_row, streak_start = 0, None
-        else:
-            skipped += 1
-            bad_in_a_row += 1
-            streak_start = streak_start or step + 1
-            if master:
-                print(f"warning: non-finite loss or gradient at step {step + 1}, update skipped",
-                      file=sys.stderr)
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-
-        # ---- log and save ----------------------------------------------------------------------
-        values = torch.cat([step_sums.double(), counts]).tolist()  # one read of the device
-        n_tokens = values[-len(counts)]
-        n_teachers = len(teachers)
-        record = {"step": step, "lr": args.lr * scale, "loss": values[0], "ce": values[1],
-                  "kd": values[2], "kd_scale": values[3], "grad_norm": grad_norm,
-                  "tokens": int(n_tokens), "skipped": skipped,
-                  "tokens_per_s": n_tokens / (time.perf_counter() - started)}
-        valid_union = values[N_STEP_SUMS + n_teachers : N_STEP_SUMS + 3 * n_teachers]
-        record["valid_chunks"] = sum(valid_union[0::2]) / max(sum(valid_union[1::2]), 1)
-        if cuda:
-            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        for t, value in zip(teachers, values[N_STEP_SUMS:N_STEP_SUMS + n_teachers]):
-            record[f"kd/{t.name}"] = value
-        if step % args.log_every == 0 or step == last_step or bad_in_a_row > args.max_bad_steps:
-            # skipped/split documents by reason, over all ranks (every rank logs this step)
-            issues = torch.tensor([issue_counts(data_state)[r] for r in REASONS], device=device)
-            if ddp:
-                dist.all_reduce(issues)
-            record["data_issues"] = {r: n for r, n in zip(REASONS, issues.tolist()) if n}
-        stopping = bad_in_a_row > args.max_bad_steps
-        if step % args.log_every == 0 or step == last_step or stopping:
-            logger.log(record)
-        if stopping:
-            if progress:
-                progress.close()
-            stop(f"{bad_in_a_row} non-finite steps in a row (last at step {step}): lower --lr, "
-                 "check the data, or resume from an earlier checkpoint")
-        if progress:
-            progress.update(1)
-            progress.set_postfix(loss=f"{record['loss']:.3f}", ce=f"{record['ce']:.3f}")
-        due = args.save_every and (step % args.save_every == 0 or step == last_step)
-        if due or asked_to_stop:
-            # never from non-finite weights; rotation keeps the newest checkpoint from before
-            # the current run of skipped steps
-            if not all(bool(torch.isfinite(p).all()) for p in student.parameters()):
-                if master:
-                    print(f"warning: non-finite weights at step {step}: no checkpoint written",
-                          file=sys.stderr)
-            else:
-                before = [s for s, _ in run_dir.checkpoints(out_dir) if s < (streak_start or 0)]
-                error = save_checkpoint(out_dir, step, student, student_tok, optimizer,
-                                        projections, data_state, skipped, args, rank, world_size,
-                                        ddp, protect=max(before, default=None))
-                if error:
-                    latest = run_dir.checkpoints(out_dir)
-                    latest = f"step_{latest[-1][0]}" if latest else "none"
-                    stop(f"checkpoint step_{step} could not be written ({error}); the latest "
-                         f"complete checkpoint is {latest}: fix that, then --resume")
-        if asked_to_stop:
-            if progress:
-                progress.close()
-            logger.log(record)
-            if master:
-                print(f"stopped by a signal after step {step}: checkpoint step_{step} written; "
-                      "run again with --resume to continue", file=sys.stderr)
-            stop_code = 128 + (signalled[0] if signalled else signal.SIGTERM)
-            lock.release()
-            if ddp:
-                dist.destroy_process_group()
-            sys.exit(stop_code)
-    if progress:
-        progress.close()
-    logger.close()
-    lock.release()
-    if ddp:
-        dist.destroy_process_group()
-
-
-PAD_LOGIT = -1e4  # exp() of it underflows to exactly 0 in any float dtype: out of every softmax
-
-
-def kd_loss(t: Teacher, s_logits, t_logits, s_chunk, t_chunk, batch, args) -> torch.Tensor:
-    """The KD term of one teacher, by its loss (METHOD.md 5.2-5.4): a mean over this batch."""
-    tau = args.temperature
-    if t.loss == "kl":  # same tokenizer and ids: position p of both models predicts the same token
-        if t.vocab < t_logits.shape[-1]:  # equal padded vocabularies: the padding is no target
-            t_logits[..., t.vocab :] = PAD_LOGIT
-        mask = batch["labels"] != -100
-        return losses.kl_loss(s_logits, t_logits, mask, vocab_topk=args.vocab_topk, temperature=tau)
-    if t_logits.shape[-1] != t.vocab:  # a forward that bypasses the trimmed output layer
-        raise ValueError(f"its forward gives {t_logits.shape[-1]} logits for {t.vocab} "
-                         "tokenizer ids: its output layer could not be trimmed")  # fmt: skip
-    if t.loss == "pkl":
-        return losses.pkl_loss(s_logits, t_logits, s_chunk, t_chunk, t.W,
-                               vocab_topk=args.vocab_topk, temperature=tau)
-    if t.loss == "uld":
-        return losses.uld_loss(s_logits, t_logits, s_chunk, t_chunk, uld_topk=args.uld_topk,
-                               temperature=tau)
-    if t.loss in ("gold", "hkl"):  # H-KL is GOLD with a wider common set
-        return losses.gold_loss(s_logits, t_logits, s_chunk, t_chunk, t.pairs,
-                                uld_topk=args.uld_topk, temperature=tau)
-    raise ValueError(f"unknown loss {t.loss!r}")
-
-
-def agree(error: str | None, ddp: bool) -> str | None:
-    return first_error(error) if ddp else error
-
-
-def save_checkpoint(out_dir, step, student, tok, optimizer, projections, data_state, skipped,
-                    args, rank, world_size, ddp, protect=None) -> str | None:
-    """out_dir/step_N/: save_pretrained weights + tokenizer (lm-eval/vLLM load it as it is), the
-    trainer state, and each rank's RNG and data position. Written into a temp directory that is
-    renamed when complete, so a kill mid-write leaves the previous checkpoint intact; a failed
-    write (a full disk) removes the temp directory and returns its reason, on every rank. Then
-    the oldest checkpoints beyond --keep-last go (never step `protect`), and so does a run that
-    --overwrite moved aside."""
-    tmp = os.path.join(out_dir, f".tmp_step_{step}")
-
-    def shared() -> None:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            student.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-            torch.save({"optimizer": optimizer.state_dict(), "step": step, "skipped": skipped,
-                        "world_size": world_size,
-                        "projections": [p.state_dict() for p in projections],
-                        "args": json.dumps(vars(args), default=str)},
-                       os.path.join(tmp, "trainer_state.pt"))  # fmt: skip
-
-    def mine() -> None:
-        python_rng = random.getstate()
-        torch.save({"torch_rng": torch.get_rng_state(), "data_state": data_state,
-                    "python_rng": [python_rng[0], list(python_rng[1])]},
-                   os.path.join(tmp, f"rank_{rank}.pt"))  # fmt: skip
-
-    def publish() -> None:
-        if rank == 0:
-            final = os.path.join(out_dir, f"step_{step}")
-            if os.path.exists(final):  # a damaged one that the resume skipped: replaced
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            run_dir.rotate(out_dir, args.keep_last, protect)
-            run_dir.drop_overwritten(out_dir)
-
-    for part in (shared, mine, publish):
-        error = None
-        try:
-            part()
-        except OSError as e:
-            error = os_error_line(e)
-        error = agree(error, ddp)
-        if error:
-            if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            return error
-    return None
+# ----------------------------------------------------------------------------- logs
 
 
 def _logged_step(line: str) -> float:
@@ -958,8 +1165,8 @@ class Logger:
     """metrics.jsonl (one JSON line per logged step) and, when installed and asked for,
     Weights & Biases or TensorBoard. On resume, lines past the resumed step are dropped."""
 
-    def __init__(self, args, out_dir: str, master: bool, start_step: int):
-        self.master, self.path = master, os.path.join(out_dir, "metrics.jsonl")
+    def __init__(self, args, master: bool, start_step: int):
+        self.master, self.path = master, os.path.join(args.out_dir, "metrics.jsonl")
         self.wandb = self.tensorboard = None
         if not master:
             return
@@ -967,17 +1174,17 @@ class Logger:
             kept = [line for line in open(self.path) if _logged_step(line) <= start_step]
             atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
         if args.wandb:
-            try:
+            try:  # optional: imported only when asked for
                 import wandb
 
                 self.wandb = wandb.init(project="xtoken", config=vars(args), resume="allow")
             except ImportError:
                 print("warning: --wandb needs `pip install wandb`; logging to metrics.jsonl only")
         if args.tensorboard:
-            try:
+            try:  # optional: imported only when asked for
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tensorboard = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+                self.tensorboard = SummaryWriter(os.path.join(args.out_dir, "tensorboard"))
             except ImportError:
                 print("warning: --tensorboard needs `pip install tensorboard`; metrics.jsonl only")
 

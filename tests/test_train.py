@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import losses
+import run_dir
 import train
 from conftest import ROOT, tiny_argv
 
@@ -127,8 +128,9 @@ def test_learned_projection_moves_and_is_checkpointed(tmp_path, cache):
 
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path, cache):
     plain = run(tmp_path / "plain", cache, "--loss", "pkl", "--max-steps", "2")
-    checkpointed = run(tmp_path / "gc", cache, "--loss", "pkl", "--max-steps", "2",
-                       "--gradient-checkpointing")  # fmt: skip
+    checkpointed = run(
+        tmp_path / "gc", cache, "--loss", "pkl", "--max-steps", "2", "--gradient-checkpointing"
+    )
     for a, b in zip(plain, checkpointed):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
 
@@ -176,7 +178,7 @@ def test_kill_during_checkpoint_writing_leaves_the_previous_one(tmp_path, cache,
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, cache, "--loss", "pkl", "--max-steps", "3", "--save-every", "1", "--resume")
     monkeypatch.setattr(torch, "save", real_save)
-    assert [s for s, _ in train.checkpoints(str(tmp_path))] == [1, 2]
+    assert [s for s, _ in run_dir.checkpoints(str(tmp_path))] == [1, 2]
     records = run(tmp_path, cache, "--loss", "pkl", "--max-steps", "3", "--resume")
     assert [r["step"] for r in records] == [1, 2, 3]
 
@@ -244,7 +246,7 @@ def test_sigkilled_ddp_run_resumes_with_identical_losses(tmp_path, cache):
     reached = max(r["step"] for r in read_metrics(tmp_path / "killed"))
     time.sleep(3)  # a worker that survived the kill would go on training and logging
     assert max(r["step"] for r in read_metrics(tmp_path / "killed")) == reached < 40
-    checkpoint = train.checkpoints(str(tmp_path / "killed"))[-1][0]
+    checkpoint = run_dir.checkpoints(str(tmp_path / "killed"))[-1][0]
     assert 3 <= checkpoint < 9
 
     resumed = torchrun(tmp_path / "killed", cache, "--resume", "--stop-step", "9")
@@ -319,12 +321,24 @@ def short_corpus(tmp_path) -> str:
     return str(path)
 
 
+# one optimizer step, checkpointed, over the short corpus's documents in order, one per window
+ONE_STEP = (
+    "--max-steps",
+    "1",
+    "--save-every",
+    "1",
+    "--no-shuffle",
+    "--no-pack",
+    "--seq-len",
+    "256",
+)
+
+
 def first_step(out_dir, cache, data_path, *extra) -> tuple[dict, dict]:
     """(metrics, student weights) after one optimizer step on the short corpus."""
     from safetensors.torch import load_file
 
-    records = run(out_dir, cache, "--data", data_path, "--max-steps", "1", "--save-every", "1",
-                  "--no-shuffle", "--no-pack", "--seq-len", "256", *extra)  # fmt: skip
+    records = run(out_dir, cache, "--data", data_path, *ONE_STEP, *extra)
     return records[0], load_file(os.path.join(out_dir, "step_1", "model.safetensors"))
 
 
@@ -336,20 +350,56 @@ def assert_same_update(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
         torch.testing.assert_close(weight, b[1][name], rtol=0, atol=1e-5)
 
 
-STATIC_TWO_TEACHERS = ("--teacher", "pkg:qwen3", "--loss", "pkl", "--teacher", "pkg:llama-3.2",
-                       "--loss", "kl", "--kd-scaling", "static", "--vocab-topk", "0")  # fmt: skip
+STATIC_TWO_TEACHERS = (
+    "--teacher",
+    "pkg:qwen3",
+    "--loss",
+    "pkl",
+    "--teacher",
+    "pkg:llama-3.2",
+    "--loss",
+    "kl",
+    "--kd-scaling",
+    "static",
+    "--vocab-topk",
+    "0",
+)
 
 
 def test_accumulation_gives_the_update_of_one_big_batch(tmp_path, cache):
     data_path = short_corpus(tmp_path)
-    whole = first_step(tmp_path / "a", cache, data_path, "--batch-size", "4", "--grad-accum", "1",
-                       *STATIC_TWO_TEACHERS)  # fmt: skip
-    halves = first_step(tmp_path / "b", cache, data_path, "--batch-size", "2", "--grad-accum", "2",
-                        *STATIC_TWO_TEACHERS)  # fmt: skip
+    whole = first_step(
+        tmp_path / "a",
+        cache,
+        data_path,
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "1",
+        *STATIC_TWO_TEACHERS,
+    )
+    halves = first_step(
+        tmp_path / "b",
+        cache,
+        data_path,
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        *STATIC_TWO_TEACHERS,
+    )
     assert_same_update(whole, halves)
     # windows of very different lengths: a mean of micro-batch means would differ
-    quarters = first_step(tmp_path / "c", cache, data_path, "--batch-size", "1", "--grad-accum",
-                          "4", *STATIC_TWO_TEACHERS)  # fmt: skip
+    quarters = first_step(
+        tmp_path / "c",
+        cache,
+        data_path,
+        "--batch-size",
+        "1",
+        "--grad-accum",
+        "4",
+        *STATIC_TWO_TEACHERS,
+    )
     assert_same_update(whole, quarters)
 
 
@@ -357,30 +407,86 @@ def test_two_ranks_give_the_update_of_one_rank_over_the_same_windows(tmp_path, c
     # unpacked and unshuffled, document i goes to rank i % 2: 2 ranks x 1 window per micro-step
     # see the windows that 1 rank sees in micro-steps of 2
     data_path = short_corpus(tmp_path)
-    one = first_step(tmp_path / "one", cache, data_path, "--batch-size", "2", "--grad-accum", "2",
-                     *STATIC_TWO_TEACHERS)  # fmt: skip
-    argv = tiny_argv(tmp_path / "two", cache, "--data", data_path, "--max-steps", "1",
-                     "--save-every", "1", "--no-shuffle", "--no-pack", "--seq-len", "256",
-                     "--batch-size", "1", "--grad-accum", "2", *STATIC_TWO_TEACHERS)  # fmt: skip
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                    "--master_port=29517", os.path.join(ROOT, "train.py"), *argv],
-                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                   capture_output=True)  # fmt: skip
+    one = first_step(
+        tmp_path / "one",
+        cache,
+        data_path,
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        *STATIC_TWO_TEACHERS,
+    )
+    argv = tiny_argv(
+        tmp_path / "two",
+        cache,
+        "--data",
+        data_path,
+        *ONE_STEP,
+        "--batch-size",
+        "1",
+        "--grad-accum",
+        "2",
+        *STATIC_TWO_TEACHERS,
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29517",
+            os.path.join(ROOT, "train.py"),
+            *argv,
+        ],
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+    )
     from safetensors.torch import load_file
 
-    two = (read_metrics(tmp_path / "two")[0],
-           load_file(os.path.join(tmp_path / "two", "step_1", "model.safetensors")))  # fmt: skip
+    two = (
+        read_metrics(tmp_path / "two")[0],
+        load_file(os.path.join(tmp_path / "two", "step_1", "model.safetensors")),
+    )
     assert_same_update(one, two)
 
 
 def test_dynamic_scale_is_taken_per_micro_step_from_its_own_means(tmp_path, cache):
     data_path = short_corpus(tmp_path)
     frozen = ("--lr", "1e-30", "--min-lr", "1e-30")  # two steps that see the same weights
-    singles = run(tmp_path / "a", cache, "--data", data_path, "--max-steps", "2", "--no-shuffle",
-                  "--no-pack", "--seq-len", "256", "--batch-size", "2", *frozen)  # fmt: skip
-    accumulated = run(tmp_path / "b", cache, "--data", data_path, "--max-steps", "1",
-                      "--no-shuffle", "--no-pack", "--seq-len", "256", "--batch-size", "2",
-                      "--grad-accum", "2", *frozen)  # fmt: skip
+    singles = run(
+        tmp_path / "a",
+        cache,
+        "--data",
+        data_path,
+        "--max-steps",
+        "2",
+        "--no-shuffle",
+        "--no-pack",
+        "--seq-len",
+        "256",
+        "--batch-size",
+        "2",
+        *frozen,
+    )
+    accumulated = run(
+        tmp_path / "b",
+        cache,
+        "--data",
+        data_path,
+        "--max-steps",
+        "1",
+        "--no-shuffle",
+        "--no-pack",
+        "--seq-len",
+        "256",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        *frozen,
+    )
     ratios = [r["ce"] / r["kd"] for r in singles]  # each micro-batch's own CE / KD
     assert ratios[0] != pytest.approx(ratios[1], rel=1e-3)
     assert accumulated[0]["kd_scale"] == pytest.approx(sum(ratios) / 2, rel=1e-5)
@@ -417,8 +523,18 @@ def test_non_finite_gradients_and_teacher_logits_skip_the_step(tmp_path, cache, 
 
 
 def test_a_sentencepiece_student_distils_from_its_own_tokenizer_with_kl(tmp_path, cache):
-    records = run(tmp_path, cache, "--student", "pkg:mistral-v1", "--teacher", "pkg:mistral-v1",
-                  "--loss", "kl", "--max-steps", "3")  # fmt: skip
+    records = run(
+        tmp_path,
+        cache,
+        "--student",
+        "pkg:mistral-v1",
+        "--teacher",
+        "pkg:mistral-v1",
+        "--loss",
+        "kl",
+        "--max-steps",
+        "3",
+    )
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(math.isfinite(r["kd"]) and r["kd"] > 0 for r in records)
 
@@ -455,7 +571,7 @@ def test_same_tokenizer_teacher_padding_is_masked_out_of_kl():
     t_logits = torch.randn(1, 3, 8)
     t_logits[..., 5:] = 100.0  # padding that would take all of p_T
     batch = {"labels": torch.tensor([[1, 2, -100]])}
-    got = train.kd_loss(t, s_logits, t_logits.clone(), None, None, batch, args)
+    got = train.kd_loss(t, s_logits, t_logits.clone(), batch, 0, args)
     p_t = torch.softmax(t_logits[..., :5], -1)  # the reference: KL over the real ids only
     log_ps = torch.log_softmax(s_logits, -1)[..., :5]
     want = (p_t * (p_t.log() - log_ps)).sum(-1)[0, :2].mean()
