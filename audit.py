@@ -9,9 +9,10 @@ which has no partition, is the loss to use. o200k (Phi-4-mini) has all 1,100: H-
 For each category of student tokens the audit counts: in the strict common set (exact pass),
 added by the H-KL set (top W weight >= threshold), mapped only through several teacher pieces,
 unmapped. Then it recommends pkl or hkl from the critical category's coverage (METHOD.md sec. 3).
-It also lists the special tokens W pairs (end of document, bos, pad, unk: by meaning).
+It also lists the special tokens W pairs (end of document, bos, pad, unk: by meaning), and --plot
+draws the table: one bar per category, split into its four shares (needs matplotlib).
 
-    python audit.py --student pkg:llama-3.2 --teacher pkg:qwen3
+    python audit.py --student pkg:llama-3.2 --teacher pkg:qwen3 --plot audit.png
     python audit.py --student S --teacher T --projection W.pt --json audit.json --show 201 " the"
 """
 
@@ -40,6 +41,7 @@ CATEGORIES = (
     "special",
 )
 CRITICAL = ("digits_2", "digits_3")  # multi-digit numerals
+STATUSES = ("common", "hkl_added", "multi_piece", "unmapped")  # disjoint, in this order
 PUNCT = re.escape("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 PATTERNS = {
     "digits_1": re.compile(rb"^ ?[0-9]$"),
@@ -92,7 +94,7 @@ def audit(
     mapped[W.indices()[0]] = True
     # disjoint: common, else hkl_added, else multi_piece (other non-empty rows), else unmapped
     status = torch.where(common, 0, torch.where(hkl, 1, torch.where(mapped, 2, 3))).tolist()
-    keys = ("common", "hkl_added", "multi_piece", "unmapped")
+    keys = STATUSES
 
     counts = {name: dict.fromkeys(("total", *keys), 0) for name in (*CATEGORIES, "other")}
     for b, s in zip(token_bytes(student_tok), status):
@@ -126,6 +128,7 @@ def audit(
         "student": projection["student"],
         "teacher": projection["teacher"],
         "threshold": threshold,
+        "critical": list(critical),
     }
 
 
@@ -170,6 +173,95 @@ def show_rows(student_tok, teacher_tok, projection: dict, tokens: list[str]) -> 
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- --plot
+
+PLOT_LABELS = {
+    "common": "common (exact pair)",
+    "hkl_added": "added by H-KL",
+    "multi_piece": "multi-piece only",
+    "unmapped": "unmapped",
+}
+PLOT_COLORS = {
+    "common": "#2e7d32",
+    "hkl_added": "#1f77b4",
+    "multi_piece": "#f0a030",
+    "unmapped": "#b0b0b0",
+}
+
+
+def plot_data(report: dict) -> list[dict]:
+    """The bars of --plot, top to bottom: each category that has tokens, with its counts and its
+    shares of the category's tokens (common, hkl_added, multi_piece, unmapped: they sum to 1)."""
+    rows = {**report["categories"], "other": report["other"]}
+    critical = set(report.get("critical", CRITICAL))
+    return [
+        {
+            "category": name,
+            "critical": name in critical,
+            "total": row["total"],
+            "counts": {k: row[k] for k in STATUSES},
+            "shares": {k: row[k] / row["total"] for k in STATUSES},
+        }
+        for name, row in rows.items()
+        if row["total"]
+    ]
+
+
+def _figure_class():
+    """matplotlib's Figure (no pyplot: no global state, no display needed); optional."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ValueError(
+            "--plot needs matplotlib, which is not installed: pip install matplotlib"
+        ) from e
+    return Figure
+
+
+def plot_report(report: dict, path: str, student: str, teacher: str) -> None:
+    """Write the audit as a PNG (atomically): per category, stacked horizontal bars of the four
+    shares with their counts; the recommendation and its reason (shortened) in the title."""
+    bars = plot_data(report)
+    height = 2.1 + 0.42 * len(bars)  # inches: fixed margins (titles, axis, legend) + the bars
+    fig = _figure_class()(figsize=(11, height), dpi=110)
+    ax = fig.add_axes((0.17, 1.15 / height, 0.56, 1 - 2.0 / height))
+    ys = range(len(bars))[::-1]  # first category on top
+    left = [0.0] * len(bars)
+    for key in STATUSES:
+        widths = [b["shares"][key] for b in bars]
+        ax.barh(ys, widths, left=left, height=0.7, color=PLOT_COLORS[key], label=PLOT_LABELS[key])
+        for y, x, width, bar in zip(ys, left, widths, bars):
+            if width >= 0.07:  # the count inside its segment where it fits
+                color = "white" if key in ("common", "hkl_added") else "black"
+                text = f"{bar['counts'][key]:,}"
+                ax.text(x + width / 2, y, text, ha="center", va="center", fontsize=8, color=color)
+        left = [x + w for x, w in zip(left, widths)]
+    # every count, also those of segments too narrow to hold one, in a column right of the bars
+    column = {"fontsize": 8, "transform": ax.get_yaxis_transform()}
+    header = "common / H-KL / multi / unmapped"
+    ax.text(1.02, len(bars) - 0.4, header, va="bottom", color="#444444", **column)
+    for y, bar in zip(ys, bars):
+        ax.text(
+            1.02, y, " / ".join(f"{bar['counts'][k]:,}" for k in STATUSES), va="center", **column
+        )
+    labels = [f"{b['category']}{' *' if b['critical'] else ''}  ({b['total']:,})" for b in bars]
+    ax.set_yticks(list(ys), labels)
+    for tick, bar in zip(ax.get_yticklabels(), bars):
+        tick.set_fontweight("bold" if bar["critical"] else "normal")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.6, len(bars) - 0.4)
+    ax.xaxis.set_major_formatter(lambda x, _: f"{x:.0%}")
+    ax.set_xlabel("share of the category's student tokens   (n): its tokens   *: critical")
+    fig.legend(loc="lower center", bbox_to_anchor=(0.45, 0.01), ncol=4, fontsize=8, frameon=False)
+    loss = {"pkl": "P-KL", "hkl": "H-KL"}.get(report["recommended"], report["recommended"])
+    reason = report["reason"].split(": ")[0]  # the counts, without the advice that repeats the loss
+    fig.suptitle(
+        f"{student} vs {teacher}: recommended loss {loss}", fontsize=12, y=1 - 0.2 / height
+    )
+    ax.set_title(reason, fontsize=9, pad=8)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="audit.py", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -179,9 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         "--teacher", required=True, help="hub name, directory, tokenizer file, pkg:NAME"
     )
     parser.add_argument(
-        "--projection", help="a W file from build_projection.py (default: build it)"
+        "--projection",
+        help="a W file: build_projection.py's, or NeMo-RL/TRL's top-k file (default: build it)",
     )
     parser.add_argument("--json", help="write the report as JSON to this file")
+    parser.add_argument("--plot", metavar="PNG", help="draw the table into this PNG (matplotlib)")
     parser.add_argument(
         "--show", nargs="+", metavar="TOKEN", help="print W's rows for these tokens"
     )
@@ -212,6 +306,9 @@ def _run(args) -> int:
         )
     if args.json is not None:
         check_output_file(args.json, "--json", "audit.json")  # before the slow work
+    if args.plot is not None:
+        check_output_file(args.plot, "--plot", "audit.png")
+        _figure_class()  # matplotlib is there
     if args.projection is not None and not os.path.isfile(args.projection):
         load_projection(args.projection)  # its error: a directory, or not there
     student = load_tokenizer(args.student, trust_remote_code=args.trust_remote_code)
@@ -236,6 +333,8 @@ def _run(args) -> int:
     if args.json:
         text = json.dumps(report, indent=2) + "\n"
         atomic_write(args.json, lambda f: f.write(text.encode()))
+    if args.plot:
+        plot_report(report, args.plot, args.student, args.teacher)
     print(f"student {args.student}  teacher {args.teacher}")
     print(format_table(report))
     if args.show:

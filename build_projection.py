@@ -9,11 +9,13 @@ W[s, t] is the share of student token s's probability mass that lands on teacher
      pad, unk where both sides have a distinct such token; other specials empty;
   4. top-4 per row, rows normalized to 1 (or empty); optional reverse pass (--reverse).
 W is never dense: [128k x 152k] would be ~78 GB in fp32. Also here, as functions of W: the file
-format (save_projection / load_projection: bound to both tokenizers by hash), train.py's W cache
+format (save_projection / load_projection: bound to both tokenizers by hash), the top-k format of
+NeMo-RL's and TRL's X-Token (export_topk; load_projection reads it too), train.py's W cache
 (cached_projection), and H-KL's common set (hkl_pairs: the exact pairs widened by W's top entries).
 
     python build_projection.py --student meta-llama/Llama-3.2-1B --teacher Qwen/Qwen3-4B --out W.pt
     python build_projection.py --student pkg:llama-3.2 --teacher pkg:qwen3 --out W.pt  # offline
+    python build_projection.py --student S --teacher T --export-topk W_topk.pt  # NeMo-RL/TRL's
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ def model_vocab_size(name_or_path: str, flag: str = "--student-vocab-size") -> i
             config = AutoConfig.from_pretrained(name_or_path)
         except (OSError, ValueError):
             return None
-        size = getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
+        text_config = config.get_text_config()  # a multimodal model's text model: its vocabulary
+        size = getattr(config, "vocab_size", None) or getattr(text_config, "vocab_size", None)
         path = f"{name_or_path}'s config"
     if size is None:
         return None
@@ -155,40 +158,17 @@ def build_projection(
     weights = lambda n: _piece_weights(n, first_weight, decay, max_pieces)  # noqa: E731
     entries: list[tuple[int, int, float]] = []  # (student id, teacher id, weight), summed later
 
-    # 1. exact pass: identical bytes -> one-hot row; the lowest student id claims each teacher id
-    t_vocab = teacher_tok.backend_tokenizer.get_vocab(with_added_tokens=True)
-    index = _teacher_index(t_bytes, t_vocab)
-    exact_pairs, claimed, multi = [], set(), []
-    for s, b in enumerate(s_bytes):
-        if b is None:  # a special token: step 3
-            continue
-        t = index.get(b)
-        if t is None:
-            multi.append(s)
-            continue
-        entries.append((s, t, 1.0))
-        if t not in claimed:
-            claimed.add(t)
-            exact_pairs.append((s, t))
+    # 1. exact pass: identical bytes -> one-hot row
+    matches, exact_pairs, multi = _exact_pass(student_tok, teacher_tok)
+    entries += [(s, t, 1.0) for s, t in matches]
 
     # 2. multi-token pass: teacher pieces of the student token's bytes, weights 0.9 * 0.1**i
     for s, ids in zip(multi, encode_bytes(teacher_tok, [s_bytes[s] for s in multi])):
         entries += [(s, t, w) for t, w in zip(ids, weights(len(ids)))]
 
     # 3. special tokens by meaning, each an exact pair; other specials keep an empty row
-    specials = []
-    for role, s, t in special_pairs(student_tok, teacher_tok):
-        entries.append((s, t, 1.0))
-        exact_pairs.append((s, t))  # an added token has no bytes: the exact pass never claimed t
-        specials.append(
-            {
-                "role": role,
-                "student_id": s,
-                "teacher_id": t,
-                "student_token": student_tok.convert_ids_to_tokens(s),
-                "teacher_token": teacher_tok.convert_ids_to_tokens(t),
-            }
-        )
+    specials = _special_records(student_tok, teacher_tok)
+    entries += [(p["student_id"], p["teacher_id"], 1.0) for p in specials]
 
     # 5. optional reverse pass: teacher token t re-encoded by the student, piece s_i adds w_i
     if reverse:
@@ -212,13 +192,56 @@ def build_projection(
     }
     return {
         "W": W,
-        "exact_pairs": torch.tensor(sorted(exact_pairs), dtype=torch.long).reshape(-1, 2),
+        "exact_pairs": _pairs_tensor(exact_pairs, specials),
         "special_pairs": specials,
         "student": _identity(student_tok, vs),
         "teacher": _identity(teacher_tok, vt),
         "params": params,
         "version": FORMAT_VERSION,
     }
+
+
+def _exact_pass(student_tok, teacher_tok) -> tuple[list, list, list]:
+    """Step 1: every (student id, teacher id) of identical bytes (a one-hot row), the exact pairs
+    among them (the lowest student id claims each teacher id: one-to-one), and the student ids
+    with bytes but no match (step 2's). Special tokens (no bytes) are step 3's."""
+    s_bytes, t_bytes = token_bytes(student_tok), token_bytes(teacher_tok)
+    t_vocab = teacher_tok.backend_tokenizer.get_vocab(with_added_tokens=True)
+    index = _teacher_index(t_bytes, t_vocab)
+    matches, exact_pairs, claimed, multi = [], [], set(), []
+    for s, b in enumerate(s_bytes):
+        if b is None:
+            continue
+        t = index.get(b)
+        if t is None:
+            multi.append(s)
+            continue
+        matches.append((s, t))
+        if t not in claimed:
+            claimed.add(t)
+            exact_pairs.append((s, t))
+    return matches, exact_pairs, multi
+
+
+def _special_records(student_tok, teacher_tok) -> list[dict]:
+    """special_pairs() as the W file records them (the "special_pairs" key)."""
+    return [
+        {
+            "role": role,
+            "student_id": s,
+            "teacher_id": t,
+            "student_token": student_tok.convert_ids_to_tokens(s),
+            "teacher_token": teacher_tok.convert_ids_to_tokens(t),
+        }
+        for role, s, t in special_pairs(student_tok, teacher_tok)
+    ]
+
+
+def _pairs_tensor(exact_pairs: list, specials: list[dict]) -> Tensor:
+    """The "exact_pairs" key: the exact pass's pairs and the special pairs (an added token has no
+    bytes, so the exact pass never claimed its teacher id), sorted, LongTensor [n, 2]."""
+    pairs = exact_pairs + [(p["student_id"], p["teacher_id"]) for p in specials]
+    return torch.tensor(sorted(pairs), dtype=torch.long).reshape(-1, 2)
 
 
 def _vocab_size(size: int | None, n: int, side: str) -> int:
@@ -339,8 +362,177 @@ def save_projection(projection: dict, path: str) -> None:
     atomic_write(path, lambda f: torch.save(projection, f))
 
 
+# ----------------------------------------------------------------------------- the top-k format
+# NeMo-RL's X-Token tools (tools/x_token/minimal_projection_via_multitoken.py) and TRL's port
+# (trl/experimental/gold/scripts/xtoken/build_projection_matrix.py) write W as a dict of
+# "indices" Long [V_S, k] (teacher ids, -1 pads) and "likelihoods" float [V_S, k], with
+# "student_model_id" / "teacher_model_id" (legacy: "model_A_id" / "model_B_id"). Their strict
+# exact map is a row [t, -1, ...] of weights [1.0, 0, ...], which an exact pair here exports as.
+
+TOPK_K = 4  # their runtime top-k, and this W's top-k
+TOPK_MODEL_IDS = {
+    "student": ("student_model_id", "model_A_id"),
+    "teacher": ("teacher_model_id", "model_B_id"),
+}
+
+
+def to_topk(W: Tensor, k: int = TOPK_K) -> tuple[Tensor, Tensor]:
+    """W as top-k arrays: indices Long [V_S, k], each row's teacher ids by weight descending
+    (ties: lowest id), -1 padded; likelihoods float32 [V_S, k], 0 where padded. An error when a
+    row has more than k entries (never cut: the row would no longer sum to 1)."""
+    W = W.coalesce()
+    s, t, w = W.indices()[0], W.indices()[1], W.values()
+    order = _lexsort(t, -w, s)  # by row, then weight descending, then teacher id
+    s, t, w = s[order], t[order], w[order]
+    counts = torch.bincount(s, minlength=W.shape[0])
+    if len(s) and int(counts.max()) > k:
+        raise ValueError(f"W has a row of {int(counts.max())} entries, more than k = {k}")
+    rank = torch.arange(len(s)) - (torch.cumsum(counts, 0) - counts)[s]
+    indices = torch.full((W.shape[0], k), -1, dtype=torch.long)
+    likelihoods = torch.zeros((W.shape[0], k), dtype=torch.float32)
+    indices[s, rank], likelihoods[s, rank] = t, w.float()
+    return indices, likelihoods
+
+
+def export_topk(
+    projection: dict, path: str, *, student_model_id: str, teacher_model_id: str
+) -> None:
+    """Write W in the top-k format (atomically). Their readers ignore the keys they do not know:
+    the tokenizer hashes make the file verifiable here, as ours is."""
+    indices, likelihoods = to_topk(projection["W"])
+    data = {
+        "indices": indices,
+        "likelihoods": likelihoods,
+        "student_model_id": student_model_id,
+        "teacher_model_id": teacher_model_id,
+        "enable_scale_trick": False,  # no 0.2 slot in the last column (their sort_and_cut reads it)
+        "student_tokenizer_sha256": projection["student"]["sha256"],
+        "teacher_tokenizer_sha256": projection["teacher"]["sha256"],
+        "teacher_vocab_size": int(projection["W"].shape[1]),  # W's columns, padding included
+    }
+    atomic_write(path, lambda f: torch.save(data, f))
+
+
+def _is_topk(data) -> bool:
+    return isinstance(data, dict) and "indices" in data and "likelihoods" in data
+
+
+def _from_topk(data: dict, path: str, student_tok, teacher_tok) -> dict:
+    """A top-k file as our dict: W's rows as stored (-1 and 0-weight slots dropped), exact and
+    special pairs recomputed from the tokenizers as build_projection does."""
+    hashes = {side: data.get(f"{side}_tokenizer_sha256") for side in ("student", "teacher")}
+    verified = all(isinstance(h, str) for h in hashes.values())
+    if student_tok is None or teacher_tok is None:
+        if verified:
+            raise ValueError(
+                f"{path} is a top-k W file (NeMo-RL/TRL format): pass --student and --teacher "
+                "(its exact pairs are computed from both tokenizers)"
+            )
+        raise ValueError(
+            f"{path} is a top-k W file (NeMo-RL/TRL format) without tokenizer hashes: pass "
+            "--student and --teacher; it cannot be verified against them"
+        )
+    indices, likelihoods = _topk_arrays(data, path)
+    if verified:
+        _check_tokenizers(path, hashes, student_tok, teacher_tok)
+    rows, k = indices.shape
+    if rows < len(student_tok):
+        raise ValueError(
+            f"{path} has {rows} rows (student ids) but the student tokenizer "
+            f"{_name(student_tok, 'student')} has {len(student_tok)} ids: it was built for "
+            "another student; rebuild it for this pair"
+        )
+    keep = (indices >= 0) & (likelihoods > 0)  # -1 pads a row; a 0 weight is no entry
+    s = torch.arange(rows).unsqueeze(1).expand(rows, k)[keep]
+    t, w = indices[keep], likelihoods[keep]
+    vt = max(len(teacher_tok), int(t.max()) + 1 if len(t) else 0)
+    if verified and isinstance(data.get("teacher_vocab_size"), int):
+        vt = max(vt, data["teacher_vocab_size"])  # ours: W's padded columns come back too
+    W = torch.sparse_coo_tensor(torch.stack([s, t]), w, (rows, vt), check_invariants=True)
+    W = W.coalesce()
+    ids = {side: _model_id(data, side) for side in TOPK_MODEL_IDS}
+    if not verified:
+        named = " -> ".join(i or "?" for i in ids.values())
+        built = f" (built for {named})" if any(ids.values()) else ""
+        print(
+            f"warning: {path} is a top-k W file without tokenizer hashes{built}: it cannot be "
+            f"verified against {_name(student_tok, 'the student')} -> "
+            f"{_name(teacher_tok, 'the teacher')}; make sure it was built for them",
+            file=sys.stderr,
+        )
+    _, exact_pairs, _ = _exact_pass(student_tok, teacher_tok)
+    specials = _special_records(student_tok, teacher_tok)
+    return {
+        "W": W,
+        "exact_pairs": _pairs_tensor(exact_pairs, specials),
+        "special_pairs": specials,
+        "student": _identity(student_tok, rows),
+        "teacher": _identity(teacher_tok, vt),
+        "params": {
+            "source": "topk",
+            "top_k": k,
+            "verified": verified,
+            "student_model_id": ids["student"],
+            "teacher_model_id": ids["teacher"],
+        },
+        "version": FORMAT_VERSION,
+    }
+
+
+def _topk_arrays(data: dict, path: str) -> tuple[Tensor, Tensor]:
+    """indices (Long) and likelihoods (float32) of a top-k file, checked: one shape [V_S, k],
+    teacher ids >= -1, weights finite and >= 0."""
+    indices, likelihoods = data["indices"], data["likelihoods"]
+    fix = "re-export it (build_projection.py --export-topk) or rebuild it"
+    if not isinstance(indices, Tensor) or not isinstance(likelihoods, Tensor):
+        raise ValueError(f"{path}: 'indices' and 'likelihoods' are not tensors; {fix}")
+    if indices.dim() != 2 or indices.shape != likelihoods.shape or 0 in indices.shape:
+        raise ValueError(
+            f"{path}: 'indices' {tuple(indices.shape)} and 'likelihoods' "
+            f"{tuple(likelihoods.shape)} are not one shape [V_S, k]; {fix}"
+        )
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise ValueError(f"{path}: 'indices' is {indices.dtype}, not integer teacher ids; {fix}")
+    if not likelihoods.dtype.is_floating_point:
+        raise ValueError(f"{path}: 'likelihoods' is {likelihoods.dtype}, not float; {fix}")
+    indices, likelihoods = indices.long(), likelihoods.float()
+    if bool((indices < -1).any()):
+        raise ValueError(
+            f"{path}: 'indices' has teacher id {int(indices.min())} (only -1 pads a row); {fix}"
+        )
+    if not bool(torch.isfinite(likelihoods).all()) or bool((likelihoods < 0).any()):
+        raise ValueError(f"{path}: 'likelihoods' has negative or non-finite weights; {fix}")
+    return indices, likelihoods
+
+
+def _model_id(data: dict, side: str) -> str | None:
+    for key in TOPK_MODEL_IDS[side]:
+        if isinstance(data.get(key), str) and data[key]:
+            return data[key]
+    return None
+
+
+def _name(tok, default: str) -> str:
+    return getattr(tok, "name_or_path", "") or default
+
+
+def _check_tokenizers(path: str, expected: dict, student_tok, teacher_tok) -> None:
+    """Each given tokenizer's hash is the one the W file records."""
+    for side, tok in (("student", student_tok), ("teacher", teacher_tok)):
+        if tok is None:
+            continue
+        actual = tokenizer_hash(tok)
+        if expected[side] != actual:
+            raise ValueError(
+                f"{path} was built for another {side} tokenizer (W has sha256 "
+                f"{expected[side][:16]}..., {_name(tok, side)} has {actual[:16]}...); "
+                "rebuild W for this pair"
+            )
+
+
 def load_projection(path: str, student_tok=None, teacher_tok=None) -> dict:
-    """Load a W file (weights_only: no pickles) and check it against the given tokenizers."""
+    """Load a W file (weights_only: no pickles) and check it against the given tokenizers: ours,
+    or a top-k file of NeMo-RL / TRL (both tokenizers required), converted to ours."""
     if os.path.isdir(path):
         raise ValueError(f"projection file {path} is a directory; pass the W file in it")
     if not os.path.isfile(path):
@@ -356,8 +548,13 @@ def load_projection(path: str, student_tok=None, teacher_tok=None) -> dict:
             f"{path} is not a readable W file (corrupt or truncated: "
             f"{str(e).splitlines()[0][:80]}); rebuild it with build_projection.py"
         ) from e
+    if _is_topk(projection) and "version" not in projection:
+        return _from_topk(projection, path, student_tok, teacher_tok)
     if not isinstance(projection, dict) or "version" not in projection:
-        raise ValueError(f"{path} is not a W file written by build_projection.py; rebuild it")
+        raise ValueError(
+            f"{path} is not a W file (build_projection.py's, or a top-k file with 'indices' "
+            "and 'likelihoods'); rebuild it with build_projection.py"
+        )
     if projection["version"] != FORMAT_VERSION:
         why = " (it paired special tokens by role name)" if projection["version"] == 1 else ""
         raise ValueError(
@@ -368,16 +565,8 @@ def load_projection(path: str, student_tok=None, teacher_tok=None) -> dict:
     missing -= set(projection)
     if missing:
         raise ValueError(f"{path} lacks {sorted(missing)}; rebuild it with build_projection.py")
-    for side, tok in (("student", student_tok), ("teacher", teacher_tok)):
-        if tok is None:
-            continue
-        expected, actual = projection[side]["sha256"], tokenizer_hash(tok)
-        if expected != actual:
-            raise ValueError(
-                f"{path} was built for another {side} tokenizer (W has sha256 {expected[:16]}..., "
-                f"{getattr(tok, 'name_or_path', side)} has {actual[:16]}...); "
-                "rebuild W for this pair"
-            )
+    expected = {side: projection[side]["sha256"] for side in ("student", "teacher")}
+    _check_tokenizers(path, expected, student_tok, teacher_tok)
     return projection
 
 
@@ -389,7 +578,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--teacher", required=True, help="hub name, directory, tokenizer file, pkg:NAME"
     )
-    parser.add_argument("--out", required=True, help="output file (torch.save dict)")
+    parser.add_argument("--out", help="W file in this repo's format (torch.save dict)")
+    parser.add_argument(
+        "--export-topk",
+        metavar="FILE",
+        help="(also) write W in NeMo-RL/TRL's top-k format: indices/likelihoods [V_S, 4]",
+    )
     size = int_flag(1, what=" (the model's embedding rows, at least the tokenizer's size)")
     parser.add_argument(
         "--student-vocab-size", type=size, help="default: model config, else tokenizer"
@@ -408,7 +602,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    check_output_file(args.out, "--out", "W.pt")  # before the slow work
+    if args.out is None and args.export_topk is None:
+        raise ValueError("no output: pass --out W.pt, --export-topk W_topk.pt, or both")
+    if args.out is not None:  # before the slow work
+        check_output_file(args.out, "--out", "W.pt")
+    if args.export_topk is not None:
+        check_output_file(args.export_topk, "--export-topk", "W_topk.pt")
+        if args.out is not None and os.path.abspath(args.out) == os.path.abspath(args.export_topk):
+            raise ValueError("--out and --export-topk name the same file; give two names")
     student = load_tokenizer(args.student, trust_remote_code=args.trust_remote_code)
     teacher = load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
     sizes = {}
@@ -425,12 +626,23 @@ def _run(args: argparse.Namespace) -> int:
         teacher_vocab_size=sizes["teacher"],
         reverse=args.reverse,
     )
-    save_projection(projection, args.out)
+    if args.out is not None:
+        save_projection(projection, args.out)
+    if args.export_topk is not None:
+        export_topk(
+            projection,
+            args.export_topk,
+            student_model_id=args.student,
+            teacher_model_id=args.teacher,
+        )
     W = projection["W"]
+    written = [args.out] if args.out is not None else []
+    if args.export_topk is not None:
+        written.append(f"{args.export_topk} (top-{TOPK_K} format)")
     print(
         f"W {tuple(W.shape)}: {W._nnz():,} entries, "
         f"{len(projection['exact_pairs']):,} exact pairs, "
-        f"built in {time.perf_counter() - start:.1f} s -> {args.out}"
+        f"built in {time.perf_counter() - start:.1f} s -> {', '.join(written)}"
     )
     return 0
 

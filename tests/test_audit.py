@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 from test_projection import (  # noqa: F401  (fixtures)
@@ -154,6 +155,8 @@ BAD_AUDIT_INPUTS = [
         ["--json", "{tmp}/file/audit.json"],
         "cannot write {tmp}/file/audit.json: {tmp}/file is a file, not a directory",
     ),
+    (["--plot", "{tmp}"], "--plot {tmp} is a directory; name a file, e.g. --plot {tmp}/audit.png"),
+    (["--plot", "{tmp}/file/a.png"], "cannot write {tmp}/file/a.png: {tmp}/file is a file"),
     (["--projection", "{tmp}"], "projection file {tmp} is a directory"),
     (["--projection", "{tmp}/W.pt"], "projection file {tmp}/W.pt does not exist; build it"),
     (
@@ -205,3 +208,65 @@ def test_audit_json_on_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch, W_
     code, err = run_main(audit.main, [*PAIR, "--json", str(out)], capsys)
     assert_one_line_error(code, err, f"cannot write {out}: No space left on device; free some")
     assert os.listdir(tmp_path) == []  # no temp file left
+
+
+# ----------------------------------------------------------------------------- --plot
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_data_gives_the_reports_shares(llama, W_llama_qwen):
+    report = audit.audit(llama, W_llama_qwen)
+    bars = audit.plot_data(report)
+    rows = {**report["categories"], "other": report["other"]}
+    assert [b["category"] for b in bars] == list(rows)  # every category of Llama has tokens
+    for bar in bars:
+        row = rows[bar["category"]]
+        assert bar["total"] == row["total"]
+        assert bar["counts"] == {k: row[k] for k in audit.STATUSES}
+        for key in audit.STATUSES:
+            assert bar["shares"][key] == row[key] / row["total"]
+        assert sum(bar["shares"].values()) == pytest.approx(1)
+    by_name = {b["category"]: b for b in bars}
+    assert by_name["digits_3"]["shares"]["multi_piece"] == 1.0  # Qwen3 splits every numeral
+    assert by_name["digits_1"]["shares"]["common"] == 1.0
+    assert [b["category"] for b in bars if b["critical"]] == ["digits_2", "digits_3"]
+    # a category without tokens has no bar (no share of nothing)
+    empty = dict(
+        report, categories=dict(report["categories"], digits_1=dict.fromkeys(rows["alpha"], 0))
+    )
+    assert "digits_1" not in [b["category"] for b in audit.plot_data(empty)]
+
+
+@pytest.mark.usefixtures("cached_tokenizers")
+def test_cli_plot_writes_a_png(tmp_path, capsys, monkeypatch, W_llama_qwen):
+    from matplotlib.image import imread
+
+    monkeypatch.setattr(audit, "build_projection", lambda *a, **k: W_llama_qwen)
+    out = tmp_path / "audit.png"
+    code, err = run_main(audit.main, [*PAIR, "--plot", str(out)], capsys)
+    assert code == 0, err
+    data = out.read_bytes()
+    assert len(data) > 10_000 and data.startswith(PNG_SIGNATURE)
+    height, width, _ = imread(str(out)).shape  # decodes: a whole PNG
+    assert width > 1000 and 400 < height < width
+    assert os.listdir(tmp_path) == ["audit.png"]  # no temp file left
+
+
+def test_plot_without_matplotlib_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    monkeypatch.setattr(audit, "load_tokenizer", no_work)
+    out = tmp_path / "audit.png"
+    code, err = run_main(audit.main, [*PAIR, "--plot", str(out)], capsys)
+    assert_one_line_error(code, err, "--plot needs matplotlib, which is not installed: pip install")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.usefixtures("cached_tokenizers", "full_disk")
+def test_audit_plot_on_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch, W_llama_qwen):
+    monkeypatch.setattr(audit, "build_projection", lambda *a, **k: W_llama_qwen)
+    out = tmp_path / "audit.png"
+    code, err = run_main(audit.main, [*PAIR, "--plot", str(out)], capsys)
+    assert_one_line_error(code, err, f"cannot write {out}: No space left on device; free some")
+    assert os.listdir(tmp_path) == []

@@ -11,7 +11,7 @@ import torch
 
 import build_projection
 from build_projection import build_projection as build
-from build_projection import load_projection, save_projection
+from build_projection import export_topk, load_projection, save_projection, to_topk
 from conftest import ROOT, get_projection, get_tokenizer
 from tokens import end_of_document_id, load_tokenizer, token_bytes, tokenizer_hash
 
@@ -532,6 +532,9 @@ BAD_BUILD_INPUTS = [
     ),
     (["--student", "./no/such/dir"], "tokenizer path ./no/such/dir does not exist"),
     (["--teacher"], "argument --teacher: expected one argument"),
+    (["--export-topk", "{tmp}"], "--export-topk {tmp} is a directory; name a file"),
+    (["--export-topk", "{tmp}/W.pt"], "--out and --export-topk name the same file"),
+    (["--export-topk", "{tmp}/file/W_topk.pt"], "{tmp}/file is a file, not a directory"),
 ]
 
 
@@ -604,3 +607,234 @@ def test_a_projection_directory_or_unreadable_file_is_a_clear_error(tmp_path, mo
     monkeypatch.setattr(torch, "load", unreadable)
     with pytest.raises(ValueError, match="cannot read .*W.pt: Permission denied; check its perm"):
         load_projection(str(path))
+
+
+# ----------------------------------------------------------------------------- the top-k format
+# NeMo-RL's and TRL's X-Token W: "indices" Long [V_S, k] (-1 pads), "likelihoods" [V_S, k], model
+# ids as "student_model_id"/"teacher_model_id" (older files: "model_A_id"/"model_B_id").
+
+
+def test_topk_export_round_trips_to_an_identical_W(tmp_path, llama, qwen, W_llama_qwen):
+    path = str(tmp_path / "W_topk.pt")
+    export_topk(W_llama_qwen, path, student_model_id="S", teacher_model_id="T")
+    raw = torch.load(path, weights_only=True)
+    assert raw["student_model_id"] == "S" and raw["teacher_model_id"] == "T"
+    assert raw["enable_scale_trick"] is False  # no 0.2 slot (their sort_and_cut reads this)
+    assert raw["student_tokenizer_sha256"] == tokenizer_hash(llama)
+    indices, likelihoods = raw["indices"], raw["likelihoods"]
+    assert indices.dtype == torch.long and likelihoods.dtype == torch.float32
+    assert indices.shape == likelihoods.shape == (W_llama_qwen["W"].shape[0], 4)
+    assert torch.equal(indices == -1, likelihoods == 0)  # -1 pads exactly the empty slots
+    assert bool((likelihoods[:, :-1] >= likelihoods[:, 1:]).all())  # weight descending
+    the, num = single_id(llama, " the"), single_id(llama, "201")
+    # an exact pair is their strict exact map: [t, -1, ...] with weights [1, 0, ...]
+    assert indices[the].tolist() == [single_id(qwen, " the"), -1, -1, -1]
+    assert likelihoods[the].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert indices[num].tolist() == [single_id(qwen, d) for d in "201"] + [-1]
+
+    loaded = load_projection(path, llama, qwen)
+    W, back = W_llama_qwen["W"].coalesce(), loaded["W"]
+    assert back.shape == W.shape and back.is_coalesced()
+    assert torch.equal(back.indices(), W.indices()) and torch.equal(back.values(), W.values())
+    assert torch.equal(loaded["exact_pairs"], W_llama_qwen["exact_pairs"])
+    assert loaded["special_pairs"] == W_llama_qwen["special_pairs"]
+    assert loaded["student"] == W_llama_qwen["student"]
+    assert loaded["teacher"] == W_llama_qwen["teacher"]
+    assert loaded["version"] == build_projection.FORMAT_VERSION
+    assert loaded["params"]["source"] == "topk" and loaded["params"]["verified"] is True
+
+
+def test_topk_export_keeps_a_padded_teacher_vocabulary(tmp_path, llama, qwen):
+    projection = build(llama, qwen, student_vocab_size=128_300, teacher_vocab_size=151_936)
+    path = str(tmp_path / "W_topk.pt")
+    export_topk(projection, path, student_model_id="S", teacher_model_id="T")
+    assert tuple(load_projection(path, llama, qwen)["W"].shape) == (128_300, 151_936)
+
+
+def test_to_topk_never_cuts_a_row():
+    W = torch.sparse_coo_tensor(
+        [[0, 0, 0], [1, 2, 3]], [0.5, 0.3, 0.2], (2, 4), check_invariants=True
+    )
+    with pytest.raises(ValueError, match="a row of 3 entries, more than k = 2"):
+        to_topk(W, 2)
+    indices, likelihoods = to_topk(W, 3)
+    assert indices.tolist() == [[1, 2, 3], [-1, -1, -1]]
+
+
+def test_a_topk_file_with_hashes_is_verified_like_ours(tmp_path, llama, qwen, o200k, W_llama_qwen):
+    path = str(tmp_path / "W_topk.pt")
+    export_topk(W_llama_qwen, path, student_model_id="S", teacher_model_id="T")
+    with pytest.raises(ValueError) as info:
+        load_projection(path, llama, o200k)
+    message = str(info.value)
+    assert "another teacher tokenizer" in message and "\n" not in message
+    assert tokenizer_hash(qwen)[:16] in message and tokenizer_hash(o200k)[:16] in message
+    # its exact pairs come from the tokenizers: both are needed
+    for tokenizers in ((), (llama,)):
+        with pytest.raises(ValueError, match="top-k W file .*: pass --student and --teacher"):
+            load_projection(path, *tokenizers)
+
+
+def nemo_topk(llama, qwen, *, legacy: bool) -> tuple[dict, dict]:
+    """A top-k file as NeMo-RL's tools write it (no tokenizer hashes, k = 4), by hand, and the
+    rows {student id: {teacher id: weight}} it holds. "201" carries their scale trick: the last
+    slot is 0.2 on an unrelated teacher id (" the"), then the row is normalized again."""
+    rows = len(llama)
+    indices = torch.full((rows, 4), -1, dtype=torch.long)
+    likelihoods = torch.zeros((rows, 4))
+    num, the, dot = single_id(llama, "201"), single_id(llama, " the"), single_id(llama, ".")
+    digits = [single_id(qwen, d) for d in "201"]
+    unrelated = single_id(qwen, " the")
+    raw = [0.9 / 0.999, 0.09 / 0.999, 0.009 / 0.999, 0.2]
+    indices[num] = torch.tensor([*digits, unrelated])
+    likelihoods[num] = torch.tensor(raw) / sum(raw)
+    indices[the], likelihoods[the, 0] = torch.tensor([unrelated, -1, -1, -1]), 1.0
+    # a dense top-k slot of weight 0 (a real teacher id), and TRL's 0.2 on a -1 slot: no entries
+    indices[dot] = torch.tensor([single_id(qwen, "."), single_id(qwen, ","), -1, -1])
+    likelihoods[dot] = torch.tensor([1.0, 0.0, 0.0, 0.2])
+    expected = {
+        num: dict(zip([*digits, unrelated], (torch.tensor(raw) / sum(raw)).tolist())),
+        the: {unrelated: 1.0},
+        dot: {single_id(qwen, "."): 1.0},
+    }
+    ids = ("model_A_id", "model_B_id") if legacy else ("student_model_id", "teacher_model_id")
+    data = {
+        "indices": indices,
+        # NeMo-RL's multitoken tool keeps the bfloat16 of its matrix; TRL writes float32
+        "likelihoods": likelihoods.to(torch.bfloat16) if legacy else likelihoods,
+        ids[0]: "meta-llama/Llama-3.2-1B",
+        ids[1]: "Qwen/Qwen3-4B",
+        "enable_scale_trick": True,
+    }
+    return data, expected
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["student_model_id", "model_A_id"])
+def test_a_nemo_topk_file_loads_with_a_warning_and_no_padding_entries(
+    legacy, tmp_path, capsys, llama, qwen, W_llama_qwen
+):
+    data, expected = nemo_topk(llama, qwen, legacy=legacy)
+    path = str(tmp_path / "nemo.pt")
+    torch.save(data, path)
+    loaded = load_projection(path, llama, qwen)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: ") and "cannot be verified" in err
+    assert "built for meta-llama/Llama-3.2-1B -> Qwen/Qwen3-4B" in err
+    W = loaded["W"]
+    assert tuple(W.shape) == (len(llama), len(qwen)) and W.dtype == torch.float32
+    assert int((W.indices()[1] < 0).sum()) == 0  # -1 padding never becomes an entry
+    assert W._nnz() == sum(len(r) for r in expected.values())  # nor does a 0-weight slot
+    tolerance = 1e-2 if legacy else 1e-6  # bfloat16
+    for s, entries in expected.items():
+        got = row(loaded, s)
+        assert got.keys() == entries.keys()
+        assert all(got[t] == pytest.approx(w, abs=tolerance) for t, w in entries.items())
+    # the pairs come from the tokenizers, as build_projection computes them
+    assert torch.equal(loaded["exact_pairs"], W_llama_qwen["exact_pairs"])
+    assert loaded["special_pairs"] == W_llama_qwen["special_pairs"]
+    assert loaded["params"] == {
+        "source": "topk",
+        "top_k": 4,
+        "verified": False,
+        "student_model_id": "meta-llama/Llama-3.2-1B",
+        "teacher_model_id": "Qwen/Qwen3-4B",
+    }
+
+
+@pytest.mark.usefixtures("cached_tokenizers")
+def test_audit_shows_the_scale_trick_entry_of_a_nemo_file(tmp_path, capsys, llama, qwen):
+    import audit
+
+    data, expected = nemo_topk(llama, qwen, legacy=False)
+    path = str(tmp_path / "nemo.pt")
+    torch.save(data, path)
+    code = audit.main([*PAIR, "--projection", path, "--show", "201"])
+    captured = capsys.readouterr()
+    assert code == 0 and "cannot be verified" in captured.err
+    weights = expected[single_id(llama, "201")]
+    shown = ", ".join(
+        f"{qwen.convert_ids_to_tokens(t)!r} ({t}) {w:.4f}"
+        for t, w in sorted(weights.items(), key=lambda e: -e[1])
+    )
+    assert f"'201' (679) -> {shown}" in captured.out
+    assert "'Ġthe' (279) 0.1667" in shown  # the 0.2 slot on an unrelated teacher id, normalized
+
+
+def test_a_topk_file_without_hashes_needs_both_tokenizers(tmp_path, llama, qwen):
+    data, _ = nemo_topk(llama, qwen, legacy=True)
+    path = str(tmp_path / "nemo.pt")
+    torch.save(data, path)
+    message = (
+        f"{path} is a top-k W file (NeMo-RL/TRL format) without tokenizer hashes: pass "
+        "--student and --teacher; it cannot be verified against them"
+    )
+    for tokenizers in ((), (llama,), (None, qwen)):
+        with pytest.raises(ValueError) as info:
+            load_projection(path, *tokenizers)
+        assert str(info.value) == message
+
+
+def bad_topk(llama, qwen, what: str) -> dict:
+    data, _ = nemo_topk(llama, qwen, legacy=False)
+    indices, likelihoods = data["indices"], data["likelihoods"]
+    if what == "fewer rows":  # a W for a smaller student vocabulary
+        data["indices"], data["likelihoods"] = indices[:32_000], likelihoods[:32_000]
+    elif what == "other k":
+        data["likelihoods"] = likelihoods[:, :3]
+    elif what == "1-D":
+        data["indices"], data["likelihoods"] = indices[:, 0], likelihoods[:, 0]
+    elif what == "float ids":
+        data["indices"] = indices.float()
+    elif what == "id -2":
+        data["indices"][5, 0] = -2
+    elif what == "nan weight":
+        data["likelihoods"][5, 0] = float("nan")
+    elif what == "not tensors":
+        data["indices"] = indices.tolist()[:3]
+    return data
+
+
+BAD_TOPK = {
+    "fewer rows": "has 32000 rows (student ids) but the student tokenizer",
+    "other k": "'indices' (128257, 4) and 'likelihoods' (128257, 3) are not one shape [V_S, k]",
+    "1-D": "are not one shape [V_S, k]",
+    "float ids": "'indices' is torch.float32, not integer teacher ids",
+    "id -2": "'indices' has teacher id -2 (only -1 pads a row)",
+    "nan weight": "'likelihoods' has negative or non-finite weights",
+    "not tensors": "'indices' and 'likelihoods' are not tensors",
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_TOPK))
+@pytest.mark.usefixtures("cached_tokenizers")
+def test_a_bad_topk_file_is_a_one_line_error(what, tmp_path, capsys, llama, qwen):
+    import audit
+
+    path = str(tmp_path / "bad.pt")
+    torch.save(bad_topk(llama, qwen, what), path)
+    code, err = run_main(audit.main, [*PAIR, "--projection", path], capsys)
+    assert_one_line_error(code, err, BAD_TOPK[what])
+    assert "cannot be verified" not in err  # refused before it is used
+
+
+@pytest.mark.usefixtures("cached_tokenizers")
+def test_cli_exports_topk_alone_or_beside_ours(tmp_path, capsys, monkeypatch, W_llama_qwen):
+    monkeypatch.setattr(build_projection, "build_projection", lambda *a, **k: W_llama_qwen)
+    alone = tmp_path / "alone"
+    code, err = run_main(
+        build_projection.main, [*PAIR, "--export-topk", str(alone / "W_topk.pt")], capsys
+    )
+    assert code == 0, err
+    assert os.listdir(alone) == ["W_topk.pt"]
+    raw = torch.load(alone / "W_topk.pt", weights_only=True)
+    assert (raw["student_model_id"], raw["teacher_model_id"]) == ("pkg:llama-3.2", "pkg:qwen3")
+    both = [*PAIR, "--out", str(tmp_path / "W.pt"), "--export-topk", str(tmp_path / "W_topk.pt")]
+    assert run_main(build_projection.main, both, capsys)[0] == 0
+    assert sorted(os.listdir(tmp_path)) == ["W.pt", "W_topk.pt", "alone"]
+    assert torch.load(tmp_path / "W.pt", weights_only=True)["version"] == 2
+
+
+def test_cli_without_an_output_is_a_one_line_error(capsys, monkeypatch):
+    monkeypatch.setattr(build_projection, "load_tokenizer", no_work)
+    code, err = run_main(build_projection.main, PAIR, capsys)
+    assert_one_line_error(code, err, "no output: pass --out W.pt, --export-topk W_topk.pt, or both")
