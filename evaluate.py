@@ -8,6 +8,15 @@ numbers beside the paper's table (X-Token, arXiv:2605.21699).
 --out-dir (default out/) receives results.md (also printed), results.csv, results.png,
 raw/LABEL.json (lm-eval's own output per model) and cache/ (one file per model x task, so a rerun
 resumes where an interrupted one stopped and never redoes a finished task).
+
+--dtype auto (the default) evaluates each checkpoint in the dtype its config.json names (a bf16
+checkpoint in bf16, an fp32 one in fp32). --model-args, --gen-kwargs and --apply-chat-template
+reach lm-eval as its own flags do, and are part of each cached result's key. --devices spreads
+the models over one worker process per device, which hand their results back through cache/ and
+raw/; the parent writes the one table:
+
+    python evaluate.py --model a=out/a/step_30000 --model b=out/b/step_30000 --devices 2 \
+        --model-args attn_implementation=sdpa
 """
 
 from __future__ import annotations
@@ -26,11 +35,14 @@ import json
 import math
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import uuid
 from pathlib import Path
+from typing import Any
 
 import lm_eval
 import torch
@@ -45,7 +57,7 @@ from huggingface_hub.errors import (
 from lm_eval.api.model import LM
 from lm_eval.api.registry import get_model
 from lm_eval.tasks import TaskManager
-from lm_eval.utils import handle_non_serializable
+from lm_eval.utils import handle_arg_string, handle_non_serializable
 from tqdm import tqdm
 
 from cli import atomic_write
@@ -116,6 +128,15 @@ class UsageError(Exception):
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # what both the hf and vllm backends take
 DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
+WORKER_DEVICE = re.compile(r"cpu|cuda:\d+")  # what --devices lists
+# lm-eval model arguments that evaluate.py sets from a flag of its own: one place to give each
+OWN_MODEL_ARGS = {
+    "pretrained": "--model",
+    "dtype": "--dtype",
+    "batch_size": "--batch-size",
+    "device": "--device or --devices",
+}
+WORKER = "--worker-job"  # argv[1] of the processes that --devices starts (not a user flag)
 
 
 # -----------------------------------------------------------------------------
@@ -167,6 +188,43 @@ def batch_size_value(text: str) -> int | str:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, auto or auto:N, got {text!r}")
     return text if auto else n
+
+
+def key_values(text: str) -> dict[str, Any]:
+    """KEY=VALUE,... read as lm-eval's own command line reads it (true/false, None, numbers;
+    'quoted' stays text)."""
+    pairs: dict[str, Any] = {}
+    for item in text.split(","):
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if not (eq and key.isidentifier() and value):
+            raise argparse.ArgumentTypeError(f"takes KEY=VALUE,KEY=VALUE..., got {item!r}")
+        if key in pairs:
+            raise argparse.ArgumentTypeError(f"names {key!r} twice")
+        pairs[key] = handle_arg_string(value)
+    return pairs
+
+
+def model_args_value(text: str) -> dict[str, Any]:
+    pairs = key_values(text)
+    own = next((key for key in pairs if key in OWN_MODEL_ARGS), None)
+    if own:
+        raise argparse.ArgumentTypeError(f"{own!r} has a flag of its own: {OWN_MODEL_ARGS[own]}")
+    return pairs
+
+
+def devices_value(text: str) -> list[str]:
+    """N (the first N CUDA devices) or a list of cpu and cuda:N, one worker process each."""
+    if text.isdigit():
+        if int(text) < 1:
+            raise argparse.ArgumentTypeError("a count of CUDA devices must be >= 1")
+        return [f"cuda:{i}" for i in range(int(text))]
+    devices = [d.strip() for d in text.split(",")]
+    bad = next((d for d in devices if not WORKER_DEVICE.fullmatch(d)), None)
+    if bad is not None:
+        raise argparse.ArgumentTypeError(
+            f"takes a count N (cuda:0 to cuda:N-1) or a list of cpu and cuda:N, got {bad!r}"
+        )
+    return devices
 
 
 class Parser(argparse.ArgumentParser):
@@ -236,6 +294,20 @@ def check_device(device: str | None, backend: str) -> None:
         raise UsageError(f"--device {device}: no CUDA device here; use --device cpu")
     if int(device.partition(":")[2] or 0) >= count:
         raise UsageError(f"--device {device}: this machine has cuda:0 to cuda:{count - 1}; use one")
+
+
+def check_devices(args: argparse.Namespace) -> None:
+    if args.devices is None:
+        return
+    if args.device is not None:
+        raise UsageError("--device places one process, --devices several: give one of them")
+    if args.backend != "hf" and "cpu" in args.devices:
+        raise UsageError(f"--devices cpu is for the hf backend; {args.backend} runs on cuda:N")
+    cuda = sorted({int(d.partition(":")[2]) for d in args.devices if d.startswith("cuda")})
+    count = torch.cuda.device_count() if cuda and torch.cuda.is_available() else 0
+    if cuda and cuda[-1] >= count:
+        here = f"cuda:0 to cuda:{count - 1}" if count else "no CUDA device"
+        raise UsageError(f"--devices: cuda:{cuda[-1]} is not here (this machine has {here})")
 
 
 def check_hub_model(label: str, model: str) -> None:
@@ -360,6 +432,20 @@ def model_fingerprint(model: str) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of --model-args, --gen-kwargs and --apply-chat-template that are set: they
+    change results, so they are part of each cache key; unset ones are left out, so results
+    cached before these flags existed still resume."""
+    chat = args.apply_chat_template
+    settings = {
+        "model_args": args.model_args,
+        "gen_kwargs": args.gen_kwargs,
+        "apply_chat_template": chat,
+        "fewshot_as_multiturn": chat,  # lm-eval's default with a chat template
+    }
+    return {name: value for name, value in settings.items() if value}
+
+
 def cache_path(model: str, task: str, args: argparse.Namespace) -> tuple[dict, Path]:
     key = {
         "model": str(Path(model).resolve()) if Path(model).is_dir() else model,
@@ -370,7 +456,7 @@ def cache_path(model: str, task: str, args: argparse.Namespace) -> tuple[dict, P
         "backend": args.backend,
         "dtype": args.dtype,
         "lm_eval": importlib.metadata.version("lm_eval"),
-    }
+    } | run_settings(args)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return key, Path(args.out_dir) / "cache" / f"{task}-{digest}.json"
 
@@ -395,9 +481,9 @@ def load_lm(model: str, args: argparse.Namespace) -> LM:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch_size = args.batch_size or ("auto" if device.startswith("cuda") else 8)
     extra = {"batch_size": batch_size, "device": device if args.backend == "hf" else None}
-    return get_model(args.backend).create_from_arg_obj(
-        {"pretrained": model, "dtype": args.dtype}, extra
-    )
+    # dtype "auto" reaches from_pretrained as is: the checkpoint's config.json names the dtype
+    own = {"pretrained": model, "dtype": args.dtype}
+    return get_model(args.backend).create_from_arg_obj(own | args.model_args, extra)
 
 
 def one_line(e: BaseException) -> str:
@@ -434,6 +520,9 @@ def evaluate_task(lm: LM, task: str, args: argparse.Namespace) -> dict:
         limit=args.limit,
         task_manager=task_manager(tuple(args.include_path)),
         log_samples=False,  # per-sample logs of MMLU alone run to hundreds of MB
+        gen_kwargs=args.gen_kwargs or None,
+        apply_chat_template=args.apply_chat_template,
+        fewshot_as_multiturn=args.apply_chat_template,
     )
     if not isinstance(out, dict):
         raise RuntimeError(f"lm-eval returned {out!r}, not results")
@@ -448,7 +537,7 @@ def print_traceback() -> None:
 
 
 def evaluate_model(
-    label: str, model: str, tasks: list[str], args: argparse.Namespace, pbar: tqdm
+    label: str, model: str, tasks: list[str], args: argparse.Namespace, pbar: tqdm, run_id: str
 ) -> dict[str, dict]:
     """lm-eval's output per task, from the cache where there; {"error": why} where it failed."""
     raw, todo = cached_results(label, model, tasks, args, pbar)
@@ -491,9 +580,145 @@ def evaluate_model(
         torch.cuda.empty_cache()
 
     raw = {task: raw[task] for task in tasks}
-    record = {"label": label, "model": model, "num_fewshot": args.num_fewshot, "limit": args.limit}
-    write_atomic(Path(args.out_dir) / "raw" / f"{label}.json", json.dumps(record | {"tasks": raw}))
+    write_record(label, model, raw, args, run_id)
     return raw
+
+
+def write_record(
+    label: str, model: str, raw: dict[str, dict], args: argparse.Namespace, run_id: str
+) -> None:
+    """raw/LABEL.json; "run" tells the parent of --devices workers that it is this run's."""
+    record = {"label": label, "model": model, "num_fewshot": args.num_fewshot, "limit": args.limit}
+    record |= run_settings(args) | {"run": run_id, "tasks": raw}
+    write_atomic(Path(args.out_dir) / "raw" / f"{label}.json", json.dumps(record))
+
+
+def read_record(label: str, tasks: list[str], args: argparse.Namespace, run_id: str) -> dict | None:
+    """raw/LABEL.json's results when this run's worker wrote it whole, else None."""
+    try:
+        record = json.loads((Path(args.out_dir) / "raw" / f"{label}.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = isinstance(record, dict) and record.get("run") == run_id
+    raw = record.get("tasks") if ok else None
+    if not (isinstance(raw, dict) and all(isinstance(raw.get(t), dict) for t in tasks)):
+        return None
+    return {task: raw[task] for task in tasks}
+
+
+# -----------------------------------------------------------------------------
+# --devices: one worker process per device, each evaluating its share of the models one at a time.
+# The cache is the handoff: a worker writes cache entries and raw/LABEL.json as it goes, so a run
+# stopped anywhere resumes, and the parent reads them once the workers have exited.
+
+
+def has_work(model: str, tasks: list[str], args: argparse.Namespace) -> bool:
+    for task in tasks:
+        key, cached = cache_path(model, task, args)
+        if not cached.exists() or read_cache(cached, key, task)[0] is None:
+            return True
+    return False
+
+
+def worker_env(device: str, cpu_workers: int) -> dict[str, str]:
+    """The environment of a worker on device: its one GPU as cuda:0 (CUDA_VISIBLE_DEVICES, which
+    vllm obeys too), or a share of the cores when several workers run on the CPU."""
+    env = dict(os.environ)
+    if device.startswith("cuda:"):
+        index = int(device.partition(":")[2])
+        visible = env.get("CUDA_VISIBLE_DEVICES")  # cuda:N counts what the user made visible
+        env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[index] if visible else str(index)
+    elif cpu_workers > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cpu_workers))
+    return env
+
+
+def worker_command(job: dict) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), WORKER, json.dumps(job)]
+
+
+def exit_text(code: int) -> str:
+    return f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+
+
+def run_workers(
+    models: dict[str, str], tasks: list[str], args: argparse.Namespace, run_id: str
+) -> dict[str, str]:
+    """Evaluate the models that have work left on args.devices, one process per device; wait for
+    all. Returns {label: why} for the models of a worker that exited with an error."""
+    pending = [label for label, model in models.items() if has_work(model, tasks, args)]
+    devices = args.devices[: len(pending)]
+    shares = {i: pending[i :: len(devices)] for i in range(len(devices))}
+    cpu_workers = devices.count("cpu")
+    procs = []
+    try:
+        for i, device in enumerate(devices):
+            print(f"{device}: {', '.join(shares[i])}", flush=True)
+            hf_device = "cpu" if device == "cpu" else "cuda:0"  # the one GPU it sees
+            job = {
+                "args": vars(args) | {"device": hf_device if args.backend == "hf" else None},
+                "models": {label: models[label] for label in shares[i]},
+                "tasks": tasks,
+                "run": run_id,
+                "position": i,
+                "name": device,
+            }
+            env = worker_env(device, cpu_workers)
+            procs.append(subprocess.Popen(worker_command(job), env=env, stdin=subprocess.DEVNULL))
+        codes = [proc.wait() for proc in procs]
+    finally:  # interrupted (Ctrl-C) or failed to start one: leave no worker running
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    lost = {}
+    for i, code in enumerate(codes):
+        if code != 0:
+            for label in shares[i]:
+                lost[label] = f"the worker on {devices[i]} {exit_text(code)} (see its stderr)"
+    return lost
+
+
+def collect(
+    models: dict[str, str],
+    tasks: list[str],
+    args: argparse.Namespace,
+    run_id: str,
+    lost: dict[str, str],
+) -> dict[str, dict[str, dict]]:
+    """Each model's results as the workers left them: raw/LABEL.json when this run's worker wrote
+    it, else the cache, with the tasks neither holds failed (and raw/LABEL.json rewritten)."""
+    raws = {}
+    with tqdm(total=len(models) * len(tasks), desc="collecting", unit="task") as pbar:
+        for label, model in models.items():
+            record = read_record(label, tasks, args, run_id)
+            if record is not None:
+                raws[label] = record
+                pbar.update(len(tasks))
+                continue
+            raw, todo = cached_results(label, model, tasks, args, pbar)
+            why = lost.get(label, "no worker evaluated it")
+            for task in todo:
+                raw[task] = {"error": why}
+                pbar.write(f"{label} / {task}: failed: {why}")
+                pbar.update(1)
+            raws[label] = {task: raw[task] for task in tasks}
+            write_record(label, model, raws[label], args, run_id)
+    return raws
+
+
+def work(job_text: str) -> int:
+    """A --devices worker: evaluate_model for each model of its share, one at a time."""
+    try:
+        job = json.loads(job_text)
+    except ValueError:
+        raise UsageError(f"{WORKER} is how --devices starts its workers, not a flag") from None
+    args, tasks = argparse.Namespace(**job["args"]), job["tasks"]
+    total = len(job["models"]) * len(tasks)
+    with tqdm(total=total, desc=job["name"], unit="task", position=job["position"]) as pbar:
+        for label, model in job["models"].items():
+            evaluate_model(label, model, tasks, args, pbar, job["run"])
+    return 0
 
 
 def score(task: str, raw: dict) -> tuple[float | str, str]:
@@ -535,6 +760,26 @@ def row_avg(cells: dict[str, float | str]) -> tuple[float | None, str]:
 
 def fmt(v: float | str) -> str:
     return f"{v:.2f}" if isinstance(v, float) else v
+
+
+def settings_note(args: argparse.Namespace) -> str:
+    """What run_settings holds, for the notes: ", model-args k=v,..., chat template"."""
+    note = ""
+    for flag in ("model_args", "gen_kwargs"):
+        pairs = getattr(args, flag)
+        if pairs:
+            note += f", {flag.replace('_', '-')} " + ",".join(f"{k}={v}" for k, v in pairs.items())
+    return note + (", chat template, few-shot as turns" if args.apply_chat_template else "")
+
+
+def dtype_of(raw: dict[str, dict]) -> str:
+    """The dtype lm-eval evaluated the model in, as its results record it: " (bfloat16)"."""
+    for result in raw.values():
+        config = result.get("config")
+        dtype = config.get("model_dtype") if isinstance(config, dict) else None
+        if isinstance(dtype, str):
+            return f" ({dtype.removeprefix('torch.')})"
+    return ""
 
 
 def render_markdown(table: dict[str, dict], columns: list[str], notes: list[str]) -> str:
@@ -635,6 +880,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     check_out_dir(out_dir)
     check_device(args.device, args.backend)
+    check_devices(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     check_backend(args.backend, tasks)
     check_tasks(tasks, args.include_path)
@@ -643,10 +889,13 @@ def run(args: argparse.Namespace) -> int:
         check_hub_model(label, path)
     prepare_out_dir(out_dir)  # the first write, once every input is known good
 
-    start, raws = time.time(), {}
-    with tqdm(total=len(models) * len(tasks), desc="models x tasks", unit="task") as pbar:
-        for label, model in models.items():
-            raws[label] = evaluate_model(label, model, tasks, args, pbar)
+    start, raws, run_id = time.time(), {}, uuid.uuid4().hex
+    if args.devices:
+        raws = collect(models, tasks, args, run_id, run_workers(models, tasks, args, run_id))
+    else:
+        with tqdm(total=len(models) * len(tasks), desc="models x tasks", unit="task") as pbar:
+            for label, model in models.items():
+                raws[label] = evaluate_model(label, model, tasks, args, pbar, run_id)
 
     columns = [column_of(t) for t in tasks]
     table, metric_of, failures = {}, {}, []
@@ -668,11 +917,11 @@ def run(args: argparse.Namespace) -> int:
     version = importlib.metadata.version("lm_eval")
     notes = [
         f"{args.num_fewshot}-shot{limit}{subsample}; lm-eval {version}, {args.backend} backend, "
-        f"dtype {args.dtype}. Accuracy in percent; Avg is the plain mean of the numbers in the "
-        "row, (n/m) when only n of its m cells are numbers.",
+        f"dtype {args.dtype}{settings_note(args)}. Accuracy in percent; Avg is the plain mean "
+        "of the numbers in the row, (n/m) when only n of its m cells are numbers.",
         "",
         *[f"- {column_of(t)}: lm-eval task `{t}`, metric `{m}`" for t, m in metric_of.items()],
-        *[f"- {label}: `{path}`" for label, path in models.items()],
+        *[f"- {label}: `{path}`{dtype_of(raws[label])}" for label, path in models.items()],
         *[f"- paper: {r}: {' / '.join(PAPER_SETTINGS[r])}" for r in paper_rows.values()],
         *(["", *failures] if failures else []),
     ]
@@ -728,7 +977,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtype",
         choices=DTYPES,
         default="auto",
-        help="auto: the checkpoint's own (bf16 for Llama)",
+        help="auto: what the checkpoint's config.json names (dtype, or torch_dtype in older "
+        "ones); vllm's auto runs fp32 checkpoints in fp16",
+    )
+    p.add_argument(
+        "--model-args",
+        type=model_args_value,
+        default={},
+        metavar="KEY=VALUE,...",
+        help="more arguments for lm-eval's model, e.g. attn_implementation=sdpa,max_length=2048",
+    )
+    p.add_argument(
+        "--gen-kwargs",
+        type=key_values,
+        default={},
+        metavar="KEY=VALUE,...",
+        help="generation settings for generative tasks (lm-eval's gen_kwargs), e.g. "
+        "max_gen_toks=512",
+    )
+    p.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="prompt through the tokenizer's chat template, few-shot examples as turns "
+        "(instruct models)",
     )
     p.add_argument(
         "--batch-size",
@@ -740,11 +1011,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="cpu, cuda, cuda:N or mps (hf backend); default: cuda if available",
     )
+    p.add_argument(
+        "--devices",
+        type=devices_value,
+        default=None,
+        metavar="N|DEV,DEV,...",
+        help="one worker process per device, each evaluating its share of the models: N for "
+        "cuda:0 to cuda:N-1, or a list like cuda:0,cuda:2 or cpu,cpu (a device may repeat)",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == [WORKER]:
+            return work(argv[1] if len(argv) == 2 else "")
         args = parse_args(argv)
         if args.paper:
             if args.model or args.paper_row:

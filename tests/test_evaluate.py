@@ -619,3 +619,380 @@ def test_directory_made_where_a_result_goes_during_the_run_is_one_line(
     lines = [line for line in err.splitlines() if line.startswith("evaluate.py:")]
     assert len(lines) == 1 and "Traceback" not in err
     assert f"cannot write {out / 'results.md'}" in lines[0] and "rerunning resumes" in lines[0]
+
+
+# -----------------------------------------------------------------------------
+# --dtype auto, --model-args, --gen-kwargs, --apply-chat-template, the batch-size default, --devices
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tiny_model, tmp_path_factory):
+    """A second tiny model saved as train.py saves checkpoints: bf16 weights and a config.json that
+    says "dtype": "bfloat16". Its weights are nudged, so that it scores unlike tiny_model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    noise = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=noise) * p.std())
+    path = tmp_path_factory.mktemp("ckpt-bf16") / "step_10"
+    model.to(torch.bfloat16).save_pretrained(path)
+    for f in tiny_model.iterdir():  # the tokenizer
+        if not (path / f.name).exists():
+            shutil.copy(f, path / f.name)
+    assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
+    return path
+
+
+@pytest.mark.parametrize("which", ["fp32", "bf16", "bf16, older config (torch_dtype)"])
+def test_dtype_auto_evaluates_a_checkpoint_in_its_own_dtype(tiny_model, tiny_bf16, tmp_path, which):
+    import torch
+
+    path, expected = (tiny_model, torch.float32) if which == "fp32" else (tiny_bf16, torch.bfloat16)
+    if "older" in which:  # transformers 4 wrote torch_dtype
+        path = tmp_path / "old"
+        shutil.copytree(tiny_bf16, path)
+        config = json.loads((path / "config.json").read_text())
+        config["torch_dtype"] = config.pop("dtype")
+        (path / "config.json").write_text(json.dumps(config))
+    args = ev.parse_args(["--device", "cpu"])
+    assert args.dtype == "auto"
+    assert ev.load_lm(str(path), args).model.dtype == expected
+
+
+class FakeModel:
+    """What get_model returns, recording the arguments each model is made with."""
+
+    made: list = []
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
+        cls.made.append((arg_dict, additional_config))
+        return "a model"
+
+
+@pytest.fixture
+def fake_model(monkeypatch):
+    monkeypatch.setattr(ev, "get_model", lambda backend: FakeModel)
+    monkeypatch.setattr(FakeModel, "made", [])
+    return FakeModel.made
+
+
+@pytest.mark.parametrize(
+    ("flags", "cuda", "device", "batch_size"),
+    [
+        ([], False, "cpu", 8),
+        ([], True, "cuda", "auto"),
+        (["--device", "cpu"], True, "cpu", 8),
+        (["--device", "cuda:1"], True, "cuda:1", "auto"),
+        (["--batch-size", "4"], False, "cpu", 4),
+        (["--batch-size", "auto:2"], True, "cuda", "auto:2"),
+    ],
+)
+def test_batch_size_default_is_8_on_cpu_and_auto_on_gpu(
+    monkeypatch, fake_model, flags, cuda, device, batch_size
+):
+    monkeypatch.setattr(ev.torch.cuda, "is_available", lambda: cuda)
+    ev.load_lm("m", ev.parse_args(flags))
+    assert fake_model == [
+        ({"pretrained": "m", "dtype": "auto"}, {"batch_size": batch_size, "device": device})
+    ]
+
+
+@pytest.fixture
+def seen_by_simple_evaluate(monkeypatch):
+    """lm_eval.simple_evaluate faked: every task scores 50%; returns the kwargs of each call."""
+    import lm_eval
+
+    calls = []
+
+    def fake(model, tasks, **kwargs):
+        calls.append(kwargs)
+        return {"results": {tasks[0]: {"acc,none": 0.5}}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake)
+    return calls
+
+
+def test_model_args_gen_kwargs_and_chat_template_reach_lm_eval(
+    tiny_model, task_dir, tmp_path, fake_model, seen_by_simple_evaluate
+):
+    argv = one_task_argv(tiny_model, task_dir, tmp_path / "out")
+    argv += ["--device", "cpu", "--apply-chat-template"]
+    argv += ["--model-args", "attn_implementation=sdpa, max_length=2048,trust_remote_code=true"]
+    argv += ["--gen-kwargs", "max_gen_toks=64,temperature=0.0,until='Q:'"]
+    assert run_main(*argv) == 0
+    assert fake_model == [
+        (
+            {
+                "pretrained": str(tiny_model),
+                "dtype": "auto",
+                "attn_implementation": "sdpa",
+                "max_length": 2048,  # typed as lm-eval's own command line types them
+                "trust_remote_code": True,
+            },
+            {"batch_size": 8, "device": "cpu"},
+        )
+    ]
+    [kwargs] = seen_by_simple_evaluate
+    assert kwargs["gen_kwargs"] == {"max_gen_toks": 64, "temperature": 0.0, "until": "Q:"}
+    assert kwargs["apply_chat_template"] is True and kwargs["fewshot_as_multiturn"] is True
+    notes = (tmp_path / "out" / "results.md").read_text()
+    assert "dtype auto, model-args attn_implementation=sdpa,max_length=2048," in notes
+    assert "gen-kwargs max_gen_toks=64,temperature=0.0,until=Q:, chat template" in notes
+    raw = json.loads((tmp_path / "out" / "raw" / "tiny.json").read_text())
+    assert raw["model_args"]["attn_implementation"] == "sdpa" and raw["apply_chat_template"]
+
+
+def test_without_the_new_flags_lm_eval_gets_its_plain_defaults(
+    tiny_model, task_dir, tmp_path, fake_model, seen_by_simple_evaluate
+):
+    assert run_main(*one_task_argv(tiny_model, task_dir, tmp_path / "out")) == 0
+    assert fake_model[0][0] == {"pretrained": str(tiny_model), "dtype": "auto"}
+    [kwargs] = seen_by_simple_evaluate
+    assert kwargs["gen_kwargs"] is None
+    assert kwargs["apply_chat_template"] is False and kwargs["fewshot_as_multiturn"] is False
+    assert "model-args" not in (tmp_path / "out" / "results.md").read_text()
+
+
+CACHE_KEY_BEFORE = {  # the fields of a cache key before these flags: such caches still resume
+    "model", "fingerprint", "task", "num_fewshot", "limit", "backend", "dtype", "lm_eval"
+}  # fmt: skip
+
+
+def test_cache_key_changes_with_model_args_gen_kwargs_and_chat_template(tmp_path):
+    ckpt = tmp_path / "step_1"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    out = ["--out-dir", str(tmp_path / "out")]
+
+    def key_and_path(*flags):
+        return ev.cache_path(str(ckpt), "gsm8k", ev.parse_args([*out, *flags]))
+
+    key, path = key_and_path()
+    assert set(key) == CACHE_KEY_BEFORE
+    settings = [
+        ["--model-args", "attn_implementation=sdpa"],
+        ["--model-args", "attn_implementation=eager"],
+        ["--model-args", "max_length=2048"],
+        ["--gen-kwargs", "max_gen_toks=64"],
+        ["--apply-chat-template"],
+    ]
+    paths = {path, *(key_and_path(*flags)[1] for flags in settings)}
+    assert len(paths) == 1 + len(settings)
+    # the same settings in another order are the same key
+    assert key_and_path("--model-args", "a=1,b=2")[1] == key_and_path("--model-args", "b=2,a=1")[1]
+
+
+def test_result_cached_for_other_settings_is_not_reused(
+    tiny_model, task_dir, tmp_path, fake_evaluate
+):
+    argv = one_task_argv(tiny_model, task_dir, tmp_path / "out")
+    assert run_main(*argv) == 0
+    assert run_main(*argv) == 0  # the same settings: cached
+    assert len(fake_evaluate) == 1
+    for flags in (["--model-args", "max_length=512"], ["--gen-kwargs", "max_gen_toks=8"]):
+        assert run_main(*argv, *flags) == 0
+    assert run_main(*argv, "--apply-chat-template") == 0
+    assert len(fake_evaluate) == 4
+
+
+def pretend_gpus(monkeypatch, count):
+    monkeypatch.setattr(ev.torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(ev.torch.cuda, "device_count", lambda: count)
+
+
+NEW_BAD_FLAGS = [
+    (["--model-args", "sdpa"], "argument --model-args: takes KEY=VALUE,KEY=VALUE..., got 'sdpa'"),
+    (["--model-args", "=sdpa"], "argument --model-args: takes KEY=VALUE"),
+    (["--model-args", "a=1,,b=2"], "argument --model-args: takes KEY=VALUE,KEY=VALUE..., got ''"),
+    (["--model-args", "max_length="], "argument --model-args: takes KEY=VALUE"),
+    (["--model-args", "max-length=1"], "argument --model-args: takes KEY=VALUE"),
+    (["--model-args", "a=1,a=2"], "argument --model-args: names 'a' twice"),
+    (["--model-args", "dtype=float16"], "'dtype' has a flag of its own: --dtype"),
+    (["--model-args", "pretrained=x/y"], "'pretrained' has a flag of its own: --model"),
+    (["--model-args", "batch_size=2"], "'batch_size' has a flag of its own: --batch-size"),
+    (["--model-args", "device=cpu"], "'device' has a flag of its own: --device or --devices"),
+    (["--gen-kwargs", "temperature"], "argument --gen-kwargs: takes KEY=VALUE"),
+    (["--apply-chat-template", "yes"], "unrecognized arguments: yes"),
+    (["--devices", "gpu"], "argument --devices: takes a count N (cuda:0 to cuda:N-1) or a list"),
+    (["--devices", "cuda"], "argument --devices: takes a count N"),
+    (["--devices", "cpu,"], "argument --devices: takes a count N"),
+    (["--devices", "mps"], "argument --devices: takes a count N"),
+    (["--devices", "0"], "argument --devices: a count of CUDA devices must be >= 1"),
+    (["--devices", "cuda:99"], "--devices: cuda:99 is not here"),
+    (["--devices", "99"], "--devices: cuda:98 is not here"),
+    (["--devices", "cpu,cpu", "--device", "cpu"], "give one of them"),
+    (["--devices", "cpu", "--backend", "vllm"], "--devices cpu is for the hf backend"),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"), NEW_BAD_FLAGS, ids=[" ".join(a) for a, _ in NEW_BAD_FLAGS]
+)
+def test_bad_new_flag_is_one_line_and_exit_2_before_any_work(
+    tiny_model, task_dir, tmp_path, capsys, must_not_evaluate, extra, message
+):
+    out = tmp_path / "out"
+    err = one_error_line(capsys, *one_task_argv(tiny_model, task_dir, out), *extra)
+    assert message in err
+    assert not out.exists()
+
+
+def test_worker_flag_is_not_for_users(capsys):
+    err = one_error_line(capsys, ev.WORKER, "nonsense")
+    assert "how --devices starts its workers" in err
+
+
+def test_devices_count_or_list():
+    assert ev.parse_args(["--devices", "3"]).devices == ["cuda:0", "cuda:1", "cuda:2"]
+    assert ev.parse_args(["--devices", "cuda:2,cpu,cpu"]).devices == ["cuda:2", "cpu", "cpu"]
+    assert ev.parse_args([]).devices is None
+
+
+def test_worker_env_gives_each_gpu_worker_its_card_and_cpu_workers_a_share_of_the_cores(
+    monkeypatch,
+):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert ev.worker_env("cuda:1", 0)["CUDA_VISIBLE_DEVICES"] == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # cuda:N counts the visible ones
+    assert ev.worker_env("cuda:1", 0)["CUDA_VISIBLE_DEVICES"] == "6"
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert ev.worker_env("cpu", 2)["OMP_NUM_THREADS"] == "4"
+    assert "OMP_NUM_THREADS" not in ev.worker_env("cpu", 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
+    assert ev.worker_env("cpu", 2)["OMP_NUM_THREADS"] == "3"
+
+
+def test_devices_on_gpus_start_one_worker_per_card_each_seeing_only_its_own(
+    tiny_model, tiny_bf16, task_dir, tmp_path, monkeypatch
+):
+    pretend_gpus(monkeypatch, 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    started = []
+
+    class Worker:  # a started process that exits at once, having evaluated nothing
+        def __init__(self, cmd, env, **kwargs):
+            started.append((json.loads(cmd[-1]), env["CUDA_VISIBLE_DEVICES"]))
+
+        wait = poll = lambda self: 0
+
+    monkeypatch.setattr(ev.subprocess, "Popen", Worker)
+    models = [
+        "--model",
+        f"a={tiny_model}",
+        "--model",
+        f"b={tiny_bf16}",
+        "--model",
+        f"c={tiny_model}",
+    ]
+    argv = [*models, "--include-path", task_dir, "--tasks", "xtoken_tiny_choice"]
+    assert run_main(*argv, "--out-dir", tmp_path / "out", "--devices", "2") == 1
+    jobs = {env: (list(job["models"]), job["args"]["device"]) for job, env in started}
+    assert jobs == {"0": (["a", "c"], "cuda:0"), "1": (["b"], "cuda:0")}
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "- a / xtoken_tiny_choice: failed: no worker evaluated it" in md  # never a hang
+
+
+def test_worker_that_dies_leaves_its_models_failed_and_exit_1(
+    tiny_model, tiny_bf16, task_dir, tmp_path, monkeypatch
+):
+    die = "import os, sys, json; job = json.loads(sys.argv[1]); "
+    die += "os.kill(os.getpid(), 9) if job['position'] == 0 else sys.exit(3)"
+    monkeypatch.setattr(
+        ev, "worker_command", lambda job: [sys.executable, "-c", die, json.dumps(job)]
+    )
+    out = tmp_path / "out"
+    argv = ["--model", f"a={tiny_model}", "--model", f"b={tiny_bf16}", "--include-path", task_dir]
+    argv += ["--tasks", "xtoken_tiny_choice", "--out-dir", out, "--devices", "cpu,cpu"]
+    assert run_main(*argv) == 1
+    md = (out / "results.md").read_text()
+    assert "- a / xtoken_tiny_choice: failed: the worker on cpu was killed by signal 9" in md
+    assert "- b / xtoken_tiny_choice: failed: the worker on cpu exited with status 3" in md
+    assert md_rows(out / "results.md")["b"] == ["failed", "-"]
+    assert (
+        "error" in json.loads((out / "raw" / "a.json").read_text())["tasks"]["xtoken_tiny_choice"]
+    )
+    assert not list((out / "cache").iterdir())  # retried next time
+
+
+def test_devices_two_cpu_workers_give_the_single_process_numbers_and_resume(
+    tiny_model, tiny_bf16, task_dir, tmp_path, monkeypatch
+):
+    import torch
+
+    # the workers compute with as many threads as this process: the same sums, the same numbers
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    argv = ["--model", f"a={tiny_model}", "--model", f"b={tiny_bf16}", "--include-path", task_dir]
+    argv += ["--tasks", "xtoken_tiny_choice"]  # all 8 examples: scores that differ per model
+    assert run_main(*argv, "--out-dir", tmp_path / "one") == 0
+
+    real, started = ev.worker_command, []
+    monkeypatch.setattr(ev, "worker_command", lambda job: started.append(job) or real(job))
+    assert run_main(*argv, "--out-dir", tmp_path / "two", "--devices", "cpu,cpu") == 0
+    assert [(job["name"], list(job["models"])) for job in started] == [
+        ("cpu", ["a"]),
+        ("cpu", ["b"]),
+    ]
+    one, two = md_rows(tmp_path / "one" / "results.md"), md_rows(tmp_path / "two" / "results.md")
+    assert two == one and one["a"] != one["b"]
+    for label in ("a", "b"):
+        results = [
+            json.loads((tmp_path / d / "raw" / f"{label}.json").read_text())["tasks"]
+            for d in ("one", "two")
+        ]
+        assert (
+            results[0]["xtoken_tiny_choice"]["results"]
+            == results[1]["xtoken_tiny_choice"]["results"]
+        )
+    notes = (tmp_path / "two" / "results.md").read_text()
+    assert f"- a: `{tiny_model}` (float32)" in notes and f"- b: `{tiny_bf16}` (bfloat16)" in notes
+
+    def must_not_start(job):
+        raise AssertionError("a worker was started with nothing left to evaluate")
+
+    monkeypatch.setattr(ev, "worker_command", must_not_start)  # all cached: the run resumes
+    assert run_main(*argv, "--out-dir", tmp_path / "two", "--devices", "cpu,cpu") == 0
+    assert md_rows(tmp_path / "two" / "results.md") == one
+
+
+def test_model_that_fails_to_load_in_a_worker_is_a_row_of_failed_cells(
+    tiny_model, tiny_bf16, task_dir, tmp_path, monkeypatch, fake_evaluate
+):
+    class InProcessWorker:  # the worker's own code, run here, so that the fakes reach it
+        def __init__(self, cmd, env, **kwargs):
+            assert cmd[-2] == ev.WORKER
+            self.code = ev.main(cmd[-2:])
+
+        def wait(self):
+            return self.code
+
+        poll = wait
+
+    def load_lm(model, args):
+        if model == str(tiny_bf16):
+            raise RuntimeError("bad weights")
+        return "a model"
+
+    monkeypatch.setattr(ev.subprocess, "Popen", InProcessWorker)
+    monkeypatch.setattr(ev, "load_lm", load_lm)
+    out = tmp_path / "out"
+    argv = [
+        "--model",
+        f"ok={tiny_model}",
+        "--model",
+        f"bad={tiny_bf16}",
+        "--include-path",
+        task_dir,
+    ]
+    argv += ["--tasks", "xtoken_tiny_choice", "--out-dir", out, "--devices", "cpu,cpu"]
+    assert run_main(*argv) == 1
+    md = md_rows(out / "results.md")
+    assert md["bad"] == ["failed", "-"] and md["ok"] == ["50.00", "50.00"]
+    notes = (out / "results.md").read_text()
+    assert (
+        "- bad / xtoken_tiny_choice: failed: model did not load: RuntimeError: bad weights" in notes
+    )
