@@ -2,9 +2,12 @@
 resume uses them; an --overwrite that deletes nothing until the new run has its first checkpoint.
 
     out_dir/run.lock         host and pid of the run that holds the directory
-    out_dir/run_config.json  the settings a --resume must match (written once the run starts)
+    out_dir/run_config.json  every setting, library versions, git commit (written once the run
+                             starts); a --resume must match it on train.RESUME_KEYS
     out_dir/metrics.jsonl    one JSON line per logged step
-    out_dir/step_N/          complete checkpoints (a temp directory renamed when complete)
+    out_dir/step_N/          complete checkpoints (a temp directory renamed when complete):
+                             save_pretrained weights (bf16 by default) + tokenizer,
+                             master_weights.pt (fp32), trainer_state.pt, rank_R.pt
     out_dir/.overwritten/    the previous run, moved aside by --overwrite until step_N exists
 """
 
@@ -23,6 +26,7 @@ from cli import LOAD_ERRORS
 
 LOCK = "run.lock"
 OVERWRITTEN = ".overwritten"
+MASTER_WEIGHTS = "master_weights.pt"  # fp32 weights, beside bf16 model weights: exact resume
 
 
 def checkpoints(out_dir: str) -> list[tuple[int, str]]:
@@ -60,14 +64,27 @@ def checkpoint_problem(path: str, world_size: int) -> str | None:
     problem = _safetensors_problem(os.path.join(path, "model.safetensors"))
     if problem:
         return problem
-    for name in ["trainer_state.pt", *(f"rank_{r}.pt" for r in range(world_size))]:
+    names = ["trainer_state.pt", *(f"rank_{r}.pt" for r in range(world_size))]
+    if saved_dtype(path) != "float32":  # the model weights are not the fp32 ones: need the master
+        names.append(MASTER_WEIGHTS)
+    for name in names:
         try:  # mmap: the zip's directory is checked without reading the optimizer state
             torch.load(os.path.join(path, name), weights_only=True, mmap=True)
         except FileNotFoundError:
             return f"{name} is missing"
-        except LOAD_ERRORS as e:
+        except (OSError, *LOAD_ERRORS) as e:  # no permission, I/O errors, a damaged file
             return f"{name} is unreadable ({type(e).__name__})"
     return None
+
+
+def saved_dtype(path: str) -> str:
+    """The dtype a checkpoint's config.json gives its weights ("float32" when it gives none)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return "float32"  # a missing or damaged config.json: model.safetensors decides alone
+    return config.get("dtype") or config.get("torch_dtype") or "float32"
 
 
 def newest_good_checkpoint(out_dir: str, world_size: int) -> tuple[tuple[int, str] | None, list]:

@@ -16,22 +16,29 @@ models, W and the data are checked on every rank before anything is written.
 from __future__ import annotations
 
 import argparse
+import copy
+import difflib
 import functools
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import (
@@ -41,12 +48,14 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+from transformers.utils import logging as hf_logging
 
+import curves
 import losses
 import run_dir
 from audit import audit
 from build_projection import cached_projection, hkl_pairs, load_projection
-from cli import atomic_write, os_error_line
+from cli import ArgumentParser, atomic_write, os_error_line
 from data import REASONS, AlignedWindows, advance_state, collate, issue_counts, make_tiny_corpus
 from tokens import load_tokenizer, tokenizer_hash
 
@@ -125,11 +134,13 @@ PAD_LOGIT = -1e4  # exp() of it underflows to exactly 0 in any float dtype: out 
 def main(argv: list[str] | None = None) -> None:
     # ---- settings, and this process's place in the torchrun job ------------------------------
     args = parse_args(argv)
+    hf_logging.disable_progress_bar()  # transformers' save and load bars: not in the training bar
     job = Job(args.out_dir)  # DDP from torchrun's environment: nccl on GPUs, gloo on CPU
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         # ---- checks first: flags, the run directory, models, W, data; nothing written before
         settings = job.together(check_settings, args)
+        # rank 0 inspects the directory (the others get False) and tells every rank what it found
         decision = job.broadcast(job.together(lambda: job.master and inspect_run_dir(args, job)))
         # ---- the student: fp32 weights (bf16 autocast on GPU), the same seed on every rank
         student_tok, student = job.together(load_student, args, job.device)
@@ -140,6 +151,10 @@ def main(argv: list[str] | None = None) -> None:
         resume = {}
         if decision["resume"]:
             resume = job.together(load_resume, decision, student, learned, job)
+            if job.master:  # once every rank has loaded it
+                for warning in decision["warnings"]:
+                    print(f"warning: {warning}", file=sys.stderr)
+                print(f"resuming from {decision['resume'][1]}")
         # ---- data: tokenization and alignment run in DataLoader workers
         source = job.together(data_source, args, job.master)
         toks, start = [t.tok for t in teachers], resume.get("data_state")
@@ -176,81 +191,249 @@ def main(argv: list[str] | None = None) -> None:
 # ----------------------------------------------------------------------------- settings
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    a = p.add_argument
-    a("--student", default="meta-llama/Llama-3.2-1B")
-    a("--teacher", action="append", help="repeat for several teachers")
-    # per teacher, in --teacher order (one value applies to all); auto: the audit's choice
-    a("--loss", action="append", choices=["auto", *KD_LOSSES, "ce"], help="per teacher")
-    a("--teacher-weight", action="append", type=float, help="static alpha_m per teacher")
+def build_parser() -> ArgumentParser:
+    """Every flag, with its help and default (train.py --help), in groups."""
+    p = ArgumentParser(
+        prog="train.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
+    for add_flags in (_teacher_flags, _objective_flags, _data_flags, _optimizer_flags, _run_flags):
+        add_flags(p)
+    return p
+
+
+def _teacher_flags(p: ArgumentParser) -> None:
+    a = p.add_argument_group("student and teachers").add_argument
+    a("--config", metavar="FILE.yaml", help="settings from a YAML file (configs/); flags win")
+    a("--student", default="meta-llama/Llama-3.2-1B", help="hub name or checkpoint directory")
+    a("--teacher", action="append", help="a teacher model; repeat for several")
+    a(
+        "--loss",
+        action="append",
+        choices=["auto", *KD_LOSSES, "ce"],
+        help="per teacher, in --teacher order (one value: all); auto: the audit's choice "
+        "(default: auto; ce without --teacher)",
+    )
+    a(
+        "--teacher-weight",
+        action="append",
+        type=float,
+        help="alpha_m per teacher (default: 1 / number of teachers)",
+    )
     a("--projection", action="append", help="W file per teacher (default: a cached build)")
-    a("--projection-cache", default=os.path.expanduser("~/.cache/xtoken"))
+    a(
+        "--projection-cache",
+        default=os.path.expanduser("~/.cache/xtoken"),
+        help="where W is built once per tokenizer pair",
+    )
     a("--learn-projection", action="store_true", help="learn W's weights (P-KL only)")
-    a("--kd-scaling", choices=["dynamic", "static"], default="dynamic")
-    a("--kd-weight", type=float, default=1.0)
-    a("--ce-weight", type=float, default=1.0)
-    a("--temperature", type=float, default=1.0)
-    a("--vocab-topk", type=int, default=8192)
-    a("--uld-topk", type=int, default=8192)
-    a("--hkl-threshold", type=float, default=0.6)
-    a("--chunk-merge", choices=["mean", "first"], default="mean")
-    # data: raw text (the official nvidia/Nemotron-ClimbMix release is GPT-2 token ids)
-    a("--data", default="OptimalScale/ClimbMix")
+    a("--trust-remote-code", action="store_true", help="allow models' own code from the hub")
+    a("--preset", choices=sorted(PRESETS), help="random models with the real tokenizers")
+
+
+def _objective_flags(p: ArgumentParser) -> None:
+    a = p.add_argument_group("objective (METHOD.md 5)").add_argument
+    a(
+        "--kd-scaling",
+        choices=["dynamic", "static"],
+        default="dynamic",
+        help="dynamic: sg(CE/KD) KD + CE; static: --kd-weight KD + --ce-weight CE",
+    )
+    a("--kd-weight", type=float, default=1.0, help="static scaling's KD weight")
+    a("--ce-weight", type=float, default=1.0, help="static scaling's CE weight")
+    a("--temperature", type=float, default=1.0, help="tau of every KD softmax")
+    a("--vocab-topk", type=int, default=8192, help="P-KL/KL teacher subset (0: all ids)")
+    a("--uld-topk", type=int, default=8192, help="ids ULD sorts (0: all)")
+    a("--hkl-threshold", type=float, default=0.6, help="W weight that joins H-KL's common set")
+    a(
+        "--chunk-merge",
+        choices=["mean", "first"],
+        default="mean",
+        help="a chunk's distribution: mean over its positions, or its first position",
+    )
+
+
+def _data_flags(p: ArgumentParser) -> None:
+    a = p.add_argument_group("data").add_argument
+    a(
+        "--data",
+        default="OptimalScale/ClimbMix",
+        help="hub dataset, or local .txt/.jsonl/.parquet files, a directory or a glob",
+    )
     a("--data-config", help="hub dataset configuration (its subset name)")
     a("--split", default="train", help="hub dataset split")
-    a("--text-field", default="text")
-    a("--no-pack", dest="pack", action="store_false", help="one document per window")
-    a("--no-shuffle", dest="shuffle", action="store_false", help="documents in file order")
+    a("--text-field", default="text", help="the field that holds a document's text")
+    a(
+        "--no-pack",
+        dest="pack",
+        action="store_false",
+        help="one document per window (default: documents packed into full windows)",
+    )
+    a(
+        "--no-shuffle",
+        dest="shuffle",
+        action="store_false",
+        help="documents in file order (default: a seeded shuffle, reseeded per epoch)",
+    )
     a("--shuffle-buffer", type=int, default=10_000, help="documents each worker shuffles")
-    a("--seq-len", type=int, default=2048)
-    a("--teacher-cap", type=int, help="max teacher tokens per window (default 2 x seq-len)")
-    a("--num-workers", type=int, default=2)
-    # optimizer: the public reference config (the paper states none)
+    a("--seq-len", type=int, default=2048, help="student tokens per window")
+    a("--teacher-cap", type=int, help="teacher tokens per window (default: 2 x --seq-len)")
+    a("--num-workers", type=int, default=2, help="DataLoader workers per rank")
+
+
+def _optimizer_flags(p: ArgumentParser) -> None:
+    a = p.add_argument_group("optimizer (the public reference config)").add_argument
     a("--batch-size", type=int, default=4, help="sequences per rank per micro-step")
-    a("--grad-accum", type=int, default=3)
-    a("--max-steps", type=int, default=30_000)
-    # --stop-step: end this job after step N (the schedule follows --max-steps; --resume goes on)
-    a("--stop-step", type=int, help="end this job after step N (for time-limited jobs)")
-    a("--lr", type=float, default=5e-5)
-    a("--min-lr", type=float, default=5e-6)
-    a("--warmup-steps", type=int, default=300)
-    a("--weight-decay", type=float, default=0.1)
-    a("--betas", type=float, nargs=2, default=(0.9, 0.95))
-    a("--grad-clip", type=float, default=1.0)
-    a("--projection-lr", type=float, default=1e-2)
+    a("--grad-accum", type=int, default=3, help="micro-steps per optimizer step")
+    a("--max-steps", type=int, default=30_000, help="optimizer steps; the schedule's length")
+    a(
+        "--stop-step",
+        type=int,
+        help="end this job after step N (the schedule follows --max-steps; --resume goes on)",
+    )
+    a("--lr", type=float, default=5e-5, help="peak learning rate")
+    a("--min-lr", type=float, default=5e-6, help="learning rate at the end of the cosine")
+    a("--warmup-steps", type=int, default=300, help="linear warm-up steps")
+    a("--weight-decay", type=float, default=0.1, help="AdamW's, on matrices only")
+    a("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW's")
+    a("--grad-clip", type=float, default=1.0, help="clip the student's gradient norm")
+    a("--projection-lr", type=float, default=1e-2, help="learning rate of a learned W")
     a("--max-bad-steps", type=int, default=5, help="non-finite steps in a row before stopping")
-    # run
-    a("--out-dir", default="out/run")
-    a("--resume", action="store_true", help="continue from the latest checkpoint")
-    a("--overwrite", action="store_true", help="discard a previous run in --out-dir")
-    a("--seed", type=int, default=1337)
-    a("--preset", choices=sorted(PRESETS))
-    a("--save-every", type=int, default=1000, help="0: no checkpoints (benchmarks)")
-    a("--keep-last", type=int, default=3)
-    a("--log-every", type=int, default=10)
-    a("--compile", action="store_true")
-    a("--gradient-checkpointing", action="store_true")
-    a("--trust-remote-code", action="store_true")
-    a("--wandb", action="store_true")
-    a("--tensorboard", action="store_true")
-    argv = sys.argv[1:] if argv is None else argv
-    preset = apply_preset(p, argv)
-    args = p.parse_args(argv)
+    a("--seed", type=int, default=1337, help="weights, data order and shuffle")
+    a("--compile", action="store_true", help="torch.compile the student")
+    a("--gradient-checkpointing", action="store_true", help="recompute activations")
+
+
+def _run_flags(p: ArgumentParser) -> None:
+    a = p.add_argument_group("run directory, checkpoints and logs").add_argument
+    a("--out-dir", default="out/run", help="one run per directory")
+    a("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    a("--overwrite", action="store_true", help="replace a previous run in --out-dir")
+    a("--save-every", type=int, default=1000, help="steps between checkpoints (0: none)")
+    a("--keep-last", type=int, default=3, help="checkpoints kept")
+    a(
+        "--save-dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="dtype of the checkpoint's model weights (the fp32 master weights are kept beside)",
+    )
+    a("--log-every", type=int, default=10, help="steps between metrics.jsonl lines")
+    a(
+        "--report-to",
+        nargs="+",
+        choices=["none", "wandb", "tensorboard"],
+        default=["none"],
+        help="trackers besides metrics.jsonl",
+    )
+    a("--run-name", help="the run's name in the trackers (default: --out-dir's name)")
+    a("--wandb-project", default="xtoken", help="Weights & Biases project")
+    a("--wandb", action="store_true", help="same as --report-to wandb")
+    a("--tensorboard", action="store_true", help="same as --report-to tensorboard")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in --help, but where the help says it already, an on/off flag's, and
+    None (not set)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        on_off = isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction)
+        if on_off or action.default is None or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Defaults, then --preset's, then --config's, then the command line: each wins over the
+    one before."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config = last_value(argv, "--config")
+    if config is not None:
+        argv = config_argv(parser, config, argv) + argv
+    preset = last_value(argv, "--preset")
+    if preset is not None and preset not in PRESETS:
+        parser.error(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    if preset:  # a preset's values are defaults: --config and flags win
+        parser.set_defaults(**{k: v for k, v in PRESETS[preset].items() if k != "teacher"})
+    args = parser.parse_args(argv)
     if preset and args.teacher is None and args.loss != ["ce"]:
         args.teacher = PRESETS[preset]["teacher"]
+    args.report_to = [r for r in dict.fromkeys(args.report_to) if r != "none"]
+    args.report_to += [r for r in ("wandb", "tensorboard") if getattr(args, r)]
+    args.report_to = list(dict.fromkeys(args.report_to))
+    args.run_name = args.run_name or os.path.basename(os.path.abspath(args.out_dir))
     return args
 
 
-def apply_preset(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
-    """--preset NAME's values become the parser's defaults (flags on the command line win)."""
-    preset = next((argv[i + 1] for i, x in enumerate(argv[:-1]) if x == "--preset"), None)
-    preset = preset or next((x.split("=", 1)[1] for x in argv if x.startswith("--preset=")), None)
-    if preset is not None and preset not in PRESETS:
-        parser.error(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    if preset:
-        parser.set_defaults(**{k: v for k, v in PRESETS[preset].items() if k != "teacher"})
-    return preset
+def last_value(argv: list[str], flag: str) -> str | None:
+    """The value of the last `flag V` or `flag=V` in argv (argparse keeps the last)."""
+    value = None
+    for i, x in enumerate(argv):
+        if x == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif x.startswith(flag + "="):
+            value = x.split("=", 1)[1]
+    return value
+
+
+def config_argv(parser: ArgumentParser, path: str, argv: list[str]) -> list[str]:
+    """A config file's settings as flags, so that argparse checks them as it checks the command
+    line. Keys are flag names (`teacher-weight` or `teacher_weight`); a list repeats a flag, and a
+    repeated flag that the command line also gives is the command line's alone. A run's
+    run_config.json is a config too: its "args", less --resume and --overwrite."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = yaml.safe_load(f)
+    except OSError as e:
+        parser.error(f"--config {path}: {e.strerror}")
+    except yaml.YAMLError as e:
+        parser.error(f"--config {path} is not valid YAML ({str(e).splitlines()[0]})")
+    skip = set()
+    if isinstance(settings, dict) and isinstance(settings.get("args"), dict):
+        settings, skip = settings["args"], {"config", "resume", "overwrite"}  # a run_config.json
+    if not isinstance(settings, dict):
+        parser.error(f"--config {path} must map flag names to values")
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    # a key names a setting (pack: false) or its flag (no-pack: true)
+    names = {
+        **{f.lstrip("-").replace("-", "_"): a for a in actions.values() for f in a.option_strings},
+        **actions,
+    }
+    given = {x.split("=", 1)[0] for x in argv if x.startswith("--")}
+    tokens: list[str] = []
+    for key, value in settings.items():
+        name = str(key).removeprefix("--").replace("-", "_")
+        if name in skip:
+            continue
+        if name not in names or name == "config":
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean {close[0].replace('_', '-')}?" if close else ""
+            parser.error(f"--config {path}: {key!r} is not a train.py setting{hint}")
+        action = names[name]
+        repeated = isinstance(action, argparse._AppendAction)
+        if value is None or (repeated and given & set(action.option_strings)):
+            continue  # the command line's own list of it replaces the config's
+        as_flag = name != action.dest  # no-pack: true gives --no-pack
+        tokens += flag_tokens(parser, action, value, f"--config {path}: {key}", as_flag)
+    return tokens
+
+
+def flag_tokens(
+    parser: ArgumentParser, action: argparse.Action, value, where: str, as_flag: bool = False
+) -> list[str]:
+    """One config value as command-line tokens for its flag (as_flag: the key was the flag's
+    name, so true means "give the flag")."""
+    flag = action.option_strings[0]
+    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+        if not isinstance(value, bool):
+            parser.error(f"{where}: give true or false, not {value!r}")
+        on = as_flag or isinstance(action, argparse._StoreTrueAction)
+        return [flag] if value == on else []
+    values = value if isinstance(value, list | tuple) else [value]
+    if isinstance(action, argparse._AppendAction):
+        return [token for v in values for token in (flag, str(v))]
+    if action.nargs is None and len(values) != 1:
+        parser.error(f"{where}: give one value, not a list")
+    return [flag, *(str(v) for v in values)]
 
 
 @dataclass
@@ -431,6 +614,8 @@ def check_same_configuration(args) -> None:
             saved = json.load(f)
     except ValueError:
         raise ValueError(f"{path} is not valid JSON: repair or delete it") from None
+    if isinstance(saved.get("args"), dict):  # the whole configuration (older runs: the keys only)
+        saved = saved["args"]
     if not set(RESUME_KEYS) <= saved.keys():
         raise ValueError(
             f"{args.out_dir} holds a run of an older train.py (its settings lack "
@@ -455,8 +640,43 @@ def start_run(args) -> None:
             f"--overwrite: the previous run in {args.out_dir} is moved to "
             f"{run_dir.OVERWRITTEN}/ until this run's first checkpoint"
         )
-    config = json.dumps({k: getattr(args, k) for k in RESUME_KEYS}, indent=2)
+    config = json.dumps(run_config(args), indent=2)
     atomic_write(os.path.join(args.out_dir, "run_config.json"), lambda f: f.write(config.encode()))
+
+
+LIBRARIES = ("torch", "transformers", "tokenizers", "datasets", "numpy", "safetensors", "lm_eval")
+
+
+def run_config(args) -> dict:
+    """The run's whole configuration: every flag as resolved (defaults, --preset, --config and the
+    command line), the libraries' versions and the code's git commit. `--config` reads it back."""
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"args": vars(args), "versions": versions, "git": git_state()}
+
+
+def git_state() -> dict | None:
+    """This code's git commit and whether files differ from it; None outside a git checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        status = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):  # no git here
+        return None
+    if commit.returncode != 0:
+        return None
+    return {"commit": commit.stdout.strip(), "modified": bool(status.stdout.strip())}
 
 
 # ----------------------------------------------------------------------------- models
@@ -508,7 +728,7 @@ class Teacher:
     name: str
     tok: object
     model: torch.nn.Module
-    loss: str  # a key of KD_LOSSES
+    loss: str  # a key of KD_LOSSES ("auto" until attach_projection asks the audit)
     weight: float  # alpha_m
     vocab: int  # its tokenizer's ids: output rows beyond them are padding
     w_path: str | None = None  # across tokenizers: the W file
@@ -517,8 +737,9 @@ class Teacher:
 
 
 def load_teachers(args, settings: Settings, student_tok, student, job: Job) -> list[Teacher]:
-    """Each teacher's tokenizer and model (eval, no gradients; bf16 on GPU), its loss (auto: the
-    audit's choice) and what that loss needs: W, or the common pairs."""
+    """Each teacher's tokenizer and model (eval, no gradients; bf16 on GPU); a same-tokenizer
+    teacher's loss is kl; across tokenizers, the W file (each node's first rank builds a missing
+    one into the cache). attach_projections then loads W and settles the loss."""
     student_vocab = student.get_output_embeddings().weight.shape[0]
     dtype = torch.bfloat16 if job.cuda else torch.float32
     teachers = []
@@ -629,37 +850,56 @@ def describe(args, student, teachers: list[Teacher], world_size: int) -> None:
 
 # ----------------------------------------------------------------------------- the KD terms
 # One KD term per teacher and micro-batch, by loss name (METHOD.md 5.2-5.4): a mean over the
-# micro-batch's valid chunks (positions for kl). s, z: student and teacher logits; c: the batch.
+# micro-batch's valid chunks (positions for kl).
 
 
-def kd_pkl(t: Teacher, s, z, c: dict, i: int, args) -> torch.Tensor:
-    tau, k = args.temperature, args.vocab_topk
-    return losses.pkl_loss(s, z, *chunks(c, i), t.W, vocab_topk=k, temperature=tau)
+def kd_pkl(t: Teacher, s_logits, t_logits, batch: dict, i: int, args) -> torch.Tensor:
+    s_chunk, t_chunk = chunks(batch, i)
+    return losses.pkl_loss(
+        s_logits,
+        t_logits,
+        s_chunk,
+        t_chunk,
+        t.W,
+        vocab_topk=args.vocab_topk,
+        temperature=args.temperature,
+    )
 
 
-def kd_gold(t: Teacher, s, z, c: dict, i: int, args) -> torch.Tensor:
+def kd_gold(t: Teacher, s_logits, t_logits, batch: dict, i: int, args) -> torch.Tensor:
     """GOLD, and H-KL: GOLD with a wider common set (t.pairs)."""
-    tau, k = args.temperature, args.uld_topk
-    return losses.gold_loss(s, z, *chunks(c, i), t.pairs, uld_topk=k, temperature=tau)
+    s_chunk, t_chunk = chunks(batch, i)
+    return losses.gold_loss(
+        s_logits,
+        t_logits,
+        s_chunk,
+        t_chunk,
+        t.pairs,
+        uld_topk=args.uld_topk,
+        temperature=args.temperature,
+    )
 
 
-def kd_uld(t: Teacher, s, z, c: dict, i: int, args) -> torch.Tensor:
+def kd_uld(t: Teacher, s_logits, t_logits, batch: dict, i: int, args) -> torch.Tensor:
+    s_chunk, t_chunk = chunks(batch, i)
     return losses.uld_loss(
-        s, z, *chunks(c, i), uld_topk=args.uld_topk, temperature=args.temperature
+        s_logits, t_logits, s_chunk, t_chunk, uld_topk=args.uld_topk, temperature=args.temperature
+    )
+
+
+def kd_kl(t: Teacher, s_logits, t_logits, batch: dict, i: int, args) -> torch.Tensor:
+    """Same tokenizer and ids: position p of both models predicts the same token."""
+    if t.vocab < t_logits.shape[-1]:  # equal padded vocabularies: the padding is no target
+        t_logits[..., t.vocab :] = PAD_LOGIT
+    mask = batch["labels"] != -100
+    return losses.kl_loss(
+        s_logits, t_logits, mask, vocab_topk=args.vocab_topk, temperature=args.temperature
     )
 
 
 def chunks(batch: dict, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher i's chunk ids: (student side, teacher side)."""
     return batch[f"student_chunk_{i}"], batch[f"teacher_chunk_{i}"]
-
-
-def kd_kl(t: Teacher, s, z, c: dict, i: int, args) -> torch.Tensor:
-    """Same tokenizer and ids: position p of both models predicts the same token."""
-    if t.vocab < z.shape[-1]:  # equal padded vocabularies: the padding is no target
-        z[..., t.vocab :] = PAD_LOGIT
-    mask = c["labels"] != -100
-    return losses.kl_loss(s, z, mask, vocab_topk=args.vocab_topk, temperature=args.temperature)
 
 
 KD_LOSSES = {"pkl": kd_pkl, "hkl": kd_gold, "gold": kd_gold, "uld": kd_uld, "kl": kd_kl}
@@ -787,6 +1027,14 @@ def lr_scale(step: int, args) -> float:
 N_STEP_SUMS = 4  # loss, ce, kd, kd_scale; then per teacher its KD term, valid and union chunks
 
 
+class StepResult(NamedTuple):
+    sums: torch.Tensor  # on the device: N_STEP_SUMS, per teacher its KD and chunk counts, stop flag
+    counts: torch.Tensor  # the step's targets (student tokens, labelled tokens, per teacher)
+    data_state: dict  # where the data continues after this step
+    bad: bool  # skipped: a non-finite loss or gradient on some rank
+    stop_asked: bool  # some rank got SIGTERM or SIGINT
+
+
 class Trainer:
     """The loop's state: the models, the optimizer, and the counters a checkpoint keeps."""
 
@@ -799,6 +1047,7 @@ class Trainer:
         self.signalled: list[int] = []  # SIGTERM / SIGINT: finish the step, save, stop
         self.static_kd_weight = torch.tensor(args.kd_weight, device=job.device)
         self.lr, self.grad_norm = args.lr, float("nan")  # of the last step
+        self.progress, self.logger = None, None  # while the loop runs
 
     def loop(self, batches, resume: dict) -> None:
         args, job = self.args, self.job
@@ -806,22 +1055,25 @@ class Trainer:
         skipped, bad_in_a_row = resume.get("skipped", 0), 0
         streak_start = None  # the first skipped step of the current run of skipped steps
         last_step = min(args.max_steps, args.stop_step or args.max_steps)
-        logger = Logger(args, job.master, step)
-        progress = None
+        logger = self.logger = Logger(args, job.master, step)
+        progress = self.progress = None
         if job.master:
-            progress = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True)
+            progress = self.progress = tqdm(
+                total=args.max_steps, initial=step, desc="train", dynamic_ncols=True
+            )
         self.catch_stop_signals()
         while step < last_step:
             started = time.perf_counter()
-            sums, counts, data_state, bad, stop_asked = self.step(step, batches, data_state)
-            skipped, bad_in_a_row = skipped + bad, (bad_in_a_row + 1) * bad
-            streak_start = (streak_start or step + 1) if bad else None
+            done = self.step(step, batches, data_state)
+            sums, counts, data_state, bad, stop_asked = done
+            if bad:
+                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+                streak_start = streak_start or step + 1
+            else:
+                bad_in_a_row, streak_start = 0, None
             step += 1
-            if bad and job.master:
-                print(
-                    f"warning: non-finite loss or gradient at step {step}, update skipped",
-                    file=sys.stderr,
-                )
+            if bad:
+                self.warn(f"non-finite loss or gradient at step {step}, update skipped")
             record = self.record(step, sums, counts, skipped, started)
             stopping = bad_in_a_row > args.max_bad_steps
             logged = step % args.log_every == 0 or step == last_step or stopping
@@ -829,23 +1081,20 @@ class Trainer:
                 record["data_issues"] = self.data_issues(data_state)
                 logger.log(record)
             if stopping:
-                if progress:
-                    progress.close()
-                job.stop(
+                self.stop(
                     f"{bad_in_a_row} non-finite steps in a row (last at step {step}): lower "
                     "--lr, check the data, or resume from an earlier checkpoint"
                 )
             if progress:
                 progress.update(1)
-                progress.set_postfix(loss=f"{record['loss']:.3f}", ce=f"{record['ce']:.3f}")
+                progress.set_postfix(self.postfix(record))
             due = args.save_every and (step % args.save_every == 0 or step == last_step)
             if due or stop_asked:
                 self.save(step, data_state, skipped, streak_start)
             if stop_asked:
-                if progress:
-                    progress.close()
                 if not logged:
                     logger.log(record)
+                self.finish(progress, logger)
                 if job.master:
                     print(
                         f"stopped by a signal after step {step}: checkpoint step_{step} "
@@ -853,9 +1102,35 @@ class Trainer:
                         file=sys.stderr,
                     )
                 job.end(128 + (self.signalled[0] if self.signalled else signal.SIGTERM))
+        self.finish(progress, logger)
+        if job.master:
+            draw_curves(args.out_dir)
+
+    def postfix(self, record: dict) -> dict[str, str]:
+        """The progress bar's figures: the loss, CE, each teacher's KD, the applied KD/CE scale."""
+        shown = {"loss": record["loss"], "ce": record["ce"]}
+        for t in self.teachers:
+            shown[f"kd:{short_name(t.name)}"] = record[f"kd/{t.name}"]
+        if self.teachers:
+            shown["scale"] = record["kd_scale"]
+        return {k: f"{v:.3g}" if abs(v) >= 1000 else f"{v:.3f}" for k, v in shown.items()}
+
+    def finish(self, progress, logger: Logger | None) -> None:
         if progress:
             progress.close()
-        logger.close()
+        if logger:
+            logger.close()
+
+    def stop(self, message: str) -> NoReturn:
+        """The error path (Job.stop), once the progress bar and the trackers are closed: the
+        message starts its own line."""
+        self.finish(self.progress, self.logger)
+        self.job.stop(message)
+
+    def warn(self, message: str) -> None:
+        """A warning on rank 0, above the progress bar."""
+        if self.job.master:
+            tqdm.write(f"warning: {message}", file=sys.stderr)
 
     def catch_stop_signals(self) -> None:
         """SIGTERM (what a scheduler sends before it kills a job) or SIGINT: finish the step,
@@ -870,10 +1145,9 @@ class Trainer:
         for sig in STOP_SIGNALS:
             signal.signal(sig, on_signal)
 
-    def step(self, step: int, batches, data_state) -> tuple:
-        """One optimizer step over --grad-accum micro-batches on every rank: (its sums and counts,
-        still on the device; the data state after it; whether it was skipped (a non-finite loss or
-        gradient on any rank); whether any rank was asked to stop)."""
+    def step(self, step: int, batches, data_state) -> StepResult:
+        """One optimizer step over --grad-accum micro-batches on every rank (the record's learning
+        rate and gradient norm are kept in self.lr and self.grad_norm)."""
         args, job, teachers = self.args, self.job, self.teachers
         scale = lr_scale(step, args)
         self.lr = args.lr * scale
@@ -914,7 +1188,7 @@ class Trainer:
         if not bad:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return sums, counts, data_state, bad, bool(sums[-1] > 0)
+        return StepResult(sums, counts, data_state, bad, bool(sums[-1] > 0))
 
     def step_counts(self, micro_batches: list[dict]) -> torch.Tensor:
         """[student tokens, labelled tokens, then per teacher the targets its KD term averages]
@@ -928,7 +1202,7 @@ class Trainer:
             dist.all_reduce(counts)
         ran_out = int(counts[-1])
         if ran_out:
-            self.job.stop(
+            self.stop(
                 f"{ran_out} rank(s) got no documents: the data has fewer documents than ranks x "
                 f"DataLoader workers ({self.job.world_size} x {max(self.args.num_workers, 1)}): "
                 "lower --num-workers, use fewer ranks, or add documents"
@@ -1019,11 +1293,7 @@ class Trainer:
         before the current run of skipped steps. A failed write stops the run in one line."""
         job, out_dir = self.job, self.args.out_dir
         if not all(bool(torch.isfinite(p).all()) for p in self.student.parameters()):
-            if job.master:
-                print(
-                    f"warning: non-finite weights at step {step}: no checkpoint written",
-                    file=sys.stderr,
-                )
+            self.warn(f"non-finite weights at step {step}: no checkpoint written")
             return
         before = [s for s, _ in run_dir.checkpoints(out_dir) if s < (streak_start or 0)]
         state = {
@@ -1041,17 +1311,30 @@ class Trainer:
             self.student_tok,
             state,
             data_state,
-            self.args.keep_last,
+            self.args,
             job,
             protect=max(before, default=None),
         )
         if error:
             latest = run_dir.checkpoints(out_dir)
             latest = f"step_{latest[-1][0]}" if latest else "none"
-            job.stop(
+            self.stop(
                 f"checkpoint step_{step} could not be written ({error}); the latest "
                 f"complete checkpoint is {latest}: fix that, then --resume"
             )
+
+
+def short_name(name: str) -> str:
+    """A model's name without its organisation or package prefix: Qwen/Qwen3-4B -> Qwen3-4B."""
+    return name.rstrip("/").rsplit("/", 1)[-1].removeprefix("pkg:")
+
+
+def draw_curves(out_dir: str) -> None:
+    """out_dir/curves.png from metrics.jsonl (curves.py), when matplotlib is installed."""
+    try:
+        print(f"training curves: {curves.plot_curves(out_dir)}")
+    except ImportError:
+        print("no curves.png: pip install matplotlib (then python curves.py OUT_DIR)")
 
 
 def share(count: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -1063,20 +1346,22 @@ def share(count: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
 
 
 def save_checkpoint(
-    out_dir, step, student, tok, state: dict, data_state, keep_last: int, job: Job, protect=None
+    out_dir, step, student, tok, state: dict, data_state, args, job: Job, protect=None
 ) -> str | None:
-    """out_dir/step_N/: save_pretrained weights + tokenizer (lm-eval/vLLM load it as it is), the
-    trainer state, and each rank's RNG and data position. Written into a temp directory that is
+    """out_dir/step_N/: save_pretrained weights in --save-dtype (bf16: config.json says so) +
+    tokenizer, which lm-eval and vLLM load as they are; the fp32 master weights beside them
+    (master_weights.pt, for an exact resume) unless they are the model weights; the trainer
+    state; each rank's RNG and data position. Written into a temp directory that is
     renamed when complete, so a kill mid-write leaves the previous checkpoint intact; a failed
     write (a full disk) removes the temp directory and returns its reason, on every rank. Then
-    the oldest checkpoints beyond keep_last go (never step `protect`), and so does a run that
+    the oldest checkpoints beyond --keep-last go (never step `protect`), and so does a run that
     --overwrite moved aside."""
     tmp = os.path.join(out_dir, f".tmp_step_{step}")
 
     def shared() -> None:
         if job.master:
             shutil.rmtree(tmp, ignore_errors=True)
-            student.save_pretrained(tmp, safe_serialization=True)
+            save_weights(student, tmp, getattr(torch, args.save_dtype))
             tok.save_pretrained(tmp)
             torch.save(state, os.path.join(tmp, "trainer_state.pt"))
 
@@ -1095,7 +1380,7 @@ def save_checkpoint(
             if os.path.exists(final):  # a damaged one that the resume skipped: replaced
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            run_dir.rotate(out_dir, keep_last, protect)
+            run_dir.rotate(out_dir, args.keep_last, protect)
             run_dir.drop_overwritten(out_dir)
 
     for part in (shared, mine, publish):
@@ -1112,11 +1397,39 @@ def save_checkpoint(
     return None
 
 
+def save_weights(student, directory: str, dtype: torch.dtype) -> None:
+    """The student in save_pretrained format with its weights in `dtype` (config.json says it, so
+    `dtype="auto"` loads them as they are), and its fp32 master weights beside them if those
+    differ (master_weights.pt, which neither transformers nor vLLM reads)."""
+    weights = untied(student.state_dict())
+    student.save_pretrained(directory, state_dict={k: v.to(dtype) for k, v in weights.items()})
+    config = copy.deepcopy(student.config)  # save_pretrained wrote the fp32 model's dtype
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.save_pretrained(directory)
+    if dtype != torch.float32:
+        torch.save(weights, os.path.join(directory, run_dir.MASTER_WEIGHTS))
+
+
+def untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict less the tensors that share storage with an earlier one: a tied output
+    layer is its embedding (save_pretrained leaves it out too; loading ties it again)."""
+    seen, out = set(), {}
+    for name, tensor in state.items():
+        if tensor.untyped_storage().data_ptr() not in seen:
+            seen.add(tensor.untyped_storage().data_ptr())
+            out[name] = tensor
+    return out
+
+
 def load_resume(decision: dict, student, learned: list, job: Job) -> dict:
     """Weights, W's weights, this rank's RNG and data position from a verified checkpoint; the
     optimizer state and counters are returned for the optimizer built later."""
-    step, path = decision["resume"]
-    weights = load_file(os.path.join(path, "model.safetensors"))
+    path = decision["resume"][1]
+    master = os.path.join(path, run_dir.MASTER_WEIGHTS)
+    if os.path.exists(master):
+        weights = torch.load(master, weights_only=True, mmap=True)
+    else:  # the model weights are the fp32 ones (--save-dtype float32, or an older checkpoint)
+        weights = load_file(os.path.join(path, "model.safetensors"))
     missing, unexpected = student.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight"} if student.config.tie_word_embeddings else set()
     if unexpected or set(missing) - tied:  # only a tied output layer may be absent
@@ -1137,10 +1450,6 @@ def load_resume(decision: dict, student, learned: list, job: Job) -> dict:
     mine = torch.load(os.path.join(path, f"rank_{job.rank}.pt"), weights_only=True)
     torch.set_rng_state(mine["torch_rng"])
     random.setstate((mine["python_rng"][0], tuple(mine["python_rng"][1]), None))
-    if job.master:
-        for warning in decision["warnings"]:
-            print(f"warning: {warning}", file=sys.stderr)
-        print(f"resuming from {path}")
     return {
         "optimizer": state["optimizer"],
         "skipped": state["skipped"],
@@ -1162,46 +1471,101 @@ def _logged_step(line: str) -> float:
 
 
 class Logger:
-    """metrics.jsonl (one JSON line per logged step) and, when installed and asked for,
-    Weights & Biases or TensorBoard. On resume, lines past the resumed step are dropped."""
+    """metrics.jsonl (one JSON line per logged step) and the trackers of --report-to: Weights &
+    Biases (a --resume continues the same wandb run) and TensorBoard. Trackers get scalars only
+    (nested values flattened: data_issues/split_document). On resume, lines past the resumed step
+    are dropped."""
 
     def __init__(self, args, master: bool, start_step: int):
         self.master, self.path = master, os.path.join(args.out_dir, "metrics.jsonl")
-        self.wandb = self.tensorboard = None
+        self.trackers: list = []
         if not master:
             return
         if os.path.exists(self.path):
             kept = [line for line in open(self.path) if _logged_step(line) <= start_step]
             atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
-        if args.wandb:
-            try:  # optional: imported only when asked for
-                import wandb
-
-                self.wandb = wandb.init(project="xtoken", config=vars(args), resume="allow")
+        for name in args.report_to:
+            tracker = {"wandb": WandbTracker, "tensorboard": TensorBoardTracker}[name]
+            try:
+                self.trackers.append(tracker(args, start_step))
             except ImportError:
-                print("warning: --wandb needs `pip install wandb`; logging to metrics.jsonl only")
-        if args.tensorboard:
-            try:  # optional: imported only when asked for
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tensorboard = SummaryWriter(os.path.join(args.out_dir, "tensorboard"))
-            except ImportError:
-                print("warning: --tensorboard needs `pip install tensorboard`; metrics.jsonl only")
+                print(
+                    f"warning: --report-to {name} needs `pip install {name}`; "
+                    "logging to metrics.jsonl only",
+                    file=sys.stderr,
+                )
 
     def log(self, record: dict) -> None:
         if not self.master:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.wandb:
-            self.wandb.log(record, step=record["step"])
-        if self.tensorboard:
-            for key, value in record.items():
-                self.tensorboard.add_scalar(key, value, record["step"])
+        values = scalars({k: v for k, v in record.items() if k != "step"})
+        for tracker in self.trackers:
+            tracker.log(values, record["step"])
 
     def close(self) -> None:
-        if self.tensorboard:
-            self.tensorboard.close()
+        for tracker in self.trackers:
+            tracker.close()
+
+
+def scalars(record: dict, prefix: str = "") -> dict[str, float]:
+    """A record's numbers, nested dicts flattened to "outer/inner"; anything else left out."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+class WandbTracker:
+    """One Weights & Biases run per run directory: its id is kept in out_dir/wandb_run_id, so a
+    --resume logs into the same run (from the resumed step on)."""
+
+    def __init__(self, args, start_step: int):
+        import wandb  # optional: only --report-to wandb needs it
+
+        id_file = os.path.join(args.out_dir, "wandb_run_id")
+        run_id = None
+        if start_step and os.path.exists(id_file):
+            with open(id_file) as f:
+                run_id = f.read().strip()
+        if not run_id:  # a new run (an --overwrite's too) gets a new id
+            run_id = uuid.uuid4().hex[:8]  # a wandb run id: 8 lowercase letters and digits
+            atomic_write(id_file, lambda f: f.write(run_id.encode()))
+        self.run = wandb.init(
+            project=args.wandb_project,
+            name=args.run_name,
+            id=run_id,
+            resume="allow",
+            dir=args.out_dir,
+            config=vars(args),
+        )
+
+    def log(self, values: dict, step: int) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class TensorBoardTracker:
+    """out_dir/tensorboard; a --resume purges the events past the resumed step first."""
+
+    def __init__(self, args, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter  # optional: needs tensorboard
+
+        log_dir = os.path.join(args.out_dir, "tensorboard")
+        self.writer = SummaryWriter(log_dir, purge_step=start_step + 1 if start_step else None)
+
+    def log(self, values: dict, step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def test_overwrite_with_a_typo_keeps_the_old_run_until_the_new_one_has_a_checkpo
     )
     assert not (tmp_path / run_dir.OVERWRITTEN).exists()
     assert [s for s, _ in run_dir.checkpoints(tmp_path)] == [1]
-    assert json.loads((tmp_path / "run_config.json").read_text())["seed"] == 7
+    assert json.loads((tmp_path / "run_config.json").read_text())["args"]["seed"] == 7
 
 
 def test_a_failed_first_start_writes_no_config_and_the_corrected_rerun_starts(
@@ -155,7 +155,7 @@ def test_checkpoint_problems_are_found_for_each_file(tmp_path, cache):
             target.write_bytes(target.read_bytes()[:100])
         return run_dir.checkpoint_problem(str(copy), 1)
 
-    for name in ("model.safetensors", "trainer_state.pt", "rank_0.pt"):
+    for name in ("model.safetensors", run_dir.MASTER_WEIGHTS, "trainer_state.pt", "rank_0.pt"):
         assert name in damaged(name, "missing") and name in damaged(name, "truncated")
     assert "rank_1.pt is missing" in run_dir.checkpoint_problem(str(good), 2)
 

@@ -321,12 +321,15 @@ def short_corpus(tmp_path) -> str:
     return str(path)
 
 
-# one optimizer step, checkpointed, over the short corpus's documents in order, one per window
+# one optimizer step, checkpointed with fp32 weights (compared to 1e-5), over the short corpus's
+# documents in order, one per window
 ONE_STEP = (
     "--max-steps",
     "1",
     "--save-every",
     "1",
+    "--save-dtype",
+    "float32",
     "--no-shuffle",
     "--no-pack",
     "--seq-len",
