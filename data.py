@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from datasets.distributed import split_dataset_by_node
@@ -184,7 +185,7 @@ def _file_documents(path: str, text_field: str) -> Iterator[Parse]:
             yield parse
     except LookupError as e:
         yield _problem("missing_text_field", str(e))
-    except (OSError, ValueError) as e:  # I/O, a damaged parquet file (pyarrow's ArrowInvalid)
+    except (OSError, ValueError, pa.ArrowException) as e:  # I/O; a damaged or odd parquet file
         yield _problem("unreadable_file", f"{path}: {type(e).__name__}: {str(e)[:80]}")
     else:
         if not produced:
