@@ -7,7 +7,9 @@ resume uses them; an --overwrite that deletes nothing until the new run has its 
     out_dir/metrics.jsonl    one JSON line per logged step
     out_dir/step_N/          complete checkpoints (a temp directory renamed when complete):
                              save_pretrained weights (bf16 by default) + tokenizer,
-                             master_weights.pt (fp32), trainer_state.pt, rank_R.pt
+                             master_weights.pt (fp32), trainer_state.pt, rank_R.pt;
+                             under --fsdp sharded/ (DCP: each rank's shard of the fp32
+                             weights and optimizer state) instead of master_weights.pt
     out_dir/.overwritten/    the previous run, moved aside by --overwrite until step_N exists
 """
 
@@ -22,6 +24,7 @@ import struct
 
 import torch
 
+import sharding
 from cli import LOAD_ERRORS
 
 LOCK = "run.lock"
@@ -65,7 +68,12 @@ def checkpoint_problem(path: str, world_size: int) -> str | None:
     if problem:
         return problem
     names = ["trainer_state.pt", *(f"rank_{r}.pt" for r in range(world_size))]
-    if saved_dtype(path) != "float32":  # the model weights are not the fp32 ones: need the master
+    sharded = os.path.join(path, sharding.SHARDED)
+    if os.path.isdir(sharded):  # --fsdp: the fp32 weights and optimizer state, in shards
+        problem = sharding.problem(sharded)
+        if problem:
+            return problem
+    elif saved_dtype(path) != "float32":  # the model weights are not the fp32 ones: the master
         names.append(MASTER_WEIGHTS)
     for name in names:
         try:  # mmap: the zip's directory is checked without reading the optimizer state

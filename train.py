@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.api import CheckpointException
 from tqdm import tqdm
 from transformers import (
     AutoModelForCausalLM,
@@ -53,6 +54,7 @@ from transformers.utils import logging as hf_logging
 import curves
 import losses
 import run_dir
+import sharding
 from audit import audit
 from build_projection import cached_projection, hkl_pairs, load_projection
 from cli import ArgumentParser, atomic_write, os_error_line
@@ -142,15 +144,20 @@ def main(argv: list[str] | None = None) -> None:
         settings = job.together(check_settings, args)
         # rank 0 inspects the directory (the others get False) and tells every rank what it found
         decision = job.broadcast(job.together(lambda: job.master and inspect_run_dir(args, job)))
-        # ---- the student: fp32 weights (bf16 autocast on GPU), the same seed on every rank
-        student_tok, student = job.together(load_student, args, job.device)
+        # ---- the student: fp32 weights (bf16 autocast on GPU), the same seed on every rank;
+        # under --fsdp the models load on the CPU and only each rank's shard goes to the GPU
+        load_device = torch.device("cpu") if args.fsdp else job.device
+        student_tok, student = job.together(load_student, args, load_device)
         # ---- the teachers, each with its loss and, across tokenizers, its W
         teachers = job.together(load_teachers, args, settings, student_tok, student, job)
         job.together(attach_projections, teachers, args, student_tok, student, job.device)
         learned = [t.W for t in teachers if isinstance(t.W, losses.LearnableProjection)]
+        if args.fsdp:  # each rank keeps its shard of every model (sharding.py)
+            for model in [student, *(t.model for t in teachers)]:
+                job.together(sharding.shard_model, model, job.cuda, model is student)
         resume = {}
         if decision["resume"]:
-            resume = job.together(load_resume, decision, student, learned, job)
+            resume = job.together(load_resume, decision, student, learned, job, args.fsdp)
             if job.master:  # once every rank has loaded it
                 for warning in decision["warnings"]:
                     print(f"warning: {warning}", file=sys.stderr)
@@ -173,8 +180,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         # ---- optimizer: AdamW, warm-up then cosine; W's weights get their own group
         optimizer = make_optimizer(args, student, learned, resume, job.cuda)
+        if "sharded" in resume:  # --fsdp: each rank reads its shard of weights and optimizer
+            job.together(sharding.load_sharded, resume["sharded"], student, learned, optimizer)
         model = torch.compile(student) if args.compile else student
-        if job.ddp:
+        if job.ddp and not args.fsdp:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[job.local_rank] if job.cuda else None
             )
@@ -301,6 +310,11 @@ def _optimizer_flags(p: ArgumentParser) -> None:
     a("--seed", type=int, default=1337, help="weights, data order and shuffle")
     a("--compile", action="store_true", help="torch.compile the student")
     a("--gradient-checkpointing", action="store_true", help="recompute activations")
+    a(
+        "--fsdp",
+        action="store_true",
+        help="shard the student and the teachers over the ranks (FSDP2) instead of DDP's copies",
+    )
 
 
 def _run_flags(p: ArgumentParser) -> None:
@@ -456,6 +470,11 @@ def check_settings(args) -> Settings:
                 raise ValueError(f"--{name.replace('_', '-')} {v}: must be {what}")
     if args.min_lr > args.lr:
         raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
+    if args.fsdp and "RANK" not in os.environ:
+        raise ValueError(
+            "--fsdp shards over the processes of a torchrun job: start it with torchrun "
+            "(--nproc_per_node=1 for one process)"
+        )
     names = args.teacher or []
     loss_names = per_teacher(args.loss, len(names), "auto", "loss")
     if not names:
@@ -745,7 +764,8 @@ def load_teachers(args, settings: Settings, student_tok, student, job: Job) -> l
     teachers = []
     for i, name in enumerate(settings.teachers):
         tok = load_tokenizer(name, trust_remote_code=args.trust_remote_code)
-        model = load_model(name, tok, args, dtype, job.device).to(job.device, dtype).eval()
+        device = torch.device("cpu") if args.fsdp else job.device  # --fsdp: shards go to the GPU
+        model = load_model(name, tok, args, dtype, device).to(device, dtype).eval()
         model.requires_grad_(False)
         rows = model.get_output_embeddings().weight.shape[0]
         t = Teacher(name, tok, model, settings.losses[i], settings.weights[i], min(len(tok), rows))
@@ -841,7 +861,8 @@ def describe(args, student, teachers: list[Teacher], world_size: int) -> None:
     n_params = sum(p.numel() for p in student.parameters())
     tokens_per_step = args.batch_size * args.grad_accum * world_size * args.seq_len
     print(
-        f"student {args.student}: {n_params / 1e6:.1f}M parameters; {world_size} rank(s); "
+        f"student {args.student}: {n_params / 1e6:.1f}M parameters; {world_size} rank(s) "
+        f"({'FSDP: each holds a shard' if args.fsdp else 'DDP: each holds a copy'}); "
         f"{tokens_per_step:,} student tokens per step"
     )
     for t in teachers:
@@ -1072,6 +1093,8 @@ class Trainer:
             else:
                 bad_in_a_row, streak_start = 0, None
             step += 1
+            if step == resume.get("step", 0) + 1:  # AdamW's state exists from here on
+                self.report_state_bytes()
             if bad:
                 self.warn(f"non-finite loss or gradient at step {step}, update skipped")
             record = self.record(step, sums, counts, skipped, started)
@@ -1127,6 +1150,20 @@ class Trainer:
         self.finish(self.progress, self.logger)
         self.job.stop(message)
 
+    def report_state_bytes(self) -> None:
+        """Once: how much of the student's weights and optimizer state the fullest rank holds
+        (all of it under DDP, about 1/world_size under --fsdp)."""
+        mine, whole = sharding.state_bytes(self.student, self.optimizer)
+        most = torch.tensor(float(mine), device=self.job.device)
+        if self.job.ddp:
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        if self.job.master:
+            mb = float(most) / 2**20
+            tqdm.write(
+                f"memory: the student's weights and optimizer state: {mb:.2f} MB on the "
+                f"fullest rank, {float(most) / whole:.3f} of the whole {whole / 2**20:.2f} MB"
+            )
+
     def warn(self, message: str) -> None:
         """A warning on rank 0, above the progress bar."""
         if self.job.master:
@@ -1165,8 +1202,10 @@ class Trainer:
         counts = self.step_counts(micro_batches)
         sums = torch.zeros(N_STEP_SUMS + 3 * len(teachers) + 1, device=job.device)
         for micro, batch in enumerate(micro_batches):
-            last = micro == len(micro_batches) - 1
-            with nullcontext() if last or not job.ddp else self.model.no_sync():
+            last = micro == len(micro_batches) - 1  # gradients are reduced once, after it
+            if args.fsdp:
+                sharding.set_gradient_sync(self.student, last)
+            with nullcontext() if last or not job.ddp or args.fsdp else self.model.no_sync():
                 sums[:-1] += self.micro_step(batch, counts)
         for p in self.w_params:  # W's weights live outside DDP: their gradients are averaged here
             if p.grad is None:  # no valid chunk on this rank in this step
@@ -1179,9 +1218,10 @@ class Trainer:
             dist.all_reduce(sums)
         self.grad_norm = float("nan")
         bad = not bool(torch.isfinite(sums[:N_STEP_SUMS]).all())
-        if not bad:  # gradients are equal on every rank here: so is this decision
-            norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), args.grad_clip)
-            self.grad_norm = float(norm)
+        if not bad:  # the norm is over every rank's gradients: so is this decision
+            self.grad_norm = sharding.clip_gradients(
+                list(self.student.parameters()), args.grad_clip
+            )
             bad = not math.isfinite(self.grad_norm) or any(
                 not bool(torch.isfinite(p.grad).all()) for p in self.w_params
             )
@@ -1292,27 +1332,27 @@ class Trainer:
         """A checkpoint, never from non-finite weights; rotation keeps the newest checkpoint from
         before the current run of skipped steps. A failed write stops the run in one line."""
         job, out_dir = self.job, self.args.out_dir
-        if not all(bool(torch.isfinite(p).all()) for p in self.student.parameters()):
+        params = self.student.parameters()
+        finite = all(bool(torch.isfinite(sharding.local(p)).all()) for p in params)
+        if job.agree(None if finite else "non-finite") is not None:  # FSDP: any rank's shard
             self.warn(f"non-finite weights at step {step}: no checkpoint written")
             return
         before = [s for s, _ in run_dir.checkpoints(out_dir) if s < (streak_start or 0)]
         state = {
-            "optimizer": self.optimizer.state_dict(),
             "step": step,
             "skipped": skipped,
             "world_size": job.world_size,
             "projections": [p.state_dict() for p in self.learned],
             "args": json.dumps(vars(self.args), default=str),
         }
+        if not self.args.fsdp:  # --fsdp: each rank writes its shard of it (save_checkpoint)
+            state["optimizer"] = self.optimizer.state_dict()
         error = save_checkpoint(
             out_dir,
             step,
-            self.student,
-            self.student_tok,
+            self,
             state,
             data_state,
-            self.args,
-            job,
             protect=max(before, default=None),
         )
         if error:
@@ -1346,26 +1386,34 @@ def share(count: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
 
 
 def save_checkpoint(
-    out_dir, step, student, tok, state: dict, data_state, args, job: Job, protect=None
+    out_dir, step, trainer: Trainer, state: dict, data_state, protect=None
 ) -> str | None:
     """out_dir/step_N/: save_pretrained weights in --save-dtype (bf16: config.json says so) +
     tokenizer, which lm-eval and vLLM load as they are; the fp32 master weights beside them
-    (master_weights.pt, for an exact resume) unless they are the model weights; the trainer
+    (master_weights.pt, for an exact resume) unless they are the model weights; under --fsdp
+    instead each rank's shard of the fp32 weights and optimizer state (sharded/); the trainer
     state; each rank's RNG and data position. Written into a temp directory that is
     renamed when complete, so a kill mid-write leaves the previous checkpoint intact; a failed
     write (a full disk) removes the temp directory and returns its reason, on every rank. Then
     the oldest checkpoints beyond --keep-last go (never step `protect`), and so does a run that
     --overwrite moved aside."""
     tmp = os.path.join(out_dir, f".tmp_step_{step}")
+    args, job, student = trainer.args, trainer.job, trainer.student
+    # --fsdp: the whole weights, gathered to rank 0 for save_pretrained (every rank takes part)
+    weights = sharding.full_weights(student) if args.fsdp else untied(student.state_dict())
 
     def shared() -> None:
         if job.master:
             shutil.rmtree(tmp, ignore_errors=True)
-            save_weights(student, tmp, getattr(torch, args.save_dtype))
-            tok.save_pretrained(tmp)
+            save_weights(student, weights, tmp, getattr(torch, args.save_dtype), not args.fsdp)
+            trainer.student_tok.save_pretrained(tmp)
             torch.save(state, os.path.join(tmp, "trainer_state.pt"))
 
     def mine() -> None:
+        if args.fsdp:
+            sharding.save_sharded(
+                os.path.join(tmp, sharding.SHARDED), student, trainer.learned, trainer.optimizer
+            )
         python_rng = random.getstate()
         rank_state = {
             "torch_rng": torch.get_rng_state(),
@@ -1389,6 +1437,8 @@ def save_checkpoint(
             part()
         except OSError as e:
             error = os_error_line(e)
+        except CheckpointException as e:  # DCP's save: every rank learns each rank's failure
+            error = sharding.failure_line(e)
         error = job.agree(error)
         if error:
             if job.master:
@@ -1397,16 +1447,15 @@ def save_checkpoint(
     return None
 
 
-def save_weights(student, directory: str, dtype: torch.dtype) -> None:
-    """The student in save_pretrained format with its weights in `dtype` (config.json says it, so
-    `dtype="auto"` loads them as they are), and its fp32 master weights beside them if those
-    differ (master_weights.pt, which neither transformers nor vLLM reads)."""
-    weights = untied(student.state_dict())
+def save_weights(student, weights: dict, directory: str, dtype: torch.dtype, master: bool) -> None:
+    """The student's fp32 `weights` in save_pretrained format, in `dtype` (config.json says it, so
+    `dtype="auto"` loads them as they are), and with `master` the fp32 weights beside them if
+    those differ (master_weights.pt, which neither transformers nor vLLM reads)."""
     student.save_pretrained(directory, state_dict={k: v.to(dtype) for k, v in weights.items()})
     config = copy.deepcopy(student.config)  # save_pretrained wrote the fp32 model's dtype
     config.dtype = str(dtype).removeprefix("torch.")
     config.save_pretrained(directory)
-    if dtype != torch.float32:
+    if master and dtype != torch.float32:
         torch.save(weights, os.path.join(directory, run_dir.MASTER_WEIGHTS))
 
 
@@ -1421,24 +1470,35 @@ def untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_resume(decision: dict, student, learned: list, job: Job) -> dict:
+def load_resume(decision: dict, student, learned: list, job: Job, fsdp: bool) -> dict:
     """Weights, W's weights, this rank's RNG and data position from a verified checkpoint; the
-    optimizer state and counters are returned for the optimizer built later."""
+    optimizer state and counters are returned for the optimizer built later (--fsdp: the path of
+    the shards of both, read once the optimizer exists)."""
     path = decision["resume"][1]
+    sharded = os.path.join(path, sharding.SHARDED)
+    if fsdp != os.path.isdir(sharded):
+        written, needs = ("with", "add") if os.path.isdir(sharded) else ("without", "drop")
+        raise ValueError(
+            f"{path} was written {written} --fsdp: {needs} --fsdp to resume it (its weights "
+            "and optimizer state are stored for that mode)"
+        )
     master = os.path.join(path, run_dir.MASTER_WEIGHTS)
-    if os.path.exists(master):
+    if fsdp:
+        weights = None  # in the shards
+    elif os.path.exists(master):
         weights = torch.load(master, weights_only=True, mmap=True)
     else:  # the model weights are the fp32 ones (--save-dtype float32, or an older checkpoint)
         weights = load_file(os.path.join(path, "model.safetensors"))
-    missing, unexpected = student.load_state_dict(weights, strict=False)
-    tied = {"lm_head.weight"} if student.config.tie_word_embeddings else set()
-    if unexpected or set(missing) - tied:  # only a tied output layer may be absent
-        raise ValueError(
-            f"{path} does not match the student ({len(missing)} missing, "
-            f"{len(unexpected)} unexpected weights): resume with the same model"
-        )
-    if tied:
-        student.tie_weights()
+    if weights is not None:
+        missing, unexpected = student.load_state_dict(weights, strict=False)
+        tied = {"lm_head.weight"} if student.config.tie_word_embeddings else set()
+        if unexpected or set(missing) - tied:  # only a tied output layer may be absent
+            raise ValueError(
+                f"{path} does not match the student ({len(missing)} missing, "
+                f"{len(unexpected)} unexpected weights): resume with the same model"
+            )
+        if tied:
+            student.tie_weights()
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
     if state["world_size"] != job.world_size:
         raise ValueError(
@@ -1451,7 +1511,7 @@ def load_resume(decision: dict, student, learned: list, job: Job) -> dict:
     torch.set_rng_state(mine["torch_rng"])
     random.setstate((mine["python_rng"][0], tuple(mine["python_rng"][1]), None))
     return {
-        "optimizer": state["optimizer"],
+        **({"sharded": sharded} if fsdp else {"optimizer": state["optimizer"]}),
         "skipped": state["skipped"],
         "data_state": mine["data_state"],
         "step": state["step"],

@@ -9,12 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
-import psutil
 import pytest
 import torch
 
@@ -186,76 +183,7 @@ def test_kill_during_checkpoint_writing_leaves_the_previous_one(tmp_path, cache,
 # ----------------------------------------------------------------------------- DDP and resume
 
 
-def torchrun(out_dir, cache: str, *extra: str) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_port",
-        str(29500 + os.getpid() % 1000),
-        "train.py",
-        "--preset",
-        "tiny",
-        "--out-dir",
-        str(out_dir),
-        "--projection-cache",
-        cache,
-        "--loss",
-        "pkl",
-        "--max-steps",
-        "40",
-        "--save-every",
-        "3",
-        "--num-workers",
-        "1",
-        *extra,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def test_sigkilled_ddp_run_resumes_with_identical_losses(tmp_path, cache):
-    # reference: steps 1..9 of a 40-step schedule, without interruption
-    full = torchrun(tmp_path / "full", cache, "--stop-step", "9")
-    output = full.communicate(timeout=600)[0]
-    assert full.returncode == 0, output[-3000:]
-    reference = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full")}
-    assert sorted(reference) == list(range(1, 10))
-
-    # the same run, SIGKILLed once it has passed its step-3 checkpoint (36 steps still to go)
-    killed = torchrun(tmp_path / "killed", cache)
-    deadline = time.time() + 600
-    while max([r["step"] for r in read_metrics(tmp_path / "killed")], default=0) < 4:
-        assert killed.poll() is None and time.time() < deadline, "run ended before the kill"
-        time.sleep(0.05)
-    # torchrun's workers run in sessions of their own: killing the launcher's process group
-    # would leave them training. Kill the launcher and every descendant, found before the kill.
-    launcher = psutil.Process(killed.pid)
-    for process in [launcher, *launcher.children(recursive=True)]:
-        process.send_signal(signal.SIGKILL)
-    killed.wait(timeout=60)
-    reached = max(r["step"] for r in read_metrics(tmp_path / "killed"))
-    time.sleep(3)  # a worker that survived the kill would go on training and logging
-    assert max(r["step"] for r in read_metrics(tmp_path / "killed")) == reached < 40
-    checkpoint = run_dir.checkpoints(str(tmp_path / "killed"))[-1][0]
-    assert 3 <= checkpoint < 9
-
-    resumed = torchrun(tmp_path / "killed", cache, "--resume", "--stop-step", "9")
-    output = resumed.communicate(timeout=600)[0]
-    assert resumed.returncode == 0, output[-3000:]
-    records = read_metrics(tmp_path / "killed")
-    assert [r["step"] for r in records] == list(range(1, 10))
-    for r in records[checkpoint:]:  # the steps the resumed run computed
-        assert r["loss"] == pytest.approx(reference[r["step"]], abs=1e-6), r["step"]
+# (2-process jobs killed and resumed, DDP and --fsdp: test_fsdp.py)
 
 
 # ----------------------------------------------------------------------------- errors
