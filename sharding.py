@@ -64,7 +64,9 @@ def shard_model(model: torch.nn.Module, cuda: bool, trained: bool) -> None:
         )
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    # the root too is freed after a teacher's forward (FSDP keeps a root whole for the backward
+    # that follows: a teacher has none, so its embeddings and output layer would stay gathered)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=not trained or None)
 
 
 def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
@@ -124,8 +126,12 @@ def save_sharded(path: str, student: torch.nn.Module, learned: list, optimizer) 
     rank 0 the optimizer's param_groups (plain numbers, in param_groups.pt). Only tensors go into
     DCP's files, so loading them unpickles nothing."""
     model = holder(student, learned)
+    fresh = not optimizer.state  # no step taken yet (each one skipped): no state to save
     optim = get_optimizer_state_dict(model, optimizer)
-    dcp.save({"model": get_model_state_dict(model), "optim": optim["state"]}, checkpoint_id=path)
+    if fresh:  # get_optimizer_state_dict made one with a step of lr 0: undone, as DDP has none
+        optimizer.state.clear()
+    tensors = {} if fresh else optim["state"]
+    dcp.save({"model": get_model_state_dict(model), "optim": tensors}, checkpoint_id=path)
     if torch.distributed.get_rank() == 0:
         torch.save(optim["param_groups"], os.path.join(path, PARAM_GROUPS))
 
@@ -133,15 +139,22 @@ def save_sharded(path: str, student: torch.nn.Module, learned: list, optimizer) 
 def load_sharded(path: str, student: torch.nn.Module, learned: list, optimizer) -> None:
     """save_sharded's inverse: each rank reads its shard of the weights and the optimizer state."""
     model = holder(student, learned)
+    saved = read_metadata(path).state_dict_metadata
     optim = get_optimizer_state_dict(model, optimizer)  # creates the state to load into
-    state = {"model": get_model_state_dict(model), "optim": optim["state"]}
+    state = {"model": get_model_state_dict(model)}
+    if any(key.startswith("optim.") for key in saved):
+        state["optim"] = optim["state"]
+    else:  # saved before any step: the optimizer starts fresh, as it did
+        optimizer.state.clear()
     try:
         dcp.load(state, storage_reader=SafeReader(path), planner=TensorsOnly())
     except CheckpointException as e:  # a rank's read failed: every rank gets the same line
         raise ValueError(f"{path}: {failure_line(e)}: resume from another checkpoint") from None
     groups = torch.load(os.path.join(path, PARAM_GROUPS), weights_only=True)
     set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, {"state": state["optim"], "param_groups": groups})
+    if "optim" in state:
+        optim = {"state": state["optim"], "param_groups": groups}
+        set_optimizer_state_dict(model, optimizer, optim)
 
 
 def failure_line(e: CheckpointException) -> str:
@@ -173,6 +186,19 @@ def problem(path: str) -> str | None:
 # DCP describes a checkpoint in a pickle (.metadata); these are the only things it may name. The
 # stock reader unpickles anything: a checkpoint from elsewhere could run code.
 _METADATA_CLASSES = {
+    *(
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
@@ -184,11 +210,9 @@ _METADATA_CLASSES = {
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        allowed = module == "torch.distributed.checkpoint.metadata" or (
-            (module, name) in _METADATA_CLASSES
-        )
+        allowed = (module, name) in _METADATA_CLASSES
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            allowed = True
+            allowed = True  # a plain name: "." would let pickle walk on to any attribute
         if not allowed:
             raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's metadata")
         return super().find_class(module, name)

@@ -60,10 +60,11 @@ def read_metrics(out_dir) -> list[dict]:
 
 
 def kill_during_the_last_save(out_dir, cache: str, *extra: str) -> tuple[list[dict], str]:
-    """The job, SIGKILLed (launcher and every worker) as soon as its step-6 checkpoint is being
-    written; (the records it logged, its output up to the kill)."""
+    """The job, SIGKILLed (launcher and every worker) while its step-6 checkpoint is being
+    written (--fsdp: once its ranks write their shards); (the records it logged, its output up
+    to the kill)."""
     job = torchrun(out_dir, cache, *extra)
-    writing = os.path.join(out_dir, ".tmp_step_6")
+    writing = os.path.join(out_dir, ".tmp_step_6", *([sharding.SHARDED] if extra else []))
     deadline = time.time() + 600
     while not os.path.exists(writing):
         assert job.poll() is None and time.time() < deadline, "the job ended before the kill"
@@ -200,3 +201,66 @@ def test_metadata_naming_any_other_class_is_refused(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="posix.system"):
         sharding.read_metadata(str(tmp_path))
     assert "unreadable (UnpicklingError)" in sharding.problem(str(tmp_path))
+    # a dotted name inside an allowed module (protocol 4 walks the dots): os.system again
+    module, name = b"torch.distributed.checkpoint.metadata", b"os.system"
+    dotted = b"\x80\x04" + b"\x8c" + bytes([len(module)]) + module
+    dotted += b"\x8c" + bytes([len(name)]) + name + b"\x93" + b"\x8c\x04true\x85R."
+    (tmp_path / ".metadata").write_bytes(dotted)
+    with pytest.raises(pickle.UnpicklingError, match="os.system"):
+        sharding.read_metadata(str(tmp_path))
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A process group of this process alone (gloo), for FSDP in this process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_shard_saved_before_any_step_restores_a_fresh_optimizer(one_rank, tmp_path):
+    from train import tiny_model
+
+    def sharded_student():
+        torch.manual_seed(0)
+        model = tiny_model("llama", 256, 16)
+        sharding.shard_model(model, cuda=False, trained=True)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    model, optimizer = sharded_student()
+    sharding.save_sharded(str(tmp_path / "fresh"), model, [], optimizer)
+    assert not optimizer.state  # saving made no optimizer step
+    model.model.embed_tokens.weight.grad = None
+    ids = torch.randint(0, 256, (2, 16))
+    model(input_ids=ids).logits.float().pow(2).mean().backward()
+    optimizer.step()
+    sharding.save_sharded(str(tmp_path / "stepped"), model, [], optimizer)
+
+    again, fresh = sharded_student()
+    sharding.load_sharded(str(tmp_path / "fresh"), again, [], fresh)
+    assert not fresh.state
+    again, stepped = sharded_student()
+    sharding.load_sharded(str(tmp_path / "stepped"), again, [], stepped)
+    for p, q in zip(model.parameters(), again.parameters(), strict=True):
+        assert torch.equal(p.full_tensor(), q.full_tensor())
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(
+                sharding.local(optimizer.state[p][key]), sharding.local(stepped.state[q][key])
+            )
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["teacher", "student"])
+def test_a_teacher_keeps_only_its_shards_after_its_forward(one_rank, trained):
+    from torch.distributed.tensor import DTensor
+
+    from train import tiny_model
+
+    model = tiny_model("qwen3", 256, 16).requires_grad_(trained)
+    sharding.shard_model(model, cuda=False, trained=trained)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 256, (2, 16)))
+    # a teacher's root (embeddings, output layer) is freed; the student's waits for its backward
+    assert isinstance(model.lm_head.weight, DTensor) == (not trained)
+    assert all(isinstance(p, DTensor) for p in model.model.layers[0].parameters())
