@@ -38,6 +38,10 @@ CUDA_BYTES_PER_BLOCK_ELEMENT = 1024
 # blocks; larger ones (GPU-sized blocks) go slot by slot, as a dense [n, rows] matrix would grow
 # quadratically with the block
 DENSE_MEAN_ELEMENTS = 1024
+# A fused head (Head) computes the logits of consecutive blocks together, and keeps their
+# gradient, in buffers of this many bytes: each group of blocks passes over the output layer's
+# weight [V, H] and its gradient, so fewer, larger groups are faster, at the price of the buffers
+HEAD_BUFFER_BYTES = 1 << 27  # 128 MB: ~130 rows of a 128k vocabulary, for z and dL/dz
 NON_FINITE = "teacher logits contain NaN or inf: check the teacher's forward pass and its dtype"
 
 
@@ -229,6 +233,49 @@ class _Upload:
         return self.sent[x.dtype][x.lo : x.hi].view(x.shape) if isinstance(x, _Ref) else x
 
 
+class Head:
+    """The student's logits left unbuilt (train.py --fused-head): hidden [B, T, H] (its last
+    layer's output) and the output layer's weight [V, H]; a block's logits are hidden[rows] @
+    weight^T, computed when the block runs, in `dtype` (default hidden's: on a GPU, bf16 as under
+    autocast). The losses take a Head wherever they take s_logits, and never hold [N, V] logits
+    or their gradient: only one block's, and the gradients of hidden and weight."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, dtype: torch.dtype | None = None):
+        if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+            raise ValueError(
+                f"a fused head needs hidden [B, T, H] and weight [V, H]; got "
+                f"{list(hidden.shape)} and {list(weight.shape)}"
+            )
+        self.hidden, self.weight = hidden, weight
+        self.shape = torch.Size((*hidden.shape[:2], weight.shape[0]))
+        self.dtype, self.device = dtype or hidden.dtype, hidden.device
+
+    def dim(self) -> int:
+        return 3
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def logits(self, rows: Tensor | slice, weight: Tensor | None = None) -> Tensor:
+        """[rows, V]: the logits at flat positions `rows` (weight: the weight in hidden's dtype)."""
+        w = self.weight.to(self.dtype) if weight is None else weight
+        return take(self.hidden, rows).to(self.dtype) @ w.T
+
+    def zero(self) -> Tensor:
+        """An exact 0 whose gradient reaches hidden and weight (as zeros)."""
+        return self.hidden[..., :0].sum() + self.weight[:0].sum()
+
+
+def zero(s_logits: Tensor | Head) -> Tensor:
+    """An exact 0 from the student's logits whose gradient is zeros: a loss with no valid chunk."""
+    return s_logits.zero() if isinstance(s_logits, Head) else s_logits[..., :0].sum()
+
+
+def student_rows(s_logits: Tensor | Head, rows: Tensor | slice) -> Tensor:
+    """The student's logits at flat positions `rows`: read, or computed from a Head."""
+    return s_logits.logits(rows) if isinstance(s_logits, Head) else take(s_logits, rows)
+
+
 def take(x: Tensor, rows: Tensor | slice) -> Tensor:
     """Rows of x [B, T, ...] at flat positions b * T + p (a slice of a contiguous x is a view)."""
     if x.is_contiguous():
@@ -255,7 +302,7 @@ def column_max(t_logits: Tensor, plan: Plan) -> Tensor:
 def block_sum(
     terms: Callable[..., Tensor],
     plan: Plan,
-    s_logits: Tensor,
+    s_logits: Tensor | Head,
     t_side: Tensor,
     *params: Tensor,
     t_cols: Tensor | None = None,
@@ -263,17 +310,20 @@ def block_sum(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """scale * the sum over the plan's blocks of terms(z_s, z_t, s_mean, t_mean, *params): z_s the
-    block's student logits, z_t its rows of t_side (teacher logits [B, Tt, VT], only the columns
-    t_cols if given; or labels [B, T]); floating rows in `dtype`, the teacher's checked finite.
-    Gradients reach s_logits and params (W's learnable weights)."""
+    block's student logits (read from s_logits, or computed from a Head), z_t its rows of t_side
+    (teacher logits [B, Tt, VT], only the columns t_cols if given; or labels [B, T]); floating
+    rows in `dtype`, the teacher's checked finite. Gradients reach s_logits (a Head's hidden and
+    weight) and params (W's learnable weights)."""
     if not plan.blocks:  # no valid chunk: an exact 0 whose gradient is zeros
-        return s_logits[..., :0].sum().to(dtype)
-    run = _BlockRun(terms, plan, t_side, t_cols, dtype)
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (s_logits, *params)):
-        total = _BlockSum.apply(run, scale, s_logits, *params)
+        return zero(s_logits).to(dtype)
+    head_dtype = s_logits.dtype if isinstance(s_logits, Head) else None
+    run = _BlockRun(terms, plan, t_side, t_cols, dtype, head_dtype)
+    student = (s_logits.hidden, s_logits.weight) if run.head else (s_logits,)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (*student, *params)):
+        total = _BlockSum.apply(run, scale, *student, *params)
     else:
-        total = sum(run(b, take(s_logits, b.s_rows).to(dtype), params) for b in plan.blocks)
-        total = total * scale
+        rows = (student_rows(s_logits, b.s_rows).to(dtype) for b in plan.blocks)
+        total = sum(run(b, z_s, params) for b, z_s in zip(plan.blocks, rows)) * scale
     plan.finite.check()  # the one read of the teacher's finiteness, after every block
     return total
 
@@ -287,6 +337,11 @@ class _BlockRun:
     t_side: Tensor
     t_cols: Tensor | None
     dtype: torch.dtype
+    head_dtype: torch.dtype | None  # a Head's matmul dtype: the student side is (hidden, weight)
+
+    @property
+    def head(self) -> bool:
+        return self.head_dtype is not None
 
     def __call__(self, b: Block, z_s: Tensor, params) -> Tensor:
         z_t = take(self.t_side, b.t_rows)
@@ -296,38 +351,104 @@ class _BlockRun:
         return self.terms(z_s, z_t, b.s_mean, b.t_mean, *params)
 
 
+def _head_blocks(run: _BlockRun, student, block, s_grad: Tensor | None, needs_w: bool):
+    """A Head's blocks. The logits z = h W^T of a group of consecutive blocks are computed at
+    once (up to HEAD_BUFFER_BYTES of them), each block's dL/dz goes into the group's buffer, then
+    dL/dh = dL/dz W (the group's rows of s_grad) and dL/dW += dL/dz^T h. A group reads the [V, H]
+    weight twice and its gradient once: groups of many blocks make few passes over them, while
+    the losses' temporaries stay one block's. Returns dL/dW (None if not needed)."""
+    head = Head(*(x.detach() for x in student), run.head_dtype)
+    weight = head.weight.to(head.dtype)  # once per call, in the matmuls' dtype
+    w_grad = torch.zeros_like(head.weight) if needs_w else None
+    budget = max(1, HEAD_BUFFER_BYTES // (2 * 4 * weight.shape[0]))  # rows of z and dL/dz
+    for group in _groups(run.plan.blocks, budget):
+        rows = group[0].s_rows
+        if len(group) > 1:
+            rows = torch.cat([_index(b.s_rows, weight.device) for b in group])
+        h = take(head.hidden, rows).to(head.dtype)
+        z = h @ weight.T
+        dz, start = torch.empty_like(z), 0
+        for b in group:
+            n = _count(b.s_rows)
+            dz[start : start + n] = block(b, z[start : start + n])
+            start += n
+        if w_grad is not None and w_grad.dtype == dz.dtype:  # dL/dW += dL/dz^T h, in place
+            w_grad.addmm_(dz.T, h)
+        elif w_grad is not None:  # bf16 matmuls (GPU): a [V, H] temporary, added in fp32
+            w_grad += (dz.T @ h).to(w_grad.dtype)
+        if s_grad is not None:  # dL/dh = dL/dz W
+            s_grad[rows] = (dz @ weight).to(s_grad.dtype)
+    return w_grad
+
+
+def _groups(blocks: list[Block], budget: int) -> list[list[Block]]:
+    """Consecutive blocks, as many as fit `budget` rows together (at least one a group)."""
+    groups, rows = [], budget
+    for b in blocks:
+        n = _count(b.s_rows)
+        if rows + n > budget:
+            groups.append([])
+            rows = 0
+        groups[-1].append(b)
+        rows += n
+    return groups
+
+
+def _count(rows: Tensor | slice) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+
+
+def _index(rows: Tensor | slice, device: torch.device) -> Tensor:
+    return torch.arange(rows.start, rows.stop, device=device) if isinstance(rows, slice) else rows
+
+
 class _BlockSum(torch.autograd.Function):
     """scale * sum over blocks of run(block), with every block's gradients taken in forward;
-    backward scales them by the incoming gradient, once."""
+    backward scales them by the incoming gradient, once. The student side is its logits, or a
+    Head's (hidden, weight): then see _head_blocks."""
 
     @staticmethod
-    def forward(ctx, run: _BlockRun, scale: float, s_logits: Tensor, *params: Tensor) -> Tensor:
+    def forward(ctx, run: _BlockRun, scale: float, *inputs: Tensor) -> Tensor:
+        n_student = 2 if run.head else 1
+        student, params = inputs[:n_student], inputs[n_student:]
+        needs = ctx.needs_input_grad[2:]
         grads = [
-            torch.zeros_like(p) if need else None
-            for p, need in zip(params, ctx.needs_input_grad[3:])
+            torch.zeros_like(p) if need else None for p, need in zip(params, needs[n_student:])
         ]
+        s_in = student[0]  # logits [B, T, V], or hidden [B, T, H]
         s_grad = None  # every row is written below, so the buffer starts empty, not zeroed
-        if ctx.needs_input_grad[2]:
-            s_grad = torch.empty_like(s_logits, memory_format=torch.contiguous_format)
-            s_grad = s_grad.view(-1, s_logits.shape[-1])
-        total = torch.zeros((), dtype=run.dtype, device=s_logits.device)
-        for b in run.plan.blocks:
-            z_s = take(s_logits, b.s_rows).detach().to(run.dtype).requires_grad_()
+        if needs[0]:
+            s_grad = torch.empty_like(s_in, memory_format=torch.contiguous_format)
+            s_grad = s_grad.view(-1, s_in.shape[-1])
+        total = torch.zeros((), dtype=run.dtype, device=s_in.device)
+
+        def block(b: Block, z_s: Tensor) -> Tensor:
+            """The block's loss added to total, its params' gradients to grads; returns dL/dz."""
+            nonlocal total
+            z_s = z_s.detach().to(run.dtype).requires_grad_()
             leaves = [p.detach().requires_grad_() for p in params]
             with torch.enable_grad():
                 loss = run(b, z_s, leaves) * scale
                 block_grads = torch.autograd.grad(loss, [z_s, *leaves], allow_unused=True)
             total += loss.detach()
-            if s_grad is not None:
-                s_grad[b.s_rows] = block_grads[0].to(s_grad.dtype)
             for g, block_g in zip(grads, block_grads[1:]):
                 if g is not None and block_g is not None:
                     g += block_g
+            return block_grads[0]
+
+        w_grad = None
+        if run.head:
+            w_grad = _head_blocks(run, student, block, s_grad, needs[1])
+        else:
+            for b in run.plan.blocks:
+                dz = block(b, take(s_in, b.s_rows))
+                if s_grad is not None:
+                    s_grad[b.s_rows] = dz.to(s_grad.dtype)
         if s_grad is not None:
             if run.plan.s_unused is not None:  # positions outside every valid chunk
                 s_grad.index_fill_(0, run.plan.s_unused, 0)
-            s_grad = s_grad.view(s_logits.shape)
-        ctx.grads = [s_grad, *grads]
+            s_grad = s_grad.view(s_in.shape)
+        ctx.grads = [s_grad, *([w_grad] if run.head else []), *grads]
         return total
 
     @staticmethod

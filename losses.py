@@ -528,7 +528,7 @@ def _rows(x: Tensor, rows: Tensor, dtype: torch.dtype) -> Tensor:
 def _mean(total: Tensor, n: int, tau: float, s_logits: Tensor) -> Tensor:
     """total / n * tau**2; with no valid chunk an exact 0 whose gradient is zeros."""
     if n == 0:
-        return s_logits[..., :0].sum().to(_dtype(s_logits))
+        return blocked.zero(s_logits).to(_dtype(s_logits))
     return total * tau**2 / n
 
 

@@ -51,6 +51,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+import blocked
 import curves
 import losses
 import run_dir
@@ -182,7 +183,11 @@ def main(argv: list[str] | None = None) -> None:
         optimizer = make_optimizer(args, student, learned, resume, job.cuda)
         if "sharded" in resume:  # --fsdp: each rank reads its shard of weights and optimizer
             job.together(sharding.load_sharded, resume["sharded"], student, learned, optimizer)
-        model = torch.compile(student) if args.compile else student
+        model = student
+        if args.compile:  # the forward passes compiled (the losses run eagerly: blocked.py)
+            model = torch.compile(student)
+            for t in teachers:
+                t.model = torch.compile(t.model)
         if job.ddp and not args.fsdp:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[job.local_rank] if job.cuda else None
@@ -308,7 +313,26 @@ def _optimizer_flags(p: ArgumentParser) -> None:
     a("--projection-lr", type=float, default=1e-2, help="learning rate of a learned W")
     a("--max-bad-steps", type=int, default=5, help="non-finite steps in a row before stopping")
     a("--seed", type=int, default=1337, help="weights, data order and shuffle")
-    a("--compile", action="store_true", help="torch.compile the student")
+    a("--compile", action="store_true", help="torch.compile the student's and teachers' forward")
+    a(
+        "--attn-implementation",
+        default="sdpa",
+        help="transformers' attention kernel for every model: sdpa, flash_attention_2 (needs the "
+        "flash-attn package), eager, ...",
+    )
+    a(
+        "--fused-head",
+        action="store_true",
+        default=True,
+        help="the losses compute the student's logits block by block from its last hidden states "
+        "(never [tokens, vocabulary] at once)",
+    )
+    a(
+        "--no-fused-head",
+        dest="fused_head",
+        action="store_false",
+        help="the student's forward builds all its logits (the losses read them)",
+    )
     a("--gradient-checkpointing", action="store_true", help="recompute activations")
     a(
         "--fsdp",
@@ -724,16 +748,23 @@ def load_model(name: str, tok, args, dtype: torch.dtype, device: torch.device):
         arch = "qwen3" if "qwen" in name else "llama"
         shape = PRESET_SHAPES[args.preset][arch == "qwen3"]
         with torch.device(device):  # initialised where it runs: a 4B model is slow to init on CPU
-            return tiny_model(arch, vocab, args.seq_len, shape).to(dtype)
+            model = tiny_model(arch, vocab, args.seq_len, shape, args.attn_implementation)
+            return model.to(dtype)
     model = AutoModelForCausalLM.from_pretrained(
-        name, dtype=dtype, trust_remote_code=args.trust_remote_code
+        name,
+        dtype=dtype,
+        trust_remote_code=args.trust_remote_code,
+        attn_implementation=args.attn_implementation,
     )
     return model.to(device)
 
 
-def tiny_model(arch: str, vocab_size: int, seq_len: int, shape: str = "tiny"):
+def tiny_model(
+    arch: str, vocab_size: int, seq_len: int, shape: str = "tiny", attention: str = "sdpa"
+):
     """A random Llama/Qwen3 of a SHAPES entry, with at least vocab_size output rows."""
     config = dict(SHAPES[shape], max_position_embeddings=max(4 * seq_len, 512))
+    config.update(attn_implementation=attention)
     config.update(tie_word_embeddings=True, vocab_size=max(vocab_size, config.get("vocab_size", 0)))
     if arch == "qwen3":
         return Qwen3ForCausalLM(Qwen3Config(**config))
@@ -1067,6 +1098,15 @@ class Trainer:
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if job.cuda else nullcontext()
         self.signalled: list[int] = []  # SIGTERM / SIGINT: finish the step, save, stop
         self.static_kd_weight = torch.tensor(args.kd_weight, device=job.device)
+        # --fused-head: the forward stops before the output layer (logits of no position), its
+        # input, the last hidden states, is caught here and the losses compute the logits
+        self.head_kwargs, self.hidden = {}, []
+        if args.fused_head:
+            self.head_kwargs = {
+                "logits_to_keep": torch.zeros(0, dtype=torch.long, device=job.device)
+            }
+            decoder = student.get_decoder()
+            decoder.register_forward_hook(lambda m, i, out: self.hidden.append(out[0]))
         self.lr, self.grad_norm = args.lr, float("nan")  # of the last step
         self.progress, self.logger = None, None  # while the loop runs
 
@@ -1253,10 +1293,19 @@ class Trainer:
         """Forward, losses and backward of one micro-batch; its share of the step's sums."""
         args, job = self.args, self.job
         batch = {k: v.to(job.device, non_blocking=True) for k, v in batch.items()}
+        # use_cache=False: a KV cache would only be built (a host-device sync per layer) and
+        # dropped
         with self.autocast:
             s_logits = self.model(
-                input_ids=batch["student_ids"], attention_mask=batch["student_mask"]
+                input_ids=batch["student_ids"],
+                attention_mask=batch["student_mask"],
+                use_cache=False,
+                **self.head_kwargs,
             ).logits
+        if args.fused_head:  # logits h W^T, block by block in the losses (bf16 matmuls on GPU)
+            dtype = torch.bfloat16 if job.cuda else None
+            weight = self.student.get_output_embeddings().weight
+            s_logits = blocked.Head(self.hidden.pop(), weight, dtype)
         # each term: its mean over this micro-batch x (its count here / the step's count)
         ce_mean = losses.ce_loss(s_logits, batch["labels"])
         ce_part = ce_mean * share(batch["counts"][1], counts[1])
@@ -1264,7 +1313,9 @@ class Trainer:
         for i, t in enumerate(self.teachers):
             with torch.no_grad(), self.autocast:
                 t_logits = t.model(
-                    input_ids=batch[f"teacher_ids_{i}"], attention_mask=batch[f"teacher_mask_{i}"]
+                    input_ids=batch[f"teacher_ids_{i}"],
+                    attention_mask=batch[f"teacher_mask_{i}"],
+                    use_cache=False,
                 ).logits
             try:
                 kd_mean = kd_loss(t, s_logits, t_logits, batch, i, args)
@@ -1272,7 +1323,7 @@ class Trainer:
                 if str(e) != losses.NON_FINITE:
                     raise SystemExit(f"error: teacher {t.name}: {e}") from None
                 # skipped on every rank; backward still runs, as DDP needs
-                kd_mean = s_logits.float().sum() * float("nan")
+                kd_mean = blocked.zero(s_logits).float() * float("nan")
             kd_means.append(kd_mean)
             kd_parts.append(kd_mean * share(batch["counts"][2 + i], counts[2 + i]))
         weights = [t.weight for t in self.teachers]

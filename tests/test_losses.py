@@ -868,3 +868,87 @@ def test_hkl_leaves_llama_201_uncommon_because_qwen_2_is_an_exact_pair_real_W(ll
     assert len(pairs) > len(exact_pairs)
     assert LLAMA_201 not in pairs[:, 0].tolist()
     assert [pairs[:, 0].unique().numel(), pairs[:, 1].unique().numel()] == [len(pairs)] * 2
+
+
+# ----------------------------------------------------------------------------- the fused head
+
+
+def head_losses(s, t, s_chunk, t_chunk, vs, same_tok):
+    """Every loss on student logits s: a [B, T, vs] tensor or a blocked.Head giving them."""
+    W = random_W(31, vs=vs, empty_rows=(4, *range(VS, vs)))  # padded ids: empty rows
+    pairs = torch.tensor([[0, 3], [5, 5], [12, 10]])
+    labels = torch.where(s_chunk >= 0, s_chunk % VS, -100)  # never a padded id
+    return {
+        "pkl": lambda: losses.pkl_loss(s, t, s_chunk, t_chunk, W, vocab_topk=5),
+        "gold": lambda: losses.gold_loss(s, t, s_chunk, t_chunk, pairs, uld_topk=4),
+        "uld": lambda: losses.uld_loss(s, t, s_chunk, t_chunk, uld_topk=0),
+        "kl": lambda: losses.kl_loss(s, same_tok, s_chunk >= 0, vocab_topk=4),
+        "ce": lambda: losses.ce_loss(s, labels),
+    }
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("vs", [VS, VS + 3], ids=["vocab", "padded-vocab"])
+@pytest.mark.parametrize("group", [1, None], ids=["a-block-a-group", "one-group"])
+def test_fused_head_gives_the_values_and_gradients_of_the_logits(
+    block_elements, tied, vs, group, monkeypatch
+):
+    if group:  # each block's logits computed on their own (else all blocks' at once)
+        monkeypatch.setattr(blocked, "HEAD_BUFFER_BYTES", group)
+    # the student's last hidden states h [B, T, H] and output layer E [vs, H]: logits h E^T
+    g = torch.Generator().manual_seed(30)
+    _, t, s_chunk, t_chunk = random_batch(30, dtype=torch.float32)
+    E = torch.randn(vs, 8, generator=g).requires_grad_()
+    if tied:  # h comes from E too (an input embedding): E's gradient adds both paths
+        ids = torch.randint(0, vs, s_chunk.shape, generator=g)
+        hidden = lambda: torch.tanh(E[ids] * 1.5)  # noqa: E731
+    else:
+        h0 = torch.randn(*s_chunk.shape, 8, generator=g).requires_grad_()
+        hidden = lambda: h0  # noqa: E731
+    same_tok = 2 * torch.randn(*s_chunk.shape, vs, generator=g)
+    results = {}
+    for fused in (False, True):
+        h = hidden()
+        s = blocked.Head(h, E) if fused else h @ E.T
+        for name, call in head_losses(s, t, s_chunk, t_chunk, vs, same_tok).items():
+            loss = call()
+            leaves = (E,) if tied else (h0, E)
+            results[fused, name] = (loss, *torch.autograd.grad(loss, leaves, retain_graph=True))
+    for name in ("pkl", "gold", "uld", "kl", "ce"):
+        for a, b in zip(results[True, name], results[False, name], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        assert results[True, name][0] != 0 and results[True, name][-1].abs().sum() > 0
+
+
+def test_fused_head_never_builds_the_logits_or_their_gradient(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Widest(TorchDispatchMode):  # the most rows of any [rows, VS] tensor an op makes
+        rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for x in out if isinstance(out, tuple | list) else [out]:
+                if not isinstance(x, torch.Tensor) or x.dim() < 2:
+                    continue
+                weight_t = x.shape == (H, VS)  # the output layer's weight, transposed
+                if isinstance(x, torch.Tensor) and x.shape[-1] == VS and not weight_t:
+                    Widest.rows = max(Widest.rows, x.shape[:-1].numel())
+            return out
+
+    monkeypatch.setattr(blocked, "BLOCK_ELEMENTS", 40)  # a few chunks a block
+    monkeypatch.setattr(blocked, "HEAD_BUFFER_BYTES", 2 * 4 * VS * 6)  # 6 rows a group
+    _, t, s_chunk, t_chunk = random_batch(32, dtype=torch.float32)
+    H = 3
+    h = torch.randn(*s_chunk.shape, H).requires_grad_()
+    E = torch.randn(VS, H).requires_grad_()
+    with Widest():
+        loss = losses.pkl_loss(blocked.Head(h, E), t, s_chunk, t_chunk, random_W(32), vocab_topk=5)
+        loss.backward()
+    assert 0 < Widest.rows <= 6 < s_chunk.numel()  # never the batch's [B * T, VS]
+    assert h.grad.shape == h.shape and E.grad.shape == E.shape
+
+
+def test_a_fused_head_with_mismatched_shapes_is_one_line():
+    with pytest.raises(ValueError, match=r"hidden \[B, T, H\] and weight \[V, H\]"):
+        blocked.Head(torch.zeros(2, 3, 8), torch.zeros(5, 7))

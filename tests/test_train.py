@@ -17,6 +17,7 @@ import torch
 
 import losses
 import run_dir
+import sharding
 import train
 from conftest import ROOT, tiny_argv
 
@@ -432,7 +433,7 @@ def test_metrics_count_the_real_tokens_of_packed_steps(tmp_path, cache):
 
 def test_non_finite_gradients_and_teacher_logits_skip_the_step(tmp_path, cache, monkeypatch):
     calls = {"clip": 0, "pkl": 0}
-    clip, pkl = torch.nn.utils.clip_grad_norm_, losses.pkl_loss
+    clip, pkl = sharding.clip_gradients, losses.pkl_loss
 
     def nan_norm_at_step_2(*args, **kwargs):
         calls["clip"] += 1
@@ -445,7 +446,7 @@ def test_non_finite_gradients_and_teacher_logits_skip_the_step(tmp_path, cache, 
             raise ValueError(losses.NON_FINITE)
         return pkl(*args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_norm_at_step_2)
+    monkeypatch.setattr(sharding, "clip_gradients", nan_norm_at_step_2)
     monkeypatch.setattr(losses, "pkl_loss", bad_teacher_at_call_3)
     records = run(tmp_path, cache, "--loss", "pkl", "--max-steps", "4")
     assert [r["skipped"] for r in records] == [0, 1, 2, 2]
@@ -507,3 +508,32 @@ def test_same_tokenizer_teacher_padding_is_masked_out_of_kl():
     log_ps = torch.log_softmax(s_logits, -1)[..., :5]
     want = (p_t * (p_t.log() - log_ps)).sum(-1)[0, :2].mean()
     torch.testing.assert_close(got, want)
+
+
+def test_the_fused_head_trains_as_the_logits_do(tmp_path, cache):
+    # P-KL and a same-tokenizer KL teacher; the tiny student ties its output layer to the input
+    # embedding: the fused head's weight gradient adds to the embedding's
+    teachers = ("--loss", "pkl", "--teacher", "pkg:qwen3", "--teacher", "pkg:llama-3.2", "--loss")
+    extra = (*teachers, "kl", "--max-steps", "2", "--grad-accum", "2", "--save-every", "0")
+    fused = run(tmp_path / "fused", cache, *extra)
+    logits = run(tmp_path / "logits", cache, *extra, "--no-fused-head")
+    for a, b in zip(fused, logits, strict=True):
+        for key in ("loss", "ce", "kd", "kd/pkg:qwen3", "kd/pkg:llama-3.2", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    # (the gradients themselves: test_losses.py, to 1e-5; weights after AdamW steps are not a
+    # fair check: a float32-rounding difference in a near-zero gradient moves its update by ~lr)
+
+
+def test_compiled_forward_passes_give_the_eager_losses(tmp_path, cache):
+    # torch.compile (inductor: C++ on a CPU) of the student's and the teacher's forward
+    extra = ("--loss", "pkl", "--max-steps", "2", "--save-every", "0")
+    compiled = run(tmp_path / "compiled", cache, *extra, "--compile")
+    eager = run(tmp_path / "eager", cache, *extra)
+    for a, b in zip(compiled, eager, strict=True):
+        for key in ("loss", "ce", "kd", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
+
+
+def test_an_unknown_attention_implementation_is_one_line(tmp_path, cache, capsys):
+    message = fails_with(capsys, cache, tmp_path, "--attn-implementation", "nope")
+    assert "nope" in message
