@@ -25,7 +25,7 @@ $(STAMP): requirements.txt requirements-dev.txt Makefile
 	touch $(STAMP)
 
 test: venv lint
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 lint: venv
 	$(BIN)/ruff check .

@@ -35,7 +35,7 @@ TEACHERS = [
 def torchrun(out_dir, cache: str, *extra: str) -> subprocess.Popen:
     cmd = [
         *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"),
-        *("--master_port", str(29000 + os.getpid() % 500 + 500 * ("--fsdp" in extra))),
+        *("--master_port", str(30000 + os.getpid() % 500 + 500 * ("--fsdp" in extra))),
         *("train.py", "--preset", "tiny", "--out-dir", str(out_dir)),
         *("--projection-cache", cache, "--num-workers", "1", *TEACHERS),
         *("--grad-accum", "2", "--max-steps", "6", "--save-every", "3", *extra),
