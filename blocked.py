@@ -359,7 +359,8 @@ def _head_blocks(run: _BlockRun, student, block, s_grad: Tensor | None, needs_w:
     the losses' temporaries stay one block's. Returns dL/dW (None if not needed)."""
     head = Head(*(x.detach() for x in student), run.head_dtype)
     weight = head.weight.to(head.dtype)  # once per call, in the matmuls' dtype
-    w_grad = torch.zeros_like(head.weight) if needs_w else None
+    # dL/dW summed in fp32 over the groups (FSDP's gathered weight may be bf16), cast at the end
+    w_grad = torch.zeros_like(head.weight, dtype=torch.float32) if needs_w else None
     budget = max(1, HEAD_BUFFER_BYTES // (2 * 4 * weight.shape[0]))  # rows of z and dL/dz
     for group in _groups(run.plan.blocks, budget):
         rows = group[0].s_rows
@@ -378,7 +379,7 @@ def _head_blocks(run: _BlockRun, student, block, s_grad: Tensor | None, needs_w:
             w_grad += (dz.T @ h).to(w_grad.dtype)
         if s_grad is not None:  # dL/dh = dL/dz W
             s_grad[rows] = (dz @ weight).to(s_grad.dtype)
-    return w_grad
+    return w_grad if w_grad is None else w_grad.to(head.weight.dtype)
 
 
 def _groups(blocks: list[Block], budget: int) -> list[list[Block]]:

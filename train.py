@@ -20,6 +20,7 @@ import copy
 import difflib
 import functools
 import importlib.metadata
+import inspect
 import json
 import math
 import os
@@ -316,9 +317,8 @@ def _optimizer_flags(p: ArgumentParser) -> None:
     a("--compile", action="store_true", help="torch.compile the student's and teachers' forward")
     a(
         "--attn-implementation",
-        default="sdpa",
         help="transformers' attention kernel for every model: sdpa, flash_attention_2 (needs the "
-        "flash-attn package), eager, ...",
+        "flash-attn package), eager, ... (default: transformers' choice, sdpa where it can)",
     )
     a(
         "--fused-head",
@@ -760,11 +760,12 @@ def load_model(name: str, tok, args, dtype: torch.dtype, device: torch.device):
 
 
 def tiny_model(
-    arch: str, vocab_size: int, seq_len: int, shape: str = "tiny", attention: str = "sdpa"
+    arch: str, vocab_size: int, seq_len: int, shape: str = "tiny", attention: str | None = None
 ):
     """A random Llama/Qwen3 of a SHAPES entry, with at least vocab_size output rows."""
     config = dict(SHAPES[shape], max_position_embeddings=max(4 * seq_len, 512))
-    config.update(attn_implementation=attention)
+    if attention:
+        config.update(attn_implementation=attention)
     config.update(tie_word_embeddings=True, vocab_size=max(vocab_size, config.get("vocab_size", 0)))
     if arch == "qwen3":
         return Qwen3ForCausalLM(Qwen3Config(**config))
@@ -1098,15 +1099,17 @@ class Trainer:
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if job.cuda else nullcontext()
         self.signalled: list[int] = []  # SIGTERM / SIGINT: finish the step, save, stop
         self.static_kd_weight = torch.tensor(args.kd_weight, device=job.device)
-        # --fused-head: the forward stops before the output layer (logits of no position), its
-        # input, the last hidden states, is caught here and the losses compute the logits
-        self.head_kwargs, self.hidden = {}, []
+        # --fused-head: the student's forward stops before its output layer (the logits of one
+        # position, checked once against h W^T, then of none); a hook keeps the layer's input,
+        # the last hidden states, and the losses compute the logits h W^T block by block
+        self.fused, self.hidden, self.head_checked = False, None, False
         if args.fused_head:
-            self.head_kwargs = {
-                "logits_to_keep": torch.zeros(0, dtype=torch.long, device=job.device)
-            }
-            decoder = student.get_decoder()
-            decoder.register_forward_hook(lambda m, i, out: self.hidden.append(out[0]))
+            problem = fused_head_problem(student)
+            if problem:
+                self.warn(f"--fused-head: {problem}; its logits are built whole instead")
+            else:
+                self.fused = True
+                student.get_decoder().register_forward_hook(self.keep_hidden)
         self.lr, self.grad_norm = args.lr, float("nan")  # of the last step
         self.progress, self.logger = None, None  # while the loop runs
 
@@ -1204,6 +1207,28 @@ class Trainer:
                 f"fullest rank, {float(most) / whole:.3f} of the whole {whole / 2**20:.2f} MB"
             )
 
+    def keep_hidden(self, module, inputs, out) -> None:
+        self.hidden = out[0]
+
+    def fused_logits(self, logits: torch.Tensor) -> blocked.Head:
+        """The student's logits as h W^T (--fused-head), from the hidden states the hook kept;
+        the first time, h W^T at the first position is checked against the model's own logits
+        there (a model that scales or caps its logits would train on wrong ones)."""
+        hidden, self.hidden = self.hidden, None
+        weight = self.student.get_output_embeddings().weight
+        head = blocked.Head(hidden, weight, torch.bfloat16 if self.job.cuda else None)
+        if not self.head_checked:
+            first = torch.arange(len(hidden), device=hidden.device) * hidden.shape[1]
+            mine = head.logits(first).float()
+            close = torch.allclose(mine, logits[:, 0].float(), rtol=2e-2, atol=2e-2 * 8)
+            if self.job.agree(None if close else "mismatch"):
+                self.stop(
+                    "--fused-head: the student's logits are not h W^T of its last hidden states "
+                    "(its output layer transforms them): run with --no-fused-head"
+                )
+            self.head_checked = True
+        return head
+
     def warn(self, message: str) -> None:
         """A warning on rank 0, above the progress bar."""
         if self.job.master:
@@ -1295,17 +1320,18 @@ class Trainer:
         batch = {k: v.to(job.device, non_blocking=True) for k, v in batch.items()}
         # use_cache=False: a KV cache would only be built (a host-device sync per layer) and
         # dropped
+        keep = {}
+        if self.fused:  # the logits of the first position while unchecked, then of none
+            keep["logits_to_keep"] = torch.zeros(int(not self.head_checked), dtype=torch.long)
         with self.autocast:
             s_logits = self.model(
                 input_ids=batch["student_ids"],
                 attention_mask=batch["student_mask"],
                 use_cache=False,
-                **self.head_kwargs,
+                **keep,
             ).logits
-        if args.fused_head:  # logits h W^T, block by block in the losses (bf16 matmuls on GPU)
-            dtype = torch.bfloat16 if job.cuda else None
-            weight = self.student.get_output_embeddings().weight
-            s_logits = blocked.Head(self.hidden.pop(), weight, dtype)
+        if self.fused:  # logits h W^T, block by block in the losses (bf16 matmuls on GPU)
+            s_logits = self.fused_logits(s_logits)
         # each term: its mean over this micro-batch x (its count here / the step's count)
         ce_mean = losses.ce_loss(s_logits, batch["labels"])
         ce_part = ce_mean * share(batch["counts"][1], counts[1])
@@ -1413,6 +1439,27 @@ class Trainer:
                 f"checkpoint step_{step} could not be written ({error}); the latest "
                 f"complete checkpoint is {latest}: fix that, then --resume"
             )
+
+
+# Config fields by which a transformers model changes h W^T into its logits (Gemma 2/3's soft
+# cap, Cohere's and Granite's scale): the fused head computes h W^T alone
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def fused_head_problem(student) -> str | None:
+    """Why the student's logits cannot be computed as h W^T from its decoder's output, or None."""
+    if "logits_to_keep" not in inspect.signature(student.forward).parameters:
+        return "its forward takes no logits_to_keep"
+    decoder = getattr(student, "get_decoder", lambda: None)()
+    if decoder is None or decoder is student:
+        return "it has no separate decoder (get_decoder) to take the hidden states from"
+    head = student.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return "its output layer is not a linear map without bias"
+    for name in LOGIT_TRANSFORMS:
+        if getattr(student.config, name, None) not in (None, 1, 1.0):
+            return f"its config sets {name}"
+    return None
 
 
 def short_name(name: str) -> str:

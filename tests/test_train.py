@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+import blocked
 import losses
 import run_dir
 import sharding
@@ -537,3 +538,20 @@ def test_compiled_forward_passes_give_the_eager_losses(tmp_path, cache):
 def test_an_unknown_attention_implementation_is_one_line(tmp_path, cache, capsys):
     message = fails_with(capsys, cache, tmp_path, "--attn-implementation", "nope")
     assert "nope" in message
+
+
+def test_a_student_whose_output_layer_is_not_h_w_is_trained_on_its_whole_logits():
+    student = train.tiny_model("llama", 256, 16)
+    assert train.fused_head_problem(student) is None
+    student.config.final_logit_softcapping = 30.0  # Gemma 2's cap: logits = 30 tanh(h W^T / 30)
+    assert "final_logit_softcapping" in train.fused_head_problem(student)
+    student = train.tiny_model("llama", 256, 16)
+    student.lm_head = torch.nn.Linear(64, 256, bias=True)
+    assert "without bias" in train.fused_head_problem(student)
+
+
+def test_logits_that_are_not_h_w_stop_the_run_at_once(tmp_path, cache, capsys, monkeypatch):
+    real = blocked.Head.logits
+    monkeypatch.setattr(blocked.Head, "logits", lambda self, *a: real(self, *a) * 2)
+    message = fails_with(capsys, cache, tmp_path, "--loss", "pkl")
+    assert "--fused-head" in message and "--no-fused-head" in message
