@@ -7,6 +7,7 @@ Loading is cached per test session because o200k is rebuilt from its tiktoken ra
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -75,6 +76,15 @@ def W_llama_o200k() -> dict:
 def cache(tmp_path_factory) -> str:
     """A W cache directory shared by one test module's train.py runs."""
     return str(tmp_path_factory.mktemp("w_cache"))
+
+
+def read_metrics(out_dir) -> list[dict]:
+    """A run's metrics.jsonl records ([] before its first logged step)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 def tiny_argv(out_dir, cache: str, *extra: str) -> list[str]:

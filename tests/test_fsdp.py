@@ -9,7 +9,6 @@ and the resumed job recomputes steps 4..6 from step 3.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 import run_dir
 import sharding
-from conftest import ROOT
+from conftest import ROOT, read_metrics
 
 TEACHERS = [
     *("--teacher", "pkg:qwen3", "--loss", "pkl", "--teacher-weight", "0.5"),
@@ -49,14 +48,6 @@ def torchrun(out_dir, cache: str, *extra: str) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
     )
-
-
-def read_metrics(out_dir) -> list[dict]:
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def kill_during_the_last_save(out_dir, cache: str, *extra: str) -> tuple[list[dict], str]:

@@ -20,21 +20,13 @@ import losses
 import run_dir
 import sharding
 import train
-from conftest import ROOT, tiny_argv
+from conftest import ROOT, read_metrics, tiny_argv
 
 
 def run(out_dir, cache: str, *extra: str) -> list[dict]:
     """train.main in this process; returns the metrics.jsonl records."""
     train.main(tiny_argv(out_dir, cache, *extra))
     return read_metrics(out_dir)
-
-
-def read_metrics(out_dir) -> list[dict]:
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.mark.parametrize("loss", ["pkl", "hkl", "gold", "uld"])
