@@ -148,8 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         decision = job.broadcast(job.together(lambda: job.master and inspect_run_dir(args, job)))
         # ---- the student: fp32 weights (bf16 autocast on GPU), the same seed on every rank;
         # under --fsdp the models load on the CPU and only each rank's shard goes to the GPU
-        load_device = torch.device("cpu") if args.fsdp else job.device
-        student_tok, student = job.together(load_student, args, load_device)
+        student_tok, student = job.together(load_student, args, load_device(args, job))
         # ---- the teachers, each with its loss and, across tokenizers, its W
         teachers = job.together(load_teachers, args, settings, student_tok, student, job)
         job.together(attach_projections, teachers, args, student_tok, student, job.device)
@@ -739,6 +738,12 @@ def load_student(args, device: torch.device):
     return tok, student
 
 
+def load_device(args, job: Job) -> torch.device:
+    """Where models load: this rank's device; under --fsdp the CPU (sharding moves each rank's
+    shard to its device: no rank ever holds a whole model there)."""
+    return torch.device("cpu") if args.fsdp else job.device
+
+
 def load_model(name: str, tok, args, dtype: torch.dtype, device: torch.device):
     """A checkpoint directory or hub model; a random preset model for pkg: names with --preset."""
     if name.startswith("pkg:") and not os.path.isdir(name):
@@ -796,7 +801,7 @@ def load_teachers(args, settings: Settings, student_tok, student, job: Job) -> l
     teachers = []
     for i, name in enumerate(settings.teachers):
         tok = load_tokenizer(name, trust_remote_code=args.trust_remote_code)
-        device = torch.device("cpu") if args.fsdp else job.device  # --fsdp: shards go to the GPU
+        device = load_device(args, job)
         model = load_model(name, tok, args, dtype, device).to(device, dtype).eval()
         model.requires_grad_(False)
         rows = model.get_output_embeddings().weight.shape[0]
@@ -1322,7 +1327,8 @@ class Trainer:
         # dropped
         keep = {}
         if self.fused:  # the logits of the first position while unchecked, then of none
-            keep["logits_to_keep"] = torch.zeros(int(not self.head_checked), dtype=torch.long)
+            positions = int(not self.head_checked)
+            keep["logits_to_keep"] = torch.zeros(positions, dtype=torch.long, device=job.device)
         with self.autocast:
             s_logits = self.model(
                 input_ids=batch["student_ids"],
