@@ -46,8 +46,8 @@ demo: venv
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc_per_node=2 train.py --preset tiny \
 		--loss pkl --max-steps 20 --out-dir out/demo-tiny-pkl --overwrite
 
-# The mini reproduction on CPU (MINI.md): GOLD vs P-KL with the real Llama-3.2
-# and Qwen3 tokenizers on toy models; out/mini*/results.md. Rerunning resumes a stopped one.
+# The toy reproduction on CPU (MINI.md): every row of the paper's table with toy models, the real
+# tokenizers, train.py and evaluate.py; out/mini*/results.md. Rerunning resumes a stopped one.
 mini: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python mini.py --out out/mini
 

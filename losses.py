@@ -40,6 +40,9 @@ import blocked
 
 NON_FINITE = blocked.NON_FINITE  # the error of non-finite teacher logits (train.py skips the step)
 Q_FLOOR = 1e-10  # floor of projected probabilities: a subset id no student token reaches
+# How P-KL floors log q (METHOD.md 5.2): "clamp" log(max(q / max(sum q, eps), eps)) gives an entry
+# below eps no gradient; "add" log(q / (sum q + eps) + eps) keeps a damped one there.
+Q_FLOORS = ("clamp", "add")
 
 
 # ----------------------------------------------------------------------------- valid chunks
@@ -93,13 +96,16 @@ def project(p: Tensor, W: tuple[Tensor, Tensor, Tensor, int]) -> Tensor:
     return p.new_zeros(len(p), n_cols).index_add(1, cols, p.index_select(1, rows) * w)
 
 
-def pkl_terms(z_s, z_t, s_mean, t_mean, w, *, rows, cols, k, tau) -> Tensor:
+def pkl_terms(z_s, z_t, s_mean, t_mean, w, *, rows, cols, k, tau, floor="clamp") -> Tensor:
     """P-KL (5.2). z_t holds the teacher subset's columns only; W's non-zeros (rows, cols, w) are
     the ones in the subset, its columns numbered 0..k-1 (w may carry a gradient: a learned W)."""
     p_s = torch.softmax(z_s / tau, -1)
     # q = chunk mean of p_S W[:, subset], renormalised over the subset
     q = s_mean(project(p_s, (rows, cols, w, k)))
-    log_q = (q / q.sum(-1, keepdim=True).clamp_min(Q_FLOOR)).clamp_min(Q_FLOOR).log()
+    if floor == "clamp":  # log max(q / max(sum q, eps), eps)
+        log_q = (q / q.sum(-1, keepdim=True).clamp_min(Q_FLOOR)).clamp_min(Q_FLOOR).log()
+    else:  # "add": log(q / (sum q + eps) + eps)
+        log_q = (q / (q.sum(-1, keepdim=True) + Q_FLOOR) + Q_FLOOR).log()
     # a = chunk mean of the teacher's log-softmax over the subset (a geometric mean)
     a = t_mean(torch.log_softmax(z_t / tau, -1))
     # KL per chunk = sum_t exp(a_t) (a_t - log q_t)
@@ -146,10 +152,11 @@ def ce_terms(z_s, labels, s_mean, t_mean) -> Tensor:
 
 
 def pkl_loss_plain(
-    s_logits, t_logits, s_chunk, t_chunk, W, *, vocab_topk=8192, temperature=1.0
+    s_logits, t_logits, s_chunk, t_chunk, W, *, vocab_topk=8192, temperature=1.0, floor="clamp"
 ) -> Tensor:
     """pkl_loss on the whole batch at once: the reference for the blocked pkl_loss."""
     _check(s_logits, t_logits, s_chunk, t_chunk, temperature)
+    _check_floor(floor)
     _check_W(W, s_logits, t_logits)
     c, dtype = find_chunks(s_chunk, t_chunk), _dtype(s_logits)
     z_s, z_t = _rows(s_logits, c.s_rows, dtype), _rows(t_logits, c.t_rows, dtype)
@@ -159,8 +166,9 @@ def pkl_loss_plain(
     rows, cols, w = _in_subset(W, subset, t_logits.shape[-1], s_logits.device)
     z_t = z_t if subset is None else z_t.index_select(1, subset)
     means = partial(chunk_mean, chunk=c.s_chunk, n=c.n), partial(chunk_mean, chunk=c.t_chunk, n=c.n)
+    k = z_t.shape[-1]
     total = pkl_terms(
-        z_s, z_t, *means, w.to(dtype), rows=rows, cols=cols, k=z_t.shape[-1], tau=temperature
+        z_s, z_t, *means, w.to(dtype), rows=rows, cols=cols, k=k, tau=temperature, floor=floor
     )
     return _mean(total, c.n, temperature, s_logits)
 
@@ -220,14 +228,17 @@ def pkl_loss(
     *,
     vocab_topk: int = 8192,
     temperature: float = 1.0,
+    floor: str = "clamp",
 ) -> Tensor:
     """P-KL (5.2): KL(teacher chunk || student chunk projected through W) over a teacher subset.
 
     The subset: the vocab_topk teacher ids with the largest logit anywhere in the batch's valid
     positions (0 or >= VT: all ids). The student softmax is over its full vocabulary, the projected
-    chunk is renormalised over the subset, the teacher log-softmax is taken over the subset.
+    chunk is renormalised over the subset, the teacher log-softmax is taken over the subset. floor:
+    how log q is kept finite where q is ~0 (Q_FLOORS).
     """
     _check(s_logits, t_logits, s_chunk, t_chunk, temperature)
+    _check_floor(floor)
     _check_W(W, s_logits, t_logits)
     vs, vt = s_logits.shape[-1], t_logits.shape[-1]
     k = vt if vocab_topk <= 0 else min(vocab_topk, vt)
@@ -235,7 +246,7 @@ def pkl_loss(
     subset = _subset(lambda: blocked.column_max(t_logits, plan), plan.n, vocab_topk, vt)
     rows, cols, w = _in_subset(W, subset, vt, s_logits.device)
     dtype = _dtype(s_logits)
-    terms = partial(pkl_terms, rows=rows, cols=cols, k=k, tau=temperature)
+    terms = partial(pkl_terms, rows=rows, cols=cols, k=k, tau=temperature, floor=floor)
     return blocked.block_sum(
         terms,
         plan,
@@ -540,6 +551,11 @@ def _check_finite(z_t: Tensor) -> None:
 def _dtype(s_logits: Tensor) -> torch.dtype:
     """float32 for any input (bf16 included); float64 stays float64, for the reference tests."""
     return torch.float64 if s_logits.dtype == torch.float64 else torch.float32
+
+
+def _check_floor(floor: str) -> None:
+    if floor not in Q_FLOORS:
+        raise ValueError(f"floor {floor!r} is not one of {Q_FLOORS}")
 
 
 def _check(s_logits: Tensor, t_logits: Tensor, s_chunk: Tensor, t_chunk: Tensor, tau: float):

@@ -1,38 +1,50 @@
-"""Mini reproduction on CPU: does GOLD lose the student's numerals, and does P-KL keep them?
+"""The paper's results table at toy scale on CPU: every row through train.py, every number through
+evaluate.py (lm-eval), three toy benchmarks and their average.
 
-    python mini.py --out out/mini           # make mini: 10 rows, 2 seeds (~30 min, 2 cores)
-    python mini.py --out out/mini-quick --quick     # make mini-quick: 3 rows, 1 seed (~3.5 min)
+    python mini.py --out out/mini                  # make mini: every row, seeds 0 and 1 (<= 30 min)
+    python mini.py --out out/mini --seeds 0,1,2    # the table in MINI.md (resumes the run above)
+    python mini.py --out out/mini-quick --quick    # make mini-quick: the GOLD cliff (<= 5 min)
 
-The paper's headline: distilling Llama-3.2-1B from Qwen3-4B with GOLD collapses GSM8k (2.56, below
-CE-only continued pre-training at 10.25) while P-KL recovers it (15.54). Qwen3 writes numbers one
-digit per token; Llama has a token for every numeral up to 999, none of which has an exact twin in
-Qwen3. GOLD distils only over the exact twins (the "common set") and, by Proposition 1 (METHOD.md
-5.3), pushes down the student's probability of every other token: here, all multi-digit numerals.
+The paper distils Llama-3.2-1B from teachers with other tokenizers on web text, where most positions
+are ordinary words (their chunks are 1:1 across tokenizers, so P-KL carries the teacher's whole
+distribution there) and numerals are rare but decide GSM8k (a digit-splitting teacher gives GOLD no
+common numeral: METHOD.md 5.3, Proposition 1). The toy keeps that shape, with the REAL tokenizers:
 
-The toy, with the REAL tokenizers:
-  1. data: templated word problems ("Mia had 47 apples and found 58 more, so she has 105
-     apples."); the teacher trains on many, the student on few; a test split of (a, b) pairs that
-     no training document uses.
-  2. vocabularies: each model keeps only the token ids the corpus uses, plus every all-digit token
-     and every special token (so the output layer is small enough for a CPU). The tokenizers stay
-     the real ones: their ids are renumbered, kept ids first. W is the real W over the renumbered
-     ids, cut to the kept ids, rows renormalized; the audit on it reports the same numeral
-     coverage as on the full vocabularies (0 of 1,100 multi-digit numerals in the common set).
-  3. teachers: a Qwen3-architecture model with the Qwen3 tokenizer (and, for the same-tokenizer
-     reference row, a Llama-architecture one with the Llama tokenizer), trained with train.py.
-  4. students: Llama-architecture, Llama tokenizer, one train.py run per row and seed.
-  5. evaluate.py (lm-eval, a local generative task, greedy, exact match on the answer), and the
-     student's probability mass on multi-digit numeral tokens at the answer's first position.
-  6. results.md / results.json: mean and spread over seeds.
+  1. data: documents of three kinds, mostly words, with numerals where arithmetic needs them:
+     word problems answered after a short worked line ("... A: 48 + 4 = 52, so Ella has 52
+     stamps."), statements and questions about what kind of thing a word names ("A fox is a kind
+     of animal."), and a quantity followed by the continuation that fits it ("... weighs 87 pounds,
+     so Tom needs help to lift it."). The teachers learn from a large clean corpus; the student
+     from a smaller one where a quarter of the answers are wrong (as a strong model knows better
+     than web text). A separate clean corpus of the same kinds makes the base student. No test
+     item is in any training document: their operand pairs, (quantity, context) pairs and
+     question words are held out.
+  2. vocabularies: each model keeps the token ids the corpus uses, every all-digit token and every
+     special token; the tokenizers are the real ones with ids renumbered (kept ids first). W is the
+     real W over the renumbered ids, cut to the kept ids, rows renormalized; the audit of each pair
+     says what it says of the full vocabularies (pkl for Qwen3, hkl for o200k).
+  3. teachers, trained with train.py (CE): a digit-splitting one (Qwen3 architecture and tokenizer),
+     a numeral-keeping one (Phi-3 architecture, o200k tokenizer: Phi-4-mini's), and a same-tokenizer
+     one (Llama architecture and tokenizer). Each is deeper than the student (6 layers to 4).
+  4. students (Llama architecture and tokenizer): a base per seed (pre-trained on the base
+     corpus), then one train.py run per row and seed, each continuing from its seed's base on the
+     student corpus.
+  5. evaluate.py on three local lm-eval tasks: Arith (generative, exact match on the last number),
+     Facts (multiple choice, acc), Cont (multiple choice, acc_norm); and the student's probability
+     mass on multi-digit numerals where an Arith sum is first written ("= 52").
+  6. results.md / results.json / results.png: mean ± sd over seeds, the paper's numbers beside each
+     row, and the five claims the table tests.
 
-A finished stage is not redone: rerunning continues an interrupted reproduction.
+A finished stage is not redone: rerunning resumes, and adding a seed trains only that seed.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import json
+import math
 import os
 import random
 import shutil
@@ -43,11 +55,14 @@ import time
 from dataclasses import dataclass
 
 import torch
+import transformers
 from tokenizers import Tokenizer
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -61,156 +76,259 @@ from tokens import load_tokenizer, token_bytes
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------- settings
-# Sizes of the full and quick reproductions. Steps are train.py optimizer steps.
+# Corpus sizes (documents) and train.py optimizer steps. A step is --batch-size packed windows of
+# SEQ_LEN student tokens (about 5 documents per window).
 SETTINGS = {
     "full": dict(
-        teacher_docs=30_000,
-        student_docs=1_500,
-        test_docs=400,
-        teacher_steps=1_500,
-        teacher_batch=64,
-        student_steps=800,
-        student_batch=32,
+        teacher_docs=60_000,
+        student_docs=6_000,
+        base_docs=15_000,
+        test_items=200,
+        teacher_steps=900,
+        teacher_batch=16,
+        base_steps=500,
+        student_steps=150,
+        batch=12,
         seeds=[0, 1],
     ),
     "quick": dict(
         teacher_docs=30_000,
-        student_docs=1_500,
-        test_docs=300,
-        teacher_steps=600,
-        teacher_batch=64,
-        student_steps=400,
-        student_batch=32,
+        student_docs=6_000,
+        base_docs=15_000,
+        test_items=150,
+        teacher_steps=300,
+        teacher_batch=16,
+        base_steps=250,
+        student_steps=100,
+        batch=12,
         seeds=[0],
     ),
     # a plumbing check for the tests: every stage, numbers meaningless
     "smoke": dict(
-        teacher_docs=300,
+        teacher_docs=200,
         student_docs=60,
-        test_docs=16,
-        teacher_steps=4,
-        teacher_batch=8,
-        student_steps=3,
-        student_batch=8,
+        base_docs=60,
+        test_items=8,
+        teacher_steps=2,
+        teacher_batch=4,
+        base_steps=2,
+        student_steps=2,
+        batch=4,
         seeds=[0],
     ),
 }
-# Both architectures: 4 layers, width 128 (the vocabularies are pruned, see prune_tokenizer).
-MODEL = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=4,
+NOISE = 0.25  # share of the student corpus's answers that are wrong
+DATA_VERSION = 2  # of the document templates: data drawn by another version is not reused
+SEQ_LEN = 128  # student tokens per packed window (the teachers get up to twice as many)
+# The student (Llama architecture) and the three teachers (deeper). Vocabularies are pruned.
+STUDENT_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4)
+TEACHER_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6)
+COMMON_MODEL = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
-    head_dim=32,
-    max_position_embeddings=128,
+    max_position_embeddings=2 * SEQ_LEN,
     tie_word_embeddings=True,
 )
-# Tokens per window: one document each (at most 23 Llama tokens with BOS, 26 Qwen3 tokens).
-SEQ_LEN, TEACHER_SEQ_LEN = 24, 32
-# (row, teacher, train.py arguments). "qwen": the Qwen3-tokenizer teacher; "llama": the
-# Llama-tokenizer teacher (same tokenizer as the student: plain KL). Dynamic KD scaling unless
-# "static w" (loss = CE + w * KD).
+# Each teacher: (its architecture, its tokenizer's pkg: name). The student's tokenizer: Llama-3.2.
+TEACHERS = {
+    "qwen": ("qwen3", "pkg:qwen3"),  # digit-splitting: Qwen3-4B's tokenizer
+    "o200k": ("phi3", "pkg:o200k"),  # numeral-keeping: Phi-4-mini's family
+    "llama": ("llama", "pkg:llama-3.2"),  # same tokenizer as the student: plain KL
+}
+STUDENT_TOKENIZER = "pkg:llama-3.2"
+# The table's rows: (label, teachers, train.py flags, the paper's row id in evaluate.PAPER_SCORES).
+# Dynamic KD scaling and the repo's defaults unless the flags say otherwise.
 ROWS = [
-    ("ce only", None, ["--loss", "ce"]),
-    ("gold", "qwen", ["--loss", "gold"]),
-    ("gold, static 1.0", "qwen", ["--loss", "gold", "--kd-scaling", "static"]),
+    ("base", [], None, "base"),
+    ("cpt", [], ["--loss", "ce"], "cpt"),
+    ("kl-llama", ["llama"], ["--loss", "kl"], "kl-llama3b"),
+    ("gold-qwen", ["qwen"], ["--loss", "gold"], "gold-qwen"),
+    ("pkl-qwen", ["qwen"], ["--loss", "pkl", "--learn-projection"], "pkl-qwen"),
+    ("pkl-qwen-fixed", ["qwen"], ["--loss", "pkl"], None),
+    ("gold-o200k", ["o200k"], ["--loss", "gold"], "gold-phi"),
+    ("hkl-o200k", ["o200k"], ["--loss", "hkl"], "hkl-phi"),
     (
-        "gold, static 0.1",
-        "qwen",
-        ["--loss", "gold", "--kd-scaling", "static", "--kd-weight", "0.1"],
+        "two-teachers",
+        ["o200k", "llama"],
+        ["--loss", "hkl", "--loss", "kl", "--teacher-weight", "0.8", "--teacher-weight", "0.2"],
+        "two-teachers",
     ),
-    ("pkl, merge mean", "qwen", ["--loss", "pkl", "--chunk-merge", "mean"]),
-    ("pkl, merge first", "qwen", ["--loss", "pkl", "--chunk-merge", "first"]),
+    # measurements beside the table (METHOD.md's choices), run when named with --row or --all
     (
-        "pkl, merge first, learned W",
-        "qwen",
-        ["--loss", "pkl", "--chunk-merge", "first", "--learn-projection"],
+        "pkl-qwen-floor-add",
+        ["qwen"],
+        ["--loss", "pkl", "--learn-projection", "--pkl-floor", "add"],
+        None,
     ),
+    ("gold-qwen-static", ["qwen"], ["--loss", "gold", "--kd-scaling", "static"], None),
     (
-        "pkl, merge first, static 1.0",
-        "qwen",
-        ["--loss", "pkl", "--chunk-merge", "first", "--kd-scaling", "static"],
+        "pkl-qwen-static",
+        ["qwen"],
+        ["--loss", "pkl", "--learn-projection", "--kd-scaling", "static"],
+        None,
     ),
-    (
-        "pkl, merge first, static 0.1",
-        "qwen",
-        ["--loss", "pkl", "--chunk-merge", "first", "--kd-scaling", "static", "--kd-weight", "0.1"],
-    ),
-    ("kl, same tokenizer", "llama", ["--loss", "kl"]),
-    # Not run by default: on this pair H-KL's pairs are GOLD's exact pairs (a numeral's top
-    # teacher digit is already paired with the single-digit student token), so it trains the
-    # same student as "gold" (tests/test_mini.py checks the pairs).
-    ("hkl", "qwen", ["--loss", "hkl"]),
+    ("hkl-o200k-static", ["o200k"], ["--loss", "hkl", "--kd-scaling", "static"], None),
 ]
-# Each teacher's architecture (and tokenizer: "qwen3" is Qwen3's, "llama" Llama-3.2's).
-TEACHER_ARCH = {"qwen": "qwen3", "llama": "llama"}
-FULL_ROWS = [r[0] for r in ROWS if r[0] != "hkl"]
-QUICK_ROWS = ["ce only", "gold", "pkl, merge first"]
-TASK = "xtoken_mini_arith"
+TABLE_ROWS = [r[0] for r in ROWS[:9]]
+QUICK_ROWS = ["base", "cpt", "gold-qwen", "pkl-qwen"]
+TASKS = {  # lm-eval task: (column, the paper's column it stands for)
+    "xtoken_mini_arith": ("Arith", "GSM8k"),
+    "xtoken_mini_facts": ("Facts", "MMLU"),
+    "xtoken_mini_cont": ("Cont", "HellaSwag"),
+}
 
 # ----------------------------------------------------------------------------- 1. data
-NAMES = [
-    ("Mia", "She"),
-    ("Tom", "He"),
-    ("Ana", "She"),
-    ("Ben", "He"),
-    ("Zoe", "She"),
-    ("Sam", "He"),
-    ("Lily", "She"),
-    ("Max", "He"),
-    ("Ella", "She"),
-    ("Leo", "He"),
-    ("Nora", "She"),
-    ("Jack", "He"),
-    ("Ruby", "She"),
-    ("Omar", "He"),
-    ("Ivy", "She"),
-    ("Noah", "He"),
+NAMES = "Mia Tom Ana Ben Zoe Sam Lily Max Ella Leo Nora Jack Ruby Omar Ivy Noah Emma Luke Rosa Paul"
+NAMES = NAMES.split()
+ITEMS = (
+    "apples books coins stamps shells cards pencils marbles stickers cookies beads stones".split()
+)
+GAINS = ["found {b} more", "bought {b} more", "got {b} more", "was given {b} more"]
+# Facts: what kind of thing each word names. Statements teach it; a question asks it. The test asks
+# about FACT_TEST_WORDS per kind, which no training question names (statements do).
+KINDS_OF_THINGS = {
+    "animal": "dog cat horse cow sheep goat lion tiger bear wolf fox deer mouse rabbit duck pig",
+    "tool": "hammer saw drill wrench shovel rake knife axe needle ladder brush scissors nail spoon "
+    "hook rope",
+    "food": "bread cheese rice soup cake pie meat egg butter honey salad apple bean corn milk jam",
+    "vehicle": "car bus truck train boat ship plane bike van taxi tram sled tractor rocket canoe "
+    "jeep",
+}
+THINGS = {w: k for k, words in KINDS_OF_THINGS.items() for w in words.split()}
+FACT_TEST_WORDS = 4  # per kind, the last ones: held out of the training questions
+STATEMENTS = [  # (up to the kind, from the kind on)
+    ("A {w} is a kind of", "{k}."),
+    ("{p} saw a {w}, which is a", "{k}."),
+    ("Every {w} is a", "{k}, {p} said."),
 ]
-ITEMS = [
-    "apples",
-    "books",
-    "coins",
-    "stamps",
-    "shells",
-    "cards",
-    "pencils",
-    "marbles",
-    "stickers",
-    "cookies",
-    "beads",
-    "stones",
+QUESTION = "Q: {p} has a {w}. Is it an animal, a tool, a food or a vehicle?\nA:"
+# Cont: a quantity, then the continuation that fits it: (context, if a >= 50, if a < 50)
+CONSEQUENCES = [
+    ("{p}'s bag weighs {a} pounds, so {p}", "needs help to lift it.", "lifts it with one hand."),
+    ("{p} has {a} dollars, so {p} can buy", "the big gift.", "only a small gift."),
+    ("{p} walked {a} miles today, so {p} feels", "very tired.", "quite fresh."),
+    ("{p} waited {a} minutes for the bus, so {p} was", "very late.", "right on time."),
 ]
-GAIN = ["got {b} more", "found {b} more", "bought {b} more", "was given {b} more"]
+KINDS = ("arith", "facts", "cont")
 
 
-def problem(rng: random.Random, a: int, b: int) -> dict:
-    """One sentence about a + b; the prompt ends where the answer begins (" 105 apples.")."""
-    name, pronoun = rng.choice(NAMES)
-    item = rng.choice(ITEMS)
-    event = rng.choice(GAIN).format(b=b)
-    prompt = f"{name} had {a} {item} and {event}, so {pronoun.lower()} has"
-    return {"prompt": prompt, "answer": str(a + b), "text": f"{prompt} {a + b} {item}."}
+def arith_item(rng: random.Random, a: int, b: int) -> dict:
+    """A word problem; the answer follows a worked line, the final number last."""
+    name, item, gain = rng.choice(NAMES), rng.choice(ITEMS), rng.choice(GAINS).format(b=b)
+    return {
+        "kind": "arith",
+        "prompt": f"Q: {name} had {a} {item} and {gain}. How many now?\nA:",
+        "answer": a + b,
+        "work": f" {a} + {b} = {{s}}, so {name} has {{s}} {item}.",
+    }
+
+
+def facts_item(rng: random.Random, word: str, question: bool) -> dict:
+    """A statement of what kind of thing `word` is, or the question; the four kinds as choices."""
+    name = rng.choice(NAMES)
+    head, tail = (QUESTION, "{k}.") if question else rng.choice(STATEMENTS)
+    return {
+        "kind": "facts",
+        "prompt": head.format(p=name, w=word),
+        "choices": [" " + tail.format(p=name, k=k) for k in KINDS_OF_THINGS],
+        "label": list(KINDS_OF_THINGS).index(THINGS[word]),
+    }
+
+
+def cont_item(rng: random.Random, a: int, template: int) -> dict:
+    """A quantity, then two continuations: the one that fits it, and the other."""
+    context, large, small = CONSEQUENCES[template]
+    return {
+        "kind": "cont",
+        "prompt": context.format(p=rng.choice(NAMES), a=a),
+        "choices": [f" {large}", f" {small}"],
+        "label": 0 if a >= 50 else 1,
+    }
+
+
+def document(item: dict, rng: random.Random, wrong: bool) -> str:
+    """A training document: the item with its right answer, or (wrong) a wrong one."""
+    if item["kind"] == "arith":
+        s = item["answer"] + (rng.choice([-10, -2, -1, 1, 2, 10]) if wrong else 0)
+        return item["prompt"] + item["work"].format(s=s)
+    label = item["label"]
+    if wrong:  # another kind of thing; the other continuation
+        label = rng.choice([i for i in range(len(item["choices"])) if i != label])
+    return item["prompt"] + item["choices"][label]
+
+
+def held_out(rng: random.Random, n: int) -> tuple[dict, dict]:
+    """({kind: test cases}, {kind: training cases}). Arith: (a, b) pairs, a two-digit number and a
+    one-digit one (sums 12-108); Cont: (quantity 10-99, template) pairs; Facts: words (the last
+    FACT_TEST_WORDS of each kind; training may state them, never ask them)."""
+    arith = [(a, b) for a in range(10, 100) for b in range(2, 10)]
+    cont = [(a, t) for a in range(10, 100) for t in range(len(CONSEQUENCES))]
+    rng.shuffle(arith)
+    rng.shuffle(cont)
+    n_cont = len(cont) // 3
+    asked = [w.split() for w in KINDS_OF_THINGS.values()]
+    test_words = [w for words in asked for w in words[-FACT_TEST_WORDS:]]
+    train_words = [w for words in asked for w in words[:-FACT_TEST_WORDS]]
+    test = {"arith": arith[:n], "cont": cont[:n_cont], "facts": test_words}
+    train = {"arith": arith[n:], "cont": cont[n_cont:], "facts": train_words}
+    return test, train
 
 
 def make_data(out: str, s: dict, seed: int = 0) -> dict[str, str]:
-    """train_teacher.jsonl, train_student.jsonl (a smaller share of it) and test.jsonl. The test
-    split holds its own (a, b) pairs, which no training document uses: it measures addition, not
-    memory. Operands 0..99: sums of 1 to 3 digits, each one Llama token and 1 to 3 Qwen3 tokens."""
-    paths = {k: os.path.join(out, "data", f"{k}.jsonl") for k in ("teacher", "student", "test")}
-    if all(os.path.exists(p) for p in paths.values()):
+    """data/{teacher,student,base}.jsonl (documents) and data/test_{kind}.jsonl (items). The test
+    items hold their own operand pairs (Arith, Cont) and questions (Facts); no training document
+    has them. The student corpus is the teacher's first documents' items, NOISE of them answered
+    wrongly; the base corpus is separate clean documents."""
+    names = ["teacher", "student", "base", *(f"test_{k}" for k in KINDS)]
+    paths = {k: os.path.join(out, "data", f"{k}.jsonl") for k in names}
+    draw = {"data_seed": seed, "noise": NOISE, "version": DATA_VERSION}
+    draw |= {k: v for k, v in s.items() if k.endswith(("_docs", "_items"))}
+    draw_path = os.path.join(out, "data", "draw.json")  # written last: the data is complete
+    if os.path.exists(draw_path):
+        with open(draw_path) as f:
+            found = json.load(f)
+        if found != draw:
+            raise ValueError(
+                f"{out} holds data drawn with {found}, not {draw} (another --data-seed or "
+                "setting): pick another --out"
+            )
         return paths
     rng = random.Random(seed)
-    pairs = [(a, b) for a in range(100) for b in range(100)]
-    rng.shuffle(pairs)
-    test_pairs, train_pairs = pairs[: s["test_docs"]], pairs[s["test_docs"] :]
-    test = [problem(rng, a, b) for a, b in test_pairs]
-    teacher = [problem(rng, *rng.choice(train_pairs)) for _ in range(s["teacher_docs"])]
-    student = teacher[: s["student_docs"]]  # the teacher has seen all of the student's data
-    for key, rows in (("teacher", teacher), ("student", student), ("test", test)):
-        write_jsonl(paths[key], rows)
+    held, train = held_out(rng, s["test_items"])
+    test = {
+        "arith": [arith_item(rng, a, b) for a, b in held["arith"]],
+        "facts": [facts_item(rng, rng.choice(held["facts"]), True) for _ in range(s["test_items"])],
+        "cont": [cont_item(rng, *rng.choice(held["cont"])) for _ in range(s["test_items"])],
+    }
+
+    def train_item() -> dict:
+        kind = rng.choice(KINDS)
+        if kind == "arith":
+            return arith_item(rng, *rng.choice(train["arith"]))
+        if kind == "cont":
+            return cont_item(rng, *rng.choice(train["cont"]))
+        if rng.random() < 0.5:  # a question about a training word
+            return facts_item(rng, rng.choice(train["facts"]), True)
+        return facts_item(rng, rng.choice(list(THINGS)), False)  # a statement about any word
+
+    teacher_items = [train_item() for _ in range(s["teacher_docs"])]
+    teacher = [document(i, rng, wrong=False) for i in teacher_items]
+    student = [document(i, rng, rng.random() < NOISE) for i in teacher_items[: s["student_docs"]]]
+    base = [document(train_item(), rng, wrong=False) for _ in range(s["base_docs"])]
+    for key, docs in (("teacher", teacher), ("student", student), ("base", base)):
+        write_jsonl(paths[key], [{"text": d} for d in docs])
+    for kind in KINDS:
+        write_jsonl(paths[f"test_{kind}"], [test_record(i) for i in test[kind]])
+    write_text(draw_path, json.dumps(draw))
     return paths
+
+
+def test_record(item: dict) -> dict:
+    """What the lm-eval task reads: the prompt and, for Arith, the right answer and its text."""
+    if item["kind"] == "arith":
+        text = item["prompt"] + item["work"].format(s=item["answer"])
+        return {"prompt": item["prompt"], "answer": str(item["answer"]), "text": text}
+    return {k: item[k] for k in ("prompt", "choices", "label")}
 
 
 def write_text(path: str, text: str) -> None:
@@ -232,10 +350,26 @@ def is_numeral(b: bytes | None) -> bool:
     return bool(b) and b.isdigit()
 
 
+def cut_pieces(texts: list[str], student_tok, context: int = 4) -> list[str]:
+    """Packing cuts a document that does not fit a window at a student token boundary, and each
+    side tokenizes its piece on its own: near a cut a teacher may use tokens that the whole text
+    never does. Per boundary, the `context` student tokens before and after it, cut there."""
+    pieces = set()
+    for text, offsets in zip(
+        texts, student_tok(texts, return_offsets_mapping=True)["offset_mapping"]
+    ):
+        ends = sorted({0, len(text), *(b for _, b in offsets if b)})
+        for i, end in enumerate(ends[1:-1], 1):
+            pieces.add(text[ends[max(0, i - context)] : end])
+            pieces.add(text[end : ends[min(len(ends) - 1, i + context)]])
+    return sorted(pieces)
+
+
 def prune_tokenizer(name: str, texts: list[str], out_dir: str) -> tuple:
     """The real tokenizer with ids renumbered: the kept ids (used by `texts`, all-digit tokens,
     special tokens) first, in their original order, then the rest. Returns (tokenizer, kept).
-    A model with `kept` output rows then never sees or emits an id outside them on this data."""
+    A model with `kept` output rows then never sees or emits an id outside them on this data
+    (pass the cut_pieces too: packed windows cut documents)."""
     done = os.path.join(out_dir, "kept.json")  # written last: the tokenizer is complete
     if os.path.exists(done):
         with open(done) as f:
@@ -294,17 +428,62 @@ def pruned_projection(student_tok, teacher_tok, n_student: int, n_teacher: int) 
     return {**full, "W": W.coalesce(), "exact_pairs": pairs}
 
 
-def init_model(arch: str, tok, vocab: int, out_dir: str, seed: int) -> str:
+@dataclass
+class Vocabularies:
+    """The pruned tokenizers {"llama", "qwen", "o200k"} with their kept sizes, each cross-tokenizer
+    teacher's W file, and the audit of each pair on its pruned W."""
+
+    toks: dict[str, PreTrainedTokenizerFast]
+    kept: dict[str, int]
+    w_paths: dict[str, str]  # "qwen", "o200k"
+    audits: dict[str, dict]  # per pair: recommended loss, 2- and 3-digit numerals in C
+
+
+def prune_vocabularies(out: str, texts: list[str]) -> Vocabularies:
+    """Stage 2: the pruned tokenizers, each pair's pruned W (saved once) and its audit."""
+    toks, kept = {}, {}
+    for key, (_, name) in {"llama": (None, STUDENT_TOKENIZER), **TEACHERS}.items():
+        toks[key], kept[key] = prune_tokenizer(name, texts, os.path.join(out, "tok", key))
+    w_paths, audits = {}, {}
+    for key in ("qwen", "o200k"):
+        w_paths[key] = os.path.join(out, f"W_llama_{key}.pt")
+        if not os.path.exists(w_paths[key]):
+            W = pruned_projection(toks["llama"], toks[key], kept["llama"], kept[key])
+            save_projection(W, w_paths[key])
+        report = audit(toks["llama"], load_projection(w_paths[key], toks["llama"], toks[key]))
+        cats = report["categories"]
+        audits[key] = {"recommended": report["recommended"]} | {
+            k: f"{cats[k]['common']}/{cats[k]['total']}" for k in ("digits_2", "digits_3")
+        }
+        print(
+            f"   llama -> {key}: vocabularies {kept['llama']} and {kept[key]} ids kept; audit: "
+            f"2-digit {audits[key]['digits_2']}, 3-digit {audits[key]['digits_3']} numerals "
+            f"in the common set, recommends {audits[key]['recommended']}",
+            flush=True,
+        )
+    return Vocabularies(toks, kept, w_paths, audits)
+
+
+# ----------------------------------------------------------------------------- 3-4. training
+def init_model(arch: str, tok, vocab: int, size: dict, out_dir: str, seed: int) -> str:
     """A random model with `vocab` output rows, saved with its tokenizer (train.py loads both)."""
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return out_dir
     torch.manual_seed(seed)
     ids = {f"{r}_token_id": getattr(tok, f"{r}_token_id") for r in ("bos", "eos", "pad")}
-    config = dict(MODEL, vocab_size=vocab, **{k: v for k, v in ids.items() if v is not None})
-    if arch == "qwen3":
-        model = Qwen3ForCausalLM(Qwen3Config(**config))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**config))
+    config = dict(COMMON_MODEL, **size, vocab_size=vocab)
+    config |= {k: v for k, v in ids.items() if v is not None}
+    config["head_dim"] = size["hidden_size"] // config["num_attention_heads"]
+    classes = {
+        "llama": (LlamaForCausalLM, LlamaConfig),
+        "qwen3": (Qwen3ForCausalLM, Qwen3Config),
+        "phi3": (Phi3ForCausalLM, Phi3Config),
+    }
+    model_class, config_class = classes[arch]
+    if arch == "phi3":  # Phi-3 has no head_dim setting (hidden / heads) and its own pad id
+        config.pop("head_dim")
+        config.setdefault("pad_token_id", config.get("eos_token_id"))
+    model = model_class(config_class(**config))
     tmp = out_dir + ".tmp"  # renamed when complete: a stopped run never leaves half a model
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -313,7 +492,6 @@ def init_model(arch: str, tok, vocab: int, out_dir: str, seed: int) -> str:
     return out_dir
 
 
-# ----------------------------------------------------------------------------- 3-4. training
 def train_job(
     label: str,
     init: str,
@@ -323,20 +501,20 @@ def train_job(
     batch: int,
     seed: int,
     extra: list[str],
-    seq_len: int = SEQ_LEN,
+    lr: float = 3e-3,
 ) -> dict:
-    """A train.py command; done when its last checkpoint exists (then it is not rerun)."""
+    """A train.py command on packed, shuffled windows; done when its last checkpoint exists."""
     flags = {
         "--student": init,
         "--data": data,
         "--out-dir": out_dir,
-        "--seq-len": str(seq_len),
+        "--seq-len": str(SEQ_LEN),
         "--batch-size": str(batch),
         "--grad-accum": "1",
         "--max-steps": str(steps),
-        "--lr": "3e-3",
-        "--min-lr": "3e-4",
-        "--warmup-steps": "50",
+        "--lr": str(lr),
+        "--min-lr": str(lr / 10),
+        "--warmup-steps": str(min(50, steps // 5)),
         "--weight-decay": "0.0",
         "--num-workers": "0",
         "--save-every": str(steps),
@@ -346,39 +524,72 @@ def train_job(
     }
     cmd = [sys.executable, os.path.join(ROOT, "train.py")]
     cmd += [word for flag, value in flags.items() for word in (flag, value)]
-    # one problem per window in file order: the setting the table was measured in
-    cmd += ["--overwrite", "--no-pack", "--no-shuffle", *extra]
-    return {"label": label, "cmd": cmd, "final": os.path.join(out_dir, f"step_{steps}")}
+    cmd += ["--overwrite", *extra]
+    final = os.path.join(out_dir, f"step_{steps}")
+    job = {"label": label, "cmd": cmd, "final": final}
+    job["stamp_path"] = os.path.join(out_dir, "mini_job.json")  # written when it has finished
+    return stamp(job, [])
 
 
 def run_jobs(jobs: list[dict], parallel: int, log_dir: str) -> None:
-    """Run train.py jobs `parallel` at a time, one thread each; skip finished ones."""
+    """Run train.py jobs `parallel` at a time, one thread each, skipping finished ones. A job starts
+    once the jobs it continues from or distils from (its "after": their final checkpoints) are
+    done; among those ready, the earliest in `jobs` first (the teachers, which most wait for)."""
     os.makedirs(log_dir, exist_ok=True)
-    todo = [j for j in jobs if not os.path.exists(j["final"])]
+    todo = [j for j in jobs if not is_done(j)]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
     running: list[tuple[dict, subprocess.Popen, float]] = []
+    done, total, started_all = len(jobs) - len(todo), len(jobs), time.perf_counter()
     try:
         while todo or running:
-            while todo and len(running) < parallel:
-                job = todo.pop(0)
-                log = open(os.path.join(log_dir, slug(job["label"]) + ".log"), "w")
-                proc = subprocess.Popen(job["cmd"], stdout=log, stderr=subprocess.STDOUT, env=env)
+            ready = [j for j in todo if all(os.path.exists(a) for a in j.get("after", []))]
+            while ready and len(running) < parallel:
+                job = ready.pop(0)
+                todo.remove(job)
+                with open(os.path.join(log_dir, slug(job["label"]) + ".log"), "w") as log:
+                    proc = subprocess.Popen(
+                        job["cmd"], stdout=log, stderr=subprocess.STDOUT, env=env
+                    )
                 running.append((job, proc, time.perf_counter()))
+            if not running:  # nothing can start: a dependency is not in `jobs`
+                raise SystemExit(f"error: {todo[0]['label']} waits for a run that is not planned")
             time.sleep(0.5)
             for item in list(running):
                 job, proc, started = item
                 if proc.poll() is None:
                     continue
                 running.remove(item)
-                if proc.returncode:
-                    log = os.path.join(log_dir, slug(job["label"]) + ".log")
+                log = os.path.join(log_dir, slug(job["label"]) + ".log")
+                if proc.returncode or not os.path.exists(job["final"]):
                     raise SystemExit(f"error: {job['label']} failed; see {log}")
-                seconds = time.perf_counter() - started
-                print(f"  trained {job['label']} in {seconds:.0f} s", flush=True)
+                write_text(job["stamp_path"], job["stamp"])
+                done += 1
+                now = time.perf_counter()
+                print(
+                    f"  [{done}/{total}] trained {job['label']} in {now - started:.0f} s "
+                    f"({(now - started_all) / 60:.1f} min into this stage)",
+                    flush=True,
+                )
     finally:  # on a failure or ^C, stop the other runs too (a rerun starts them again)
         for _, proc, _ in running:
             proc.terminate()
             proc.wait()
+
+
+def is_done(job: dict) -> bool:
+    """Its final checkpoint exists and was made by this very command, from these very runs."""
+    if not os.path.exists(job["final"]) or not os.path.exists(job["stamp_path"]):
+        return False
+    with open(job["stamp_path"]) as f:
+        return f.read() == job["stamp"]
+
+
+def stamp(job: dict, after: list[dict]) -> dict:
+    """The job's command and the stamps of the runs it starts from or distils from (a retrained
+    teacher or base retrains what depends on it). Returns the job, its "after" set."""
+    job["after"] = [j["final"] for j in after]
+    job["stamp"] = json.dumps({"cmd": job["cmd"][1:], "after": [j["stamp"] for j in after]})
+    return job
 
 
 def slug(label: str) -> str:
@@ -386,109 +597,288 @@ def slug(label: str) -> str:
 
 
 # ----------------------------------------------------------------------------- 5. measurement
-def write_task(out: str, test_path: str) -> str:
-    """A local lm-eval task: greedy generation after the prompt, the first number extracted."""
-    task_dir = os.path.join(out, "task")
-    os.makedirs(task_dir, exist_ok=True)
-    yaml = f"""# Generated by mini.py: held-out problems; the answer is the first number generated.
-task: {TASK}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {json.dumps(os.path.abspath(test_path))}
-output_type: generate_until
-test_split: test
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{answer}}}}"
+TASK_YAML = {
+    "xtoken_mini_arith": """output_type: generate_until
+doc_to_text: "{{prompt}}"
+doc_to_target: "{{answer}}"
 generation_kwargs:
   until: ["."]
   do_sample: false
-  max_gen_toks: 8
+  max_gen_toks: 40
 filter_list:
-  - name: "first-number"
+  - name: "last-number"
     filter:
       - function: "regex"
         regex_pattern: "(-?[0-9]+)"
-        group_select: 0
+        group_select: -1
       - function: "take_first"
 metric_list:
   - metric: exact_match
     aggregation: mean
     higher_is_better: true
-metadata:
-  version: 1.0
+""",
+    "xtoken_mini_facts": """output_type: multiple_choice
+doc_to_text: "{{prompt}}"
+doc_to_choice: choices
+doc_to_target: label
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""",
+    "xtoken_mini_cont": """output_type: multiple_choice
+doc_to_text: "{{prompt}}"
+doc_to_choice: choices
+doc_to_target: label
+target_delimiter: ""
+metric_list:
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+""",
+}
+
+
+def write_tasks(out: str, paths: dict[str, str]) -> str:
+    """The three local lm-eval tasks over the test items (out/task/*.yaml)."""
+    task_dir = os.path.join(out, "task")
+    os.makedirs(task_dir, exist_ok=True)
+    for task, body in TASK_YAML.items():
+        data = os.path.abspath(paths["test_" + task.rsplit("_", 1)[1]])
+        head = f"""# Written by mini.py: the toy's held-out items ({TASKS[task][1]}-like).
+task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {json.dumps(data)}
+test_split: test
 """
-    write_text(os.path.join(task_dir, f"{TASK}.yaml"), yaml)
+        path, text = (
+            os.path.join(task_dir, f"{task}.yaml"),
+            head + body + "metadata:\n  version: 1.0\n",
+        )
+        if os.path.exists(path) and open(path).read() != text:  # scores of another task definition
+            for cached in glob.glob(os.path.join(out, "eval", "cache", f"{task}-*.json")):
+                os.remove(cached)
+        write_text(path, text)
     return task_dir
 
 
-def evaluate_all(models: dict[str, str], task_dir: str, out: str) -> dict[str, float]:
-    """evaluate.py over every model (cached per model x task): exact match in percent."""
+def evaluate_all(models: dict[str, str], task_dir: str, out: str) -> dict[str, dict[str, float]]:
+    """evaluate.py over every model and task (cached per model x task): {label: {task: %}}."""
     cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--include-path", task_dir]
-    cmd += ["--tasks", TASK, "--out-dir", os.path.join(out, "eval"), "--device", "cpu"]
-    cmd += ["--batch-size", "64", "--num-fewshot", "0"]
+    cmd += ["--tasks", ",".join(TASKS), "--out-dir", os.path.join(out, "eval")]
+    cmd += ["--batch-size", "64", "--num-fewshot", "0", "--devices", "cpu,cpu"]
     for label, path in models.items():  # evaluate.py labels: letters, digits, . _ -
         cmd += ["--model", f"{slug(label)}={path}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
-        raise SystemExit(f"error: evaluate.py failed:\n{done.stderr[-2000:]}")
+        why = (done.stdout[-1500:] + done.stderr[-1500:]).strip()
+        raise SystemExit(f"error: evaluate.py failed (exit {done.returncode}):\n{why}")
     with open(os.path.join(out, "eval", "results.csv")) as f:
         rows = {r["model"]: r for r in csv.DictReader(f)}
-    return {label: float(rows[slug(label)][TASK]) for label in models}
+    return {label: {t: float(rows[slug(label)][t]) for t in TASKS} for label in models}
 
 
-def numeral_mass(model_dir: str, test: list[dict]) -> dict[str, float]:
-    """At the position that predicts the answer's first token (answers >= 10), the student's
-    total probability on multi-digit numeral tokens, and on the correct token."""
+def sum_positions(tok, items: list[dict]) -> list[tuple[list[int], int, int]]:
+    """Per Arith item: (its token ids, the position that predicts the first token of the sum where
+    the worked line first writes it, " = 52", and that token's id)."""
+    found = []
+    for d in items:
+        e = tok(d["text"], return_offsets_mapping=True)
+        at = d["text"].index(" = " + d["answer"]) + 3  # the sum's first digit
+        pos = next(i for i, (a, b) in enumerate(e["offset_mapping"]) if a <= at < b)
+        found.append((e["input_ids"], pos - 1, e["input_ids"][pos]))
+    return found
+
+
+def numeral_mass(model_dir: str, items: list[dict]) -> dict[str, float]:
+    """Where each Arith item's sum is first written (sum_positions; all sums have 2-3 digits), the
+    model's total probability on multi-digit numeral tokens, and on the correct token."""
     tok = load_tokenizer(model_dir)
+    transformers.utils.logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     vocab = model.get_output_embeddings().weight.shape[0]
     multi = torch.tensor([is_numeral(b) and len(b) > 1 for b in token_bytes(tok)[:vocab]])
-    items = [d for d in test if int(d["answer"]) >= 10]
     masses, correct = [], []
-    for start in range(0, len(items), 64):
-        batch = items[start : start + 64]
-        enc = [tok(d["text"], return_offsets_mapping=True) for d in batch]
-        width = max(len(e["input_ids"]) for e in enc)
-        ids = torch.full((len(batch), width), tok.pad_token_id)
+    found = sum_positions(tok, items)
+    for start in range(0, len(found), 64):
+        batch = found[start : start + 64]
+        width = max(len(ids) for ids, _, _ in batch)
+        ids = torch.full((len(batch), width), tok.pad_token_id or 0)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        targets = []
-        for row, (d, e) in enumerate(zip(batch, enc)):
-            ids[row, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
-            mask[row, : len(e["input_ids"])] = 1
-            answer_at = len(d["prompt"]) + 1  # the prompt, a space, then the answer
-            pos = next(i for i, (a, b) in enumerate(e["offset_mapping"]) if a <= answer_at < b)
-            targets.append((row, pos - 1, e["input_ids"][pos]))
+        for row, (item_ids, _, _) in enumerate(batch):
+            ids[row, : len(item_ids)] = torch.tensor(item_ids)
+            mask[row, : len(item_ids)] = 1
         with torch.no_grad():
             probs = model(input_ids=ids, attention_mask=mask).logits.float().softmax(-1)
-        for row, pos, target in targets:
+        for row, (_, pos, target) in enumerate(batch):
             masses.append(float(probs[row, pos][multi].sum()))
             correct.append(float(probs[row, pos, target]))
     return {"multi_digit_mass": statistics.mean(masses), "p_correct": statistics.mean(correct)}
 
 
 # ----------------------------------------------------------------------------- 6. report
-def summarize(results: dict, rows: list[str], seeds: list[int]) -> str:
-    def spread(values: list[float]) -> str:
-        if len(values) == 1:
-            return f"{values[0]:.1f}"
-        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+def cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
-    lines = [
-        "| row | exact match % (mean ± sd) | per seed | multi-digit mass | p(answer token) |",
-        "|---|---|---|---|---|",
-    ]
-    for label in rows:
-        per = [results[f"{label} / seed {s}"] for s in seeds]
-        em = [r["exact_match"] for r in per]
-        mass = [r["multi_digit_mass"] for r in per]
-        p = [r["p_correct"] for r in per]
-        lines.append(
-            f"| {label} | {spread(em)} | {', '.join(f'{v:.1f}' for v in em)} | "
-            f"{statistics.mean(mass):.3f} | {statistics.mean(p):.3f} |"
+
+def sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def per_seed(results: dict, row: str, seeds: list[int], key: str) -> list[float]:
+    """One number per seed: a task's score, "Avg" (the mean of the three), or a probe value."""
+    values = []
+    for seed in seeds:
+        r = results[f"{row} / seed {seed}"]
+        values.append(statistics.mean(r[t] for t in TASKS) if key == "Avg" else r[key])
+    return values
+
+
+# The five claims of the paper's table: (text, row A, relation, row B, column). "above": A's mean
+# exceeds B's by more than the seeds' spread; "at least": A is not below B by more than it; "below":
+# A is under B by more than it. The spread: sqrt(sd_A^2 + sd_B^2) over seeds.
+CLAIMS = [
+    (
+        "GOLD with the digit-splitting teacher falls below CE-only on Arith (the cliff)",
+        [("gold-qwen", "below", "cpt", "xtoken_mini_arith")],
+    ),
+    (
+        "P-KL with the same teacher is at least CE-only on Arith and above it on Avg",
+        [("pkl-qwen", "at least", "cpt", "xtoken_mini_arith"), ("pkl-qwen", "above", "cpt", "Avg")],
+    ),
+    ("Same-tokenizer KL is above CE-only on Avg", [("kl-llama", "above", "cpt", "Avg")]),
+    (
+        "H-KL with the numeral-keeping teacher is at least GOLD with it on Avg",
+        [("hkl-o200k", "at least", "gold-o200k", "Avg")],
+    ),
+    (
+        "Two teachers are at least the best single teacher on Avg",
+        [("two-teachers", "at least", "best single", "Avg")],
+    ),
+]
+SINGLE_TEACHER_ROWS = [
+    "kl-llama",
+    "gold-qwen",
+    "pkl-qwen",
+    "pkl-qwen-fixed",
+    "gold-o200k",
+    "hkl-o200k",
+]
+
+
+def judge(results: dict, seeds: list[int], a: str, relation: str, b: str, key: str) -> tuple:
+    """(holds, text) for one comparison."""
+    if b == "best single":
+        b = max(
+            SINGLE_TEACHER_ROWS, key=lambda r: statistics.mean(per_seed(results, r, seeds, key))
         )
-    return "\n".join(lines)
+    va, vb = per_seed(results, a, seeds, key), per_seed(results, b, seeds, key)
+    diff, spread = statistics.mean(va) - statistics.mean(vb), math.hypot(sd(va), sd(vb))
+    holds = {"above": diff > spread, "at least": diff >= -spread, "below": diff < -spread}[relation]
+    if relation == "at least" and holds and diff <= spread:
+        relation = "at least (within the spread)"
+    column = TASKS[key][0] if key in TASKS else key
+    text = f"{a} {cell(va)} vs {b} {cell(vb)} on {column}, {relation}"
+    text += f" (difference {diff:+.1f}, spread {spread:.1f})"
+    return holds, text
+
+
+def claim_lines(results: dict, rows: list[str], seeds: list[int]) -> list[str]:
+    lines = []
+    for n, (claim, tests) in enumerate(CLAIMS, 1):
+        needed = {r for t in tests for r in (t[0], t[2])} - {"best single"}
+        if tests[0][2] == "best single":
+            needed |= set(SINGLE_TEACHER_ROWS)
+        if not needed <= set(rows):
+            lines.append(f"{n}. {claim}: not measured (rows {sorted(needed - set(rows))} not run)")
+            continue
+        verdicts = [judge(results, seeds, *t) for t in tests]
+        holds = all(v[0] for v in verdicts)
+        word = "holds" if holds else "does not hold"
+        if len(seeds) < 2:  # no spread to measure: a difference of any size decides
+            word += " (one seed: no spread)"
+        lines.append(f"{n}. {claim}: **{word}**; " + "; ".join(v[1] for v in verdicts))
+    return lines
+
+
+def write_report(
+    out: str,
+    setting: str,
+    s: dict,
+    rows: list[str],
+    results: dict,
+    vocab: Vocabularies,
+    minutes: float,
+) -> str:
+    """Stage 6: results.md (returned), results.json and results.png."""
+    from evaluate import PAPER_COLUMNS, PAPER_SCORES, render_chart
+
+    seeds = s["seeds"]
+    paper_of = {r[0]: r[3] for r in ROWS}
+    head = [TASKS[t][0] for t in TASKS] + ["Avg", "numeral mass"]
+    paper_cols = [TASKS[t][1] for t in TASKS] + ["Avg"]
+    lines = ["| row | " + " | ".join(head) + " | paper: " + " / ".join(paper_cols) + " |"]
+    lines.append("|---" * (len(head) + 2) + "|")
+    means = {}
+    for row in rows:
+        cells = [cell(per_seed(results, row, seeds, t)) for t in TASKS]
+        cells.append(cell(per_seed(results, row, seeds, "Avg")))
+        cells.append(f"{statistics.mean(per_seed(results, row, seeds, 'multi_digit_mass')):.2f}")
+        paper = PAPER_SCORES.get(paper_of[row]) if paper_of[row] else None
+        if paper:
+            scores = dict(zip([*PAPER_COLUMNS, "Avg"], paper))
+            cells.append(" / ".join(f"{scores[c]:.2f}" for c in paper_cols))
+        else:
+            cells.append("-")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        means[row] = {TASKS[t][0]: statistics.mean(per_seed(results, row, seeds, t)) for t in TASKS}
+    for key in TEACHERS:
+        r = results.get(f"teacher {key}")
+        if r:
+            scores = [f"{r[t]:.1f}" for t in TASKS]
+            avg = statistics.mean(r[t] for t in TASKS)
+            lines.append(
+                f"| teacher {key} | "
+                + " | ".join(scores)
+                + f" | {avg:.1f} | {r['multi_digit_mass']:.2f} | |"
+            )
+    claims = claim_lines(results, rows, seeds)
+    audits = "; ".join(
+        f"llama -> {k}: {a['digits_2']} two-digit and {a['digits_3']} three-digit numerals in the "
+        f"common set, audit recommends {a['recommended']}"
+        for k, a in vocab.audits.items()
+    )
+    md = (
+        f"# Mini reproduction ({setting}, seeds {','.join(map(str, seeds))})\n\n"
+        + "\n".join(lines)
+        + "\n\nMean ± sd over seeds, percent. Arith: exact match on the final number (generative); "
+        "Facts: acc; Cont: acc_norm (lm-eval through evaluate.py, 0-shot). Numeral mass: the "
+        "student's probability on multi-digit numerals where an Arith answer starts. The paper's "
+        "row (Llama-3.2-1B, 3-shot) is its GSM8k / MMLU / HellaSwag / five-benchmark Avg. "
+        f"Pruned W: {audits}. {minutes:.1f} min.\n\n## Claims\n\n" + "\n".join(claims) + "\n"
+    )
+    write_text(os.path.join(out, "results.md"), md)
+    summary = {
+        "setting": setting,
+        "settings": s,
+        "rows": rows,
+        "results": results,
+        "audits": vocab.audits,
+        "vocab": vocab.kept,
+        "claims": claims,
+        "minutes": minutes,
+    }
+    write_text(os.path.join(out, "results.json"), json.dumps(summary, indent=2))
+    chart = render_chart(means, [TASKS[t][0] for t in TASKS], "toy table: mean over seeds")
+    if chart:
+        atomic_write(os.path.join(out, "results.png"), lambda f: f.write(chart))
+    return md
 
 
 # ----------------------------------------------------------------------------- main
@@ -514,7 +904,7 @@ def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="mini.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="out/mini", help="output directory (created if needed)")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="3 rows, 1 seed, shorter training")
+    size.add_argument("--quick", action="store_true", help=f"rows {QUICK_ROWS}, 1 seed, shorter")
     size.add_argument("--smoke", action="store_true", help="a plumbing check in a minute (tests)")
     p.add_argument(
         "--parallel",
@@ -525,108 +915,99 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--row",
         action="append",
-        help="a row's label, repeatable (default: the "
-        "setting's rows; 'hkl' is only run when named)",
+        help=f"a row, repeatable (default: the table's; the measurements {MEASUREMENT_ROWS} run "
+        "only when named)",
     )
+    p.add_argument("--all", action="store_true", help="the table's rows and the measurements")
     p.add_argument(
         "--seeds", type=parse_seeds, help="comma-separated student seeds (default: the setting's)"
     )
+    p.add_argument(
+        "--data-seed",
+        type=int_flag(0),
+        default=0,
+        help="the draw of the corpora and the held-out items (0: the table's; the toy was "
+        "designed on draw 1, never on the table's test items)",
+    )
     args = p.parse_args(argv)
     return one_line_errors(lambda: _run(args))
+
+
+MEASUREMENT_ROWS = [r[0] for r in ROWS if r[0] not in TABLE_ROWS]
+
+
+def chosen_setting(args: argparse.Namespace) -> tuple[str, dict, list[str]]:
+    """(the setting's name, its sizes with --seeds applied, the rows to run in table order); a
+    ValueError for an unknown --row."""
+    setting = "smoke" if args.smoke else "quick" if args.quick else "full"
+    s = SETTINGS[setting]
+    wanted = args.row or (QUICK_ROWS if setting != "full" else TABLE_ROWS)
+    if args.all:
+        wanted = [*wanted, *TABLE_ROWS, *MEASUREMENT_ROWS]
+    unknown = sorted(set(wanted) - {r[0] for r in ROWS})
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; choose from {[r[0] for r in ROWS]}")
+    if args.seeds is not None:
+        s = dict(s, seeds=args.seeds)
+    return setting, s, [r[0] for r in ROWS if r[0] in wanted]
 
 
 def _run(args: argparse.Namespace) -> int:
     """The reproduction, stage by stage; each stage skips what an earlier run finished."""
     setting, s, rows = chosen_setting(args)
     check_output_dir(args.out, "--out")  # before any work
-    out = args.out
-    started = time.perf_counter()
+    out, started = args.out, time.perf_counter()
+    transformers.utils.logging.disable_progress_bar()  # saving and loading the toy models
+    print(f"mini.py ({setting}): rows {', '.join(rows)}; seeds {s['seeds']}", flush=True)
 
     print("1. data", flush=True)
-    paths = make_data(out, s)
-    test = read_jsonl(paths["test"])
+    paths = make_data(out, s, args.data_seed)
+    tests = {k: read_jsonl(paths[f"test_{k}"]) for k in KINDS}
 
-    print("2. pruned vocabularies and W", flush=True)
-    vocab = prune_vocabularies(out, [d["text"] for d in read_jsonl(paths["teacher"]) + test])
+    print("2. pruned vocabularies, W and the audits", flush=True)
+    texts = [d["text"] for key in ("teacher", "student", "base") for d in read_jsonl(paths[key])]
+    texts += [d["text"] for d in tests["arith"]]
+    texts += [d["prompt"] + c for k in ("facts", "cont") for d in tests[k] for c in d["choices"]]
+    if not os.path.exists(os.path.join(out, "tok", "o200k", "kept.json")):  # pruned last
+        texts += cut_pieces(texts, load_tokenizer(STUDENT_TOKENIZER))
+    vocab = prune_vocabularies(out, texts)
 
-    print("3. teachers (and the CE-only students)", flush=True)
-    teachers = teacher_jobs(out, s, rows, vocab, paths["teacher"])
-    teacher_dirs = {key: job["final"] for key, job in teachers.items()}
-    students = student_jobs(out, s, rows, vocab, paths["student"], teacher_dirs)
-    train_all(
-        list(teachers.values()),
-        students,
-        f"{len(rows)} rows x {len(s['seeds'])} seeds",
-        args.parallel,
-        os.path.join(out, "logs"),
+    spec = {r[0]: r for r in ROWS}
+    needed = [t for t in TEACHERS if any(t in spec[r][1] for r in rows)]
+    teachers = teacher_jobs(out, s, needed, vocab, paths["teacher"])
+    bases = base_jobs(out, s, vocab, paths["base"])
+    students = student_jobs(out, s, rows, spec, vocab, paths["student"], teachers, bases)
+    print(
+        f"3-4. train.py: teachers ({', '.join(needed) or 'none'}), a base student per seed, then "
+        f"{len(students)} student runs; {args.parallel} at a time",
+        flush=True,
     )
+    # the first teacher beside the bases and the CE-only students, then the other teachers first
+    no_teacher = [j for j in students if len(j["after"]) == 1]
+    jobs = [*list(teachers.values())[:1], *bases.values(), *no_teacher]
+    jobs += list(teachers.values())[1:] + [j for j in students if j not in no_teacher]
+    run_jobs(jobs, args.parallel, os.path.join(out, "logs"))
 
-    print("5. evaluate.py and numeral mass", flush=True)
-    models = {f"teacher {k}": v for k, v in teacher_dirs.items()}
+    print("5. evaluate.py (3 tasks) and the numeral mass", flush=True)
+    models = {f"teacher {k}": job["final"] for k, job in teachers.items()}
+    models |= {f"base / seed {seed}": job["final"] for seed, job in bases.items() if "base" in rows}
     models |= {job["label"]: job["final"] for job in students}
-    results = measure(models, out, paths["test"], test)
+    scores = evaluate_all(models, write_tasks(out, paths), out)
+    results = {k: scores[k] | numeral_mass(path, tests["arith"]) for k, path in models.items()}
 
     print("6. results", flush=True)
     minutes = (time.perf_counter() - started) / 60
-    md = write_report(out, setting, s, rows, list(teacher_dirs), results, vocab, len(test), minutes)
-    print(md)
+    print(write_report(out, setting, s, rows, results, vocab, minutes))
     return 0
 
 
-def chosen_setting(args: argparse.Namespace) -> tuple[str, dict, list[tuple]]:
-    """(the setting's name, its sizes with --seeds applied, the ROWS to run); a ValueError for an
-    unknown --row."""
-    setting = "smoke" if args.smoke else "quick" if args.quick else "full"
-    s = SETTINGS[setting]
-    wanted = args.row or (FULL_ROWS if setting == "full" else QUICK_ROWS)
-    unknown = sorted(set(wanted) - {r[0] for r in ROWS})
-    if unknown:
-        raise ValueError(f"unknown rows {unknown}; choose from {[r[0] for r in ROWS]}")
-    if args.seeds is not None:
-        s = dict(s, seeds=args.seeds)
-    return setting, s, [r for r in ROWS if r[0] in wanted]
-
-
-@dataclass
-class Vocabularies:
-    """The pruned tokenizers and their kept sizes, W's file, the audit's numeral coverage."""
-
-    s_tok: PreTrainedTokenizerFast  # student: Llama-3.2
-    n_s: int
-    q_tok: PreTrainedTokenizerFast  # teacher: Qwen3
-    n_q: int
-    w_path: str
-    coverage: dict[str, str]  # "digits_2", "digits_3": "common/total"
-
-
-def prune_vocabularies(out: str, texts: list[str]) -> Vocabularies:
-    """Stage 2: both pruned tokenizers, the pruned W (saved once), and the audit on it."""
-    s_tok, n_s = prune_tokenizer("pkg:llama-3.2", texts, os.path.join(out, "tok", "llama"))
-    q_tok, n_q = prune_tokenizer("pkg:qwen3", texts, os.path.join(out, "tok", "qwen"))
-    w_path = os.path.join(out, "W_llama_qwen.pt")
-    if not os.path.exists(w_path):
-        save_projection(pruned_projection(s_tok, q_tok, n_s, n_q), w_path)
-    report = audit(s_tok, load_projection(w_path, s_tok, q_tok))
-    cats = report["categories"]
-    coverage = {k: f"{cats[k]['common']}/{cats[k]['total']}" for k in ("digits_2", "digits_3")}
-    print(
-        f"   student vocab {n_s} of {len(s_tok)}, teacher {n_q} of {len(q_tok)}; audit on the "
-        f"pruned W: common 2-digit {coverage['digits_2']}, 3-digit {coverage['digits_3']}, "
-        f"recommends {report['recommended']}",
-        flush=True,
-    )
-    return Vocabularies(s_tok, n_s, q_tok, n_q, w_path, coverage)
-
-
-def teacher_jobs(out: str, s: dict, rows: list[tuple], vocab: Vocabularies, data: str) -> dict:
-    """{"qwen": its train.py job, and "llama" when a row needs it}, their models initialized."""
-    teachers = {"qwen": (vocab.q_tok, vocab.n_q)}
-    if any(t == "llama" for _, t, _ in rows):
-        teachers["llama"] = (vocab.s_tok, vocab.n_s)
+def teacher_jobs(out: str, s: dict, needed: list[str], vocab: Vocabularies, data: str) -> dict:
+    """{key: its train.py job} for the teachers the rows need, their models initialized."""
     jobs = {}
-    for key, (tok, n) in teachers.items():
+    for key in needed:
+        arch = TEACHERS[key][0]
         init_dir = os.path.join(out, "init", f"teacher-{key}")
-        init = init_model(TEACHER_ARCH[key], tok, n, init_dir, seed=100)
+        init = init_model(arch, vocab.toks[key], vocab.kept[key], TEACHER_MODEL, init_dir, 100)
         run_dir = os.path.join(out, "runs", f"teacher-{key}")
         jobs[key] = train_job(
             f"teacher {key}",
@@ -637,116 +1018,59 @@ def teacher_jobs(out: str, s: dict, rows: list[tuple], vocab: Vocabularies, data
             s["teacher_batch"],
             100,
             ["--loss", "ce"],
-            TEACHER_SEQ_LEN,
         )
     return jobs
 
 
-def student_jobs(
-    out: str,
-    s: dict,
-    rows: list[tuple],
-    vocab: Vocabularies,
-    data: str,
-    teacher_dirs: dict[str, str],
-) -> list[dict]:
-    """One train.py job per row and seed; each seed's model initialized, its data shuffled."""
-    jobs = []
+def base_jobs(out: str, s: dict, vocab: Vocabularies, data: str) -> dict[int, dict]:
+    """{seed: the base student's job}: a random init, then a short generic pre-training."""
+    jobs = {}
     for seed in s["seeds"]:
         init_dir = os.path.join(out, "init", f"student-{seed}")
-        init = init_model("llama", vocab.s_tok, vocab.n_s, init_dir, seed)
-        seed_data = shuffled_data(out, data, seed)
-        for label, teacher, extra in rows:
-            extra = list(extra)
-            if teacher:
-                extra = ["--teacher", teacher_dirs[teacher], *extra]
-                if teacher == "qwen":
-                    extra += ["--projection", vocab.w_path]
-            run_dir = os.path.join(out, "runs", f"{slug(label)}-seed{seed}")
-            jobs.append(
-                train_job(
-                    f"{label} / seed {seed}",
-                    init,
-                    seed_data,
-                    run_dir,
-                    s["student_steps"],
-                    s["student_batch"],
-                    seed,
-                    extra,
-                )
-            )
+        init = init_model(
+            "llama", vocab.toks["llama"], vocab.kept["llama"], STUDENT_MODEL, init_dir, seed
+        )
+        run_dir = os.path.join(out, "runs", f"base-seed{seed}")
+        jobs[seed] = train_job(
+            f"base / seed {seed}",
+            init,
+            data,
+            run_dir,
+            s["base_steps"],
+            s["batch"],
+            seed,
+            ["--loss", "ce"],
+        )
     return jobs
 
 
-def shuffled_data(out: str, data: str, seed: int) -> str:
-    """The student's documents in a seed's own order, written once."""
-    path = os.path.join(out, "data", f"student-seed{seed}.jsonl")
-    if not os.path.exists(path):
-        docs = read_jsonl(data)
-        random.Random(seed).shuffle(docs)
-        write_jsonl(path, docs)
-    return path
-
-
-def train_all(
-    teachers: list[dict], students: list[dict], size: str, parallel: int, log_dir: str
-) -> None:
-    """The teachers with the CE-only students beside them, then (stage 4) the other students."""
-    no_teacher = [j for j in students if "--teacher" not in j["cmd"]]
-    run_jobs(teachers + no_teacher, parallel, log_dir)
-    print(f"4. students: {size}", flush=True)
-    run_jobs([j for j in students if j not in no_teacher], parallel, log_dir)
-
-
-def measure(models: dict[str, str], out: str, test_path: str, test: list[dict]) -> dict:
-    """Stage 5: {label: exact match (evaluate.py), multi-digit mass, p(answer token)}."""
-    accuracy = evaluate_all(models, write_task(out, test_path), out)
-    return {
-        label: {"exact_match": accuracy[label], **numeral_mass(path, test)}
-        for label, path in models.items()
-    }
-
-
-def write_report(
-    out: str,
-    setting: str,
-    s: dict,
-    rows: list[tuple],
-    teachers: list[str],
-    results: dict,
-    vocab: Vocabularies,
-    n_test: int,
-    minutes: float,
-) -> str:
-    """Stage 6: results.md (returned) and results.json."""
-    lines = [summarize(results, [r[0] for r in rows], s["seeds"])]
-    for k in teachers:
-        r = results[f"teacher {k}"]
-        lines.append(
-            f"| teacher {k} ({TEACHER_ARCH[k]} tokenizer) | {r['exact_match']:.1f} | | "
-            f"{r['multi_digit_mass']:.3f} | {r['p_correct']:.3f} |"
-        )
-    table = "\n".join(lines)
-    coverage = vocab.coverage
-    md = (
-        f"# Mini reproduction ({setting})\n\n{table}\n\n"
-        f"Test: {n_test} held-out problems, greedy exact match (lm-eval via evaluate.py). "
-        f"Mass: at the answer's first position, answers >= 10. Student vocab {vocab.n_s}, "
-        f"teacher {vocab.n_q}; audit on the pruned W: 2-digit {coverage['digits_2']}, 3-digit "
-        f"{coverage['digits_3']} in the common set. {minutes:.1f} min.\n"
-    )
-    write_text(os.path.join(out, "results.md"), md)
-    summary = {
-        "setting": setting,
-        "settings": s,
-        "rows": [r[0] for r in rows],
-        "results": results,
-        "audit": coverage,
-        "vocab": {"student": vocab.n_s, "teacher": vocab.n_q},
-        "minutes": minutes,
-    }
-    write_text(os.path.join(out, "results.json"), json.dumps(summary, indent=2))
-    return md
+def student_jobs(out, s, rows, spec, vocab, data, teachers, bases) -> list[dict]:
+    """One train.py job per row (but base) and seed, each from its seed's base student."""
+    jobs = []
+    for seed in s["seeds"]:
+        for row in rows:
+            _, row_teachers, flags, _ = spec[row]
+            if flags is None:  # base: evaluated as trained
+                continue
+            extra = []
+            for key in row_teachers:
+                extra += ["--teacher", teachers[key]["final"]]
+            for key in row_teachers:
+                if key in vocab.w_paths:
+                    extra += ["--projection", vocab.w_paths[key]]
+            run_dir = os.path.join(out, "runs", f"{row}-seed{seed}")
+            job = train_job(
+                f"{row} / seed {seed}",
+                bases[seed]["final"],
+                data,
+                run_dir,
+                s["student_steps"],
+                s["batch"],
+                seed,
+                extra + flags,
+            )
+            jobs.append(stamp(job, [bases[seed], *(teachers[k] for k in row_teachers)]))
+    return jobs
 
 
 if __name__ == "__main__":

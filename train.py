@@ -69,8 +69,10 @@ RESUME_KEYS = (
     "student", "teacher", "loss", "teacher_weight", "learn_projection", "seq_len", "batch_size",
     "grad_accum", "chunk_merge", "kd_scaling", "kd_weight", "ce_weight", "preset", "data",
     "data_config", "split", "pack", "shuffle", "shuffle_buffer", "seed", "vocab_topk", "uld_topk",
-    "hkl_threshold", "temperature", "lr",
+    "hkl_threshold", "temperature", "lr", "pkl_floor",
 )  # fmt: skip
+# Settings added since: what a run that predates them did (so that it can still be resumed).
+OLDER_DEFAULTS = {"pkl_floor": "clamp"}
 # Presets build random models with the REAL tokenizers (no downloads). tiny: 2 layers, width 64,
 # for CPU tests and the demo. shapes-1b-4b: Llama-3.2-1B and Qwen3-4B shapes, for GPU throughput
 # (random weights: the speed of a step does not depend on them); 6 x 2,048 tokens per GPU per step
@@ -258,6 +260,14 @@ def _objective_flags(p: ArgumentParser) -> None:
     a("--vocab-topk", type=int, default=8192, help="P-KL/KL teacher subset (0: all ids)")
     a("--uld-topk", type=int, default=8192, help="ids ULD sorts (0: all)")
     a("--hkl-threshold", type=float, default=0.6, help="W weight that joins H-KL's common set")
+    a(
+        "--pkl-floor",
+        choices=losses.Q_FLOORS,
+        default="clamp",
+        help="P-KL's log of the renormalized projected q: clamp log(max(q / max(sum q, 1e-10), "
+        "1e-10)) (no gradient below the floor) or add log(q / (sum q + 1e-10) + 1e-10) (a damped "
+        "one); METHOD.md 5.2",
+    )
     a(
         "--chunk-merge",
         choices=["mean", "first"],
@@ -658,6 +668,7 @@ def check_same_configuration(args) -> None:
         raise ValueError(f"{path} is not valid JSON: repair or delete it") from None
     if isinstance(saved.get("args"), dict):  # the whole configuration (older runs: the keys only)
         saved = saved["args"]
+    saved = OLDER_DEFAULTS | saved
     if not set(RESUME_KEYS) <= saved.keys():
         raise ValueError(
             f"{args.out_dir} holds a run of an older train.py (its settings lack "
@@ -921,6 +932,7 @@ def kd_pkl(t: Teacher, s_logits, t_logits, batch: dict, i: int, args) -> torch.T
         t.W,
         vocab_topk=args.vocab_topk,
         temperature=args.temperature,
+        floor=args.pkl_floor,
     )
 
 

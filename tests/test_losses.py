@@ -98,7 +98,7 @@ def teacher_subset(t, positions, k):
     return sorted(sorted(range(vt), key=lambda v: -best[v])[:k])
 
 
-def naive_pkl(s, t, s_chunk, t_chunk, W_dense, k, tau):
+def naive_pkl(s, t, s_chunk, t_chunk, W_dense, k, tau, floor="clamp"):
     s, t, W_dense = s.double(), t.double(), W_dense.double()
     chunks = valid_chunks(s_chunk, t_chunk)
     subset = teacher_subset(t, [(b, p) for b, _, tp in chunks for p in tp], k)
@@ -116,9 +116,11 @@ def naive_pkl(s, t, s_chunk, t_chunk, W_dense, k, tau):
         for p in tp:
             lt = log_softmax(t[b, p, subset] / tau)
             a = [a[j] + lt[j] / len(tp) for j in range(len(subset))]
-        total = total + sum(
-            torch.exp(a[j]) * (a[j] - torch.log(q[j] / z)) for j in range(len(subset))
-        )
+        if floor == "add":  # log(q / (sum q + 1e-10) + 1e-10)
+            log_q = [torch.log(q[j] / (z + 1e-10) + 1e-10) for j in range(len(subset))]
+        else:  # every q here is far above the floor: the plain log
+            log_q = [torch.log(q[j] / z) for j in range(len(subset))]
+        total = total + sum(torch.exp(a[j]) * (a[j] - log_q[j]) for j in range(len(subset)))
     return total / len(chunks) * tau**2
 
 
@@ -187,6 +189,43 @@ def test_pkl_matches_naive_reference_and_gradients(block_elements, k, tau):
     fast32 = losses.pkl_loss(s32, t.float(), s_chunk, t_chunk, W, vocab_topk=k, temperature=tau)
     assert abs(fast32.item() - naive.item()) < 1e-5
     assert (grads(fast32, s32)[0].double() - naive_grad).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("k,tau", [(5, 1.0), (0, 2.0)])
+def test_pkl_add_floor_matches_naive_reference_and_gradients(block_elements, k, tau):
+    s, t, s_chunk, t_chunk = random_batch(3)
+    W = random_W(3)
+    for loss in (losses.pkl_loss, losses.pkl_loss_plain):
+        fast = loss(s, t, s_chunk, t_chunk, W, vocab_topk=k, temperature=tau, floor="add")
+        naive = naive_pkl(s, t, s_chunk, t_chunk, W.to_dense(), k, tau, floor="add")
+        torch.testing.assert_close(fast, naive, rtol=0, atol=1e-10)
+        torch.testing.assert_close(grads(fast, s)[0], grads(naive, s)[0], rtol=0, atol=1e-10)
+
+
+def test_pkl_floor_decides_the_gradient_below_it():
+    """One chunk, one position; student token 0 alone reaches teacher id 0, which holds half the
+    teacher's mass, and the student gives it p ~ e^-40 / 2 (q_0 ~ 2e-18 < 1e-10). clamp: log q_0 is
+    the constant log 1e-10, and z_S[0] gets only softmax coupling (~p_0); add: d/dz_0 of
+    -0.5 log(q_0 / (sum q + eps) + eps) ~ -0.5 q_0 / (q_0 + eps), a damped pull upwards."""
+    vt = 2  # the student has 3 ids
+    W = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], dtype=torch.float64).to_sparse_coo()
+    s = torch.tensor([[[0.0, 0.0, 0.0], [-40.0, 0.0, 0.0]]], dtype=torch.float64)
+    t = torch.zeros(1, 2, vt, dtype=torch.float64)
+    chunk = torch.tensor([[-1, 0]])  # the logits at position 1 are chunk 0's (position 0: none)
+    got = {}
+    for floor in losses.Q_FLOORS:
+        z = s.clone().requires_grad_()
+        loss = losses.pkl_loss(z, t, chunk, chunk, W, vocab_topk=0, floor=floor)
+        got[floor] = (loss, grads(loss, z)[0][0, 1, 0])
+    p0 = math.exp(-40) / (math.exp(-40) + 2)  # the student's p of token 0, = q_0 (W row 0)
+    # clamp: 0.5 (log 0.5 - log 1e-10) + 0.5 (log 0.5 - log(1 - q_0))
+    assert got["clamp"][0].item() == pytest.approx(
+        0.5 * math.log(0.5 / 1e-10) + 0.5 * math.log(0.5), rel=1e-9
+    )
+    assert abs(got["clamp"][1].item()) < 1e-15  # only the coupling through the softmax
+    expected = -0.5 * p0 / (p0 + 1e-10) * (1 - p0)  # the damped pull, to first order
+    assert got["add"][1].item() == pytest.approx(expected, rel=1e-3)
+    assert got["add"][1].item() < -1e-9
 
 
 def test_pkl_accepts_csr_W_with_the_same_result():

@@ -1,10 +1,12 @@
-"""mini.py: the toy data, the pruned vocabularies and W, the numeral-mass probe, and one smoke run
-of every stage (train.py, evaluate.py) with a few steps. The real tokenizers throughout."""
+"""mini.py: the toy corpus and its honest split, the pruned vocabularies and W, the audits, the
+numeral-mass probe, the claims' verdicts, bad input, and one smoke run of every stage (train.py,
+evaluate.py) that a rerun does not repeat. The real tokenizers throughout."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,115 +15,250 @@ import torch
 from test_projection import assert_one_line_error, full_disk, no_work, readonly_dir, run_main  # noqa: F401  (fixtures)
 
 import mini
-from build_projection import hkl_pairs
 from conftest import ROOT
 
-SETTING = mini.SETTINGS["smoke"]
+# Big enough that every kind of document appears hundreds of times; make_data takes a second.
+SPLIT = dict(mini.SETTINGS["smoke"], teacher_docs=3000, student_docs=900, base_docs=600)
+SPLIT["test_items"] = 150
+NAME = r"([A-Z][a-z]+)"
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("mini"))
-    paths = mini.make_data(out, SETTING)
-    docs = {k: mini.read_jsonl(p) for k, p in paths.items()}
-    return out, paths, docs
+    paths = mini.make_data(out, SPLIT)
+    return {k: mini.read_jsonl(p) for k, p in paths.items()}
+
+
+def kind_of(text: str) -> str:
+    """Read from the text alone: digits in a question are Arith, digits elsewhere Cont, words
+    alone Facts."""
+    if re.search(r"\d", text):
+        return "arith" if "Q:" in text else "cont"
+    return "facts"
+
+
+def operands(text: str) -> tuple[int, int]:
+    a, b = re.findall(r"\d+", text)[:2]
+    return int(a), int(b)
+
+
+# Cont: each context's continuation for a large quantity (>= 50) and for a small one
+CONT = {
+    "pounds": ("needs help to lift it.", "lifts it with one hand."),
+    "dollars": ("the big gift.", "only a small gift."),
+    "miles": ("very tired.", "quite fresh."),
+    "minutes": ("very late.", "right on time."),
+}
+FACT = r"(?:has a|A|saw a|Every) (\w+)(?:\. Is it| is a kind of|, which is a| is a) "
+
+
+def subject(text: str) -> tuple:
+    """What a document is about: Arith its operands, Cont its quantity and context, Facts its
+    word."""
+    kind = kind_of(text)
+    if kind == "arith":
+        return operands(text)
+    if kind == "cont":
+        return int(re.search(r"\d+", text)[0]), next(c for c in CONT if f" {c}" in text)
+    return (re.search(FACT, text)[1],)
+
+
+def is_right(text: str) -> bool:
+    """Whether a document's answer is right, worked out from its own words."""
+    kind = kind_of(text)
+    if kind == "arith":
+        a, b = operands(text)
+        worked = re.search(r"(\d+) \+ (\d+) = (\d+), so \w+ has (\d+) \w+\.$", text)
+        assert worked and (int(worked[1]), int(worked[2])) == (a, b), text
+        return int(worked[3]) == int(worked[4]) == a + b
+    if kind == "cont":
+        a, context = subject(text)
+        large, small = CONT[context]
+        assert text.endswith((large, small)), text
+        return text.endswith(large if a >= 50 else small)
+    word = subject(text)[0]
+    said = re.search(r"(?:A: |kind of |which is a |is a )(animal|tool|food|vehicle)\b", text)[1]
+    return said == KIND_OF[word]
+
+
+KIND_OF = {  # written out here, not read from mini.py
+    **dict.fromkeys(
+        "dog cat horse cow sheep goat lion tiger bear wolf fox deer mouse".split(), "animal"
+    ),
+    **dict.fromkeys("rabbit duck pig".split(), "animal"),
+    **dict.fromkeys("hammer saw drill wrench shovel rake knife axe needle ladder".split(), "tool"),
+    **dict.fromkeys("brush scissors nail spoon hook rope".split(), "tool"),
+    **dict.fromkeys("bread cheese rice soup cake pie meat egg butter honey salad".split(), "food"),
+    **dict.fromkeys("apple bean corn milk jam".split(), "food"),
+    **dict.fromkeys(
+        "car bus truck train boat ship plane bike van taxi tram sled".split(), "vehicle"
+    ),
+    **dict.fromkeys("tractor rocket canoe jeep".split(), "vehicle"),
+}
+
+
+def test_every_thing_is_one_token_in_both_tokenizers(llama, qwen):
+    """The facts' words and kinds are 1:1 chunks (one token each, with the leading space)."""
+    assert set(KIND_OF) == set(mini.THINGS) and len(KIND_OF) == 64
+    for word in [*KIND_OF, *set(KIND_OF.values())]:
+        assert len(llama.tokenize(" " + word)) == len(qwen.tokenize(" " + word)) == 1, word
+
+
+def test_no_test_item_is_in_any_training_document(corpus):
+    training = corpus["teacher"] + corpus["student"] + corpus["base"]
+    texts = [d["text"] for d in training]
+    assert {kind_of(t) for t in texts} == set(mini.KINDS)
+    for kind in ("arith", "cont"):  # the held-out operands: no document of the kind has them
+        test_cases = {subject(d["prompt"]) for d in corpus[f"test_{kind}"]}
+        assert len(test_cases) > SPLIT["test_items"] // 3
+        assert not test_cases & {subject(t) for t in texts if kind_of(t) == kind}
+    # Facts: the test words are stated in training, never asked
+    test_words = {subject(d["prompt"]) for d in corpus["test_facts"]}
+    assert len(test_words) == 16
+    questions = [t for t in texts if kind_of(t) == "facts" and "Q:" in t]
+    assert len(questions) > 100 and not test_words & {subject(t) for t in questions}
+    statements = {subject(t) for t in texts if kind_of(t) == "facts" and "Q:" not in t}
+    assert test_words <= statements
+    prompts = [d["prompt"] for k in mini.KINDS for d in corpus[f"test_{k}"]]
+    assert not any(t.startswith(p) for p in prompts[::10] for t in texts)
+
+
+def test_another_draw_in_the_same_out_is_refused(tmp_path):
+    small = dict(mini.SETTINGS["smoke"])
+    first = mini.make_data(str(tmp_path), small, seed=0)
+    assert mini.make_data(str(tmp_path), small, seed=0) == first  # the same draw: found
+    for seed, sizes in ((1, small), (0, dict(small, student_docs=30))):
+        with pytest.raises(ValueError, match="holds data drawn with .*: pick another --out"):
+            mini.make_data(str(tmp_path), sizes, seed=seed)
+    other = mini.make_data(str(tmp_path / "other"), small, seed=1)
+    assert mini.read_jsonl(other["teacher"]) != mini.read_jsonl(first["teacher"])
+
+
+def test_teachers_data_is_right_and_a_quarter_of_the_students_answers_are_wrong(corpus):
+    teacher = [d["text"] for d in corpus["teacher"]]
+    student = [d["text"] for d in corpus["student"]]
+    assert len(teacher) == SPLIT["teacher_docs"] and len(student) == SPLIT["student_docs"]
+    assert all(is_right(t) for t in teacher) and all(is_right(d["text"]) for d in corpus["base"])
+    wrong = [not is_right(t) for t in student]
+    assert 0.20 <= sum(wrong) / len(wrong) <= 0.30  # NOISE = 0.25; binomial sd 0.014 here
+    for t, s, w in zip(teacher, student, wrong):  # the same items; only the answers differ
+        assert (s == t) != w and subject(s) == subject(t)
+
+
+def test_test_items_are_well_formed(corpus):
+    for d in corpus["test_arith"]:
+        a, b = operands(d["prompt"])
+        assert int(d["answer"]) == a + b and d["text"].startswith(d["prompt"])
+        assert is_right(d["text"]) and d["prompt"].endswith("\nA:")
+    for kind, n in (("facts", 4), ("cont", 2)):
+        labels = [d["label"] for d in corpus[f"test_{kind}"]]
+        assert set(labels) <= set(range(n)) and len(set(labels)) > 1  # the right one moves
+        for d in corpus[f"test_{kind}"]:
+            assert len(d["choices"]) == n and is_right(d["prompt"] + d["choices"][d["label"]])
+            wrong = [c for i, c in enumerate(d["choices"]) if i != d["label"]]
+            assert not any(is_right(d["prompt"] + c) for c in wrong)
 
 
 @pytest.fixture(scope="module")
-def pruned(corpus):
-    out, _, docs = corpus
-    texts = [d["text"] for d in docs["teacher"] + docs["test"]]
-    s_tok, n_s = mini.prune_tokenizer("pkg:llama-3.2", texts, os.path.join(out, "tok", "llama"))
-    q_tok, n_q = mini.prune_tokenizer("pkg:qwen3", texts, os.path.join(out, "tok", "qwen"))
-    return texts, s_tok, n_s, q_tok, n_q
+def pruned(tmp_path_factory, llama):
+    """The three pruned tokenizers, on the smoke corpus."""
+    out = str(tmp_path_factory.mktemp("mini-tok"))
+    paths = mini.make_data(out, mini.SETTINGS["smoke"])
+    texts = [d["text"] for k in ("teacher", "student", "base") for d in mini.read_jsonl(paths[k])]
+    tests = {k: mini.read_jsonl(paths[f"test_{k}"]) for k in mini.KINDS}
+    texts += [d["text"] for d in tests["arith"]]
+    texts += [d["prompt"] + c for k in ("facts", "cont") for d in tests[k] for c in d["choices"]]
+    texts += mini.cut_pieces(texts, llama)  # what packing cuts: tested below as any text
+    toks, kept = {}, {}
+    for key, name in (
+        ("llama", mini.STUDENT_TOKENIZER),
+        ("qwen", "pkg:qwen3"),
+        ("o200k", "pkg:o200k"),
+    ):
+        toks[key], kept[key] = mini.prune_tokenizer(name, texts, os.path.join(out, "tok", key))
+    return texts, toks, kept
 
 
-def test_data_test_pairs_are_unseen_and_the_student_share_is_the_teachers(corpus):
-    _, _, docs = corpus
-
-    def pair(d):
-        a, b = [int(w) for w in d["prompt"].replace(",", " ").split() if w.isdigit()]
-        assert (
-            int(d["answer"]) == a + b
-            and d["text"] == f"{d['prompt']} {d['answer']} " + (d["text"].rsplit(" ", 1)[1])
-        )
-        return a, b
-
-    train_pairs = {pair(d) for d in docs["teacher"]}
-    assert not train_pairs & {pair(d) for d in docs["test"]}
-    assert len(docs["student"]) == SETTING["student_docs"]
-    assert docs["student"] == docs["teacher"][: SETTING["student_docs"]]
-    assert len(docs["test"]) == SETTING["test_docs"]
-
-
-def test_pruned_tokenizers_segment_like_the_real_ones_within_the_kept_ids(pruned, llama, qwen):
-    texts, s_tok, n_s, q_tok, n_q = pruned
-    for real, small, n in ((llama, s_tok, n_s), (qwen, q_tok, n_q)):
+def test_pruned_tokenizers_segment_every_document_like_the_real_ones(pruned, llama, qwen, o200k):
+    texts, toks, kept = pruned
+    for key, real in (("llama", llama), ("qwen", qwen), ("o200k", o200k)):
+        small = toks[key]
         assert len(small) == len(real)  # renumbered, not removed
-        for text in texts[:200]:
+        for text in texts:
             ids = small(text)["input_ids"]
-            assert max(ids) < n
+            assert max(ids) < kept[key]
             real_ids = real(text)["input_ids"]
             assert small.convert_ids_to_tokens(ids) == real.convert_ids_to_tokens(real_ids)
             assert small.decode(ids) == real.decode(real_ids)
-    assert s_tok.bos_token == llama.bos_token and s_tok.bos_token_id < n_s
+    s_tok = toks["llama"]
+    assert s_tok.bos_token == llama.bos_token and s_tok.bos_token_id < kept["llama"]
     assert s_tok(texts[0])["input_ids"][0] == s_tok.bos_token_id
 
 
-def test_every_numeral_and_special_token_is_kept(pruned, llama):
-    _, s_tok, n_s, _, _ = pruned
-    kept = set(s_tok.convert_ids_to_tokens(list(range(n_s))))
+def test_every_numeral_and_special_token_is_kept(pruned, llama, o200k):
+    _, toks, kept = pruned
     numerals = [f"{i}" for i in range(10)] + [f"{i:02d}" for i in range(100)]
     numerals += [f"{i:03d}" for i in range(1000)]
-    assert set(numerals) <= kept  # the corpus uses sums up to 198 only; all are kept
-    assert {t.content for t in llama.added_tokens_decoder.values()} <= kept
+    for key, real in (("llama", llama), ("o200k", o200k)):
+        small = toks[key]
+        names = set(small.convert_ids_to_tokens(list(range(kept[key]))))
+        assert set(numerals) <= names  # the corpus uses sums 12-108 only; all are kept
+        assert {t.content for t in real.added_tokens_decoder.values()} <= names
 
 
-def test_pruned_W_is_the_real_W_restricted_and_renormalized(pruned, W_llama_qwen, llama, qwen):
+@pytest.mark.parametrize("key", ["qwen", "o200k"])
+def test_pruned_W_is_the_real_W_restricted_and_renormalized(key, pruned, request, llama):
     """Row by row against the full W built from the real ids, mapped through token strings."""
-    from build_projection import build_projection  # noqa: F401  (W_llama_qwen is its output)
-
-    _, s_tok, n_s, q_tok, n_q = pruned
-    small = mini.pruned_projection(s_tok, q_tok, n_s, n_q)
-    assert tuple(small["W"].shape) == (n_s, n_q)
+    _, toks, kept = pruned
+    real = request.getfixturevalue(key)
+    full = request.getfixturevalue(f"W_llama_{key}")["W"].coalesce()
+    s_tok, t_tok = toks["llama"], toks[key]
+    small = mini.pruned_projection(s_tok, t_tok, kept["llama"], kept[key])
+    assert tuple(small["W"].shape) == (kept["llama"], kept[key])
     dense_small = small["W"].to_dense()
-    full = W_llama_qwen["W"].coalesce()
-    kept_teacher = {q_tok.convert_ids_to_tokens(i): i for i in range(n_q)}
-    for piece in ["167", "Ġshells", "Ġ", "Ġhas", "999", "00", "M", "ia"]:
+    kept_teacher = {t_tok.convert_ids_to_tokens(i): i for i in range(kept[key])}
+    for piece in ["167", "Ġshells", "Ġ", "Ġhas", "999", "00", "M", "ia", "Ġcoins", "Ġanimal"]:
         s_full, s_small = llama.convert_tokens_to_ids(piece), s_tok.convert_tokens_to_ids(piece)
+        assert s_small < kept["llama"], piece
         row = full.index_select(0, torch.tensor([s_full])).coalesce()
-        expected = torch.zeros(n_q)
+        expected = torch.zeros(kept[key])
         for col, val in zip(row.indices()[1].tolist(), row.values().tolist()):
-            name = qwen.convert_ids_to_tokens(col)
+            name = real.convert_ids_to_tokens(col)
             if name in kept_teacher:
                 expected[kept_teacher[name]] += val
         if expected.sum() > 0:
             expected /= expected.sum()
         torch.testing.assert_close(dense_small[s_small], expected)
-    # "167": Qwen3 digits 1, 6, 7 with the weights 0.9, 0.09, 0.009, normalized
     row = dense_small[s_tok.convert_tokens_to_ids("167")]
-    digits = [q_tok.convert_tokens_to_ids(d) for d in "167"]
-    torch.testing.assert_close(row[digits], torch.tensor([0.9, 0.09, 0.009]) / 0.999)
+    if key == "qwen":  # Qwen3 digits 1, 6, 7 with the weights 0.9, 0.09, 0.009, normalized
+        digits = [t_tok.convert_tokens_to_ids(d) for d in "167"]
+        torch.testing.assert_close(row[digits], torch.tensor([0.9, 0.09, 0.009]) / 0.999)
+    else:  # o200k has the numeral itself
+        assert row[t_tok.convert_tokens_to_ids("167")] == 1
 
 
-def test_audit_of_the_pruned_vocabularies_keeps_the_numeral_coverage(pruned):
+def test_audit_of_both_pruned_pairs_says_what_it_says_of_the_full_ones(pruned):
+    """Qwen3 splits every numeral into digits: no 2- or 3-digit numeral in the common set, P-KL.
+    o200k keeps them all: every numeral common, H-KL. (README's audit of the full pairs.)"""
     from audit import audit
 
-    _, s_tok, n_s, q_tok, n_q = pruned
-    report = audit(s_tok, mini.pruned_projection(s_tok, q_tok, n_s, n_q))
-    cats = report["categories"]
-    assert (cats["digits_2"]["common"], cats["digits_2"]["total"]) == (0, 100)
-    assert (cats["digits_3"]["common"], cats["digits_3"]["total"]) == (0, 1000)
-    assert (cats["digits_1"]["common"], cats["digits_1"]["total"]) == (10, 10)
-    assert report["recommended"] == "pkl"
+    _, toks, kept = pruned
+    expected = {"qwen": ("0/100", "0/1000", "pkl"), "o200k": ("100/100", "1000/1000", "hkl")}
+    for key, (two, three, loss) in expected.items():
+        W = mini.pruned_projection(toks["llama"], toks[key], kept["llama"], kept[key])
+        report = audit(toks["llama"], W)
+        cats = report["categories"]
+        got = [f"{cats[k]['common']}/{cats[k]['total']}" for k in ("digits_2", "digits_3")]
+        assert (*got, report["recommended"]) == (two, three, loss)
 
 
 def test_numeral_mass_of_a_uniform_model(pruned, corpus, tmp_path):
     """Zero output weights give a uniform next-token distribution: the mass on multi-digit
     numerals is their share of the vocabulary, and p(answer token) is 1/vocab."""
-    _, s_tok, n_s, _, _ = pruned
-    _, _, docs = corpus
-    path = mini.init_model("llama", s_tok, n_s, str(tmp_path / "uniform"), seed=0)
+    _, toks, kept = pruned
+    s_tok, n_s = toks["llama"], kept["llama"]
+    path = mini.init_model("llama", s_tok, n_s, mini.STUDENT_MODEL, str(tmp_path / "u"), seed=0)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -130,9 +267,51 @@ def test_numeral_mass_of_a_uniform_model(pruned, corpus, tmp_path):
     model.save_pretrained(path)
     pieces = s_tok.convert_ids_to_tokens(list(range(n_s)))
     n_multi = sum(p.isdigit() and p.isascii() and len(p) > 1 for p in pieces)
-    got = mini.numeral_mass(path, docs["test"])
+    items = [d for d in corpus["test_arith"] if int(d["answer"]) < 1000][:20]
+    got = mini.numeral_mass(path, items)
     assert got["multi_digit_mass"] == pytest.approx(n_multi / n_s, rel=1e-5)
     assert got["p_correct"] == pytest.approx(1 / n_s, rel=1e-5)
+
+
+def test_the_mass_is_read_where_the_sum_is_first_written(pruned, corpus):
+    """Llama writes " = 52" as "=", " ", "52": the position of " " predicts the whole sum. Qwen3
+    writes it digit by digit: the position before "5" predicts the first digit."""
+    _, toks, _ = pruned
+    items = corpus["test_arith"][:30]
+    for key, first in (("llama", lambda a: a), ("qwen", lambda a: a[0])):
+        tok = toks[key]
+        for d, (ids, pos, target) in zip(items, mini.sum_positions(tok, items)):
+            assert ids[pos + 1] == target and tok.decode([target]) == first(d["answer"])
+            before = tok.decode(ids[: pos + 1], skip_special_tokens=True)
+            assert before == d["text"][: d["text"].index(" = ") + 3]
+
+
+def test_claims_are_judged_against_the_seeds_spread():
+    """Hand-made scores: a difference counts only beyond sqrt(sd_A^2 + sd_B^2)."""
+
+    def scores(arith, facts, cont):
+        return {"xtoken_mini_arith": arith, "xtoken_mini_facts": facts, "xtoken_mini_cont": cont}
+
+    results = {}
+    rows = {  # per seed (0, 1): (arith, facts, cont)
+        "cpt": [(10, 40, 60), (12, 40, 60)],  # Arith sd 1.41; Avg 36.67, 37.33: sd 0.47
+        "gold-qwen": [(2, 40, 60), (2, 40, 60)],  # Arith 9 below CE's 11: beyond 1.41
+        "pkl-qwen": [(10, 46, 60), (11, 46, 61)],  # Arith -0.5 (within); Avg +2.00, spread 0.67
+        "kl-llama": [(11, 40, 60), (11, 41, 60)],  # Avg +0.17: within the spread, not above
+        "gold-o200k": [(20, 50, 60), (20, 50, 60)],
+        "hkl-o200k": [(18, 50, 60), (18, 50, 60)],  # Avg -0.67 with no spread: below
+        "pkl-qwen-fixed": [(10, 40, 60), (10, 40, 60)],
+        "two-teachers": [(20, 50, 60), (20, 50, 58)],  # best single: gold-o200k, Avg 43.33
+    }
+    for row, per_seed in rows.items():
+        for seed, values in enumerate(per_seed):
+            results[f"{row} / seed {seed}"] = scores(*values)
+    lines = mini.claim_lines(results, list(rows), [0, 1])
+    verdicts = [("**holds**" in line, "**does not hold**" in line) for line in lines]
+    assert verdicts == [(True, False), (True, False), (False, True), (False, True), (True, False)]
+    assert "gold-o200k" in lines[4]  # the best single teacher on Avg, named
+    lines = mini.claim_lines(results, ["cpt", "gold-qwen"], [0, 1])
+    assert "holds" in lines[0] and all("not measured" in line for line in lines[1:])
 
 
 BAD_MINI_INPUTS = [
@@ -148,7 +327,9 @@ BAD_MINI_INPUTS = [
     (["--seeds", "4294967296"], "seeds [4294967296] are out of range"),
     (["--seeds", "1,0,1"], "argument --seeds: seeds [1] are repeated; give each seed once"),
     (["--quick"], "argument --quick: not allowed with argument --smoke"),
-    (["--row", "gold", "--row", "nonsense"], "unknown rows ['nonsense']; choose from ['ce only'"),
+    (["--row", "gold-qwen", "--row", "gold"], "unknown rows ['gold']; choose from ['base', 'cpt'"),
+    (["--row", "PKL-qwen"], "unknown rows ['PKL-qwen']"),
+    (["--row", ""], "unknown rows ['']"),
     (["--out", "{tmp}/file"], "--out {tmp}/file is a file, not a directory; name a directory"),
     (
         ["--out", "{tmp}/file/mini"],
@@ -193,40 +374,49 @@ def test_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, capsys):
 def test_the_script_exits_2_with_one_line(tmp_path):
     """The same through `python mini.py` (its exit status is main's), in a fresh process."""
     result = subprocess.run(
-        [sys.executable, "mini.py", "--out", str(tmp_path), "--smoke", "--parallel", "0"],
+        [sys.executable, "mini.py", "--out", str(tmp_path), "--smoke", "--seeds", "0,0"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert_one_line_error(result.returncode, result.stderr, "--parallel: 0 is out of range")
+    assert_one_line_error(result.returncode, result.stderr, "seeds [0] are repeated")
     assert result.stdout == "" and os.listdir(tmp_path) == []
 
 
-def test_hkl_pairs_equal_golds_on_the_pruned_pair(pruned):
-    """Why the full run leaves H-KL out: its pairs add nothing to GOLD's here. A numeral's top
-    teacher token is its first digit (weight 0.9 >= 0.6), already paired with the student's
-    single-digit token, and exact pairs keep priority."""
-    _, s_tok, n_s, q_tok, n_q = pruned
-    small = mini.pruned_projection(s_tok, q_tok, n_s, n_q)
-    pairs = hkl_pairs(small["W"], small["exact_pairs"], threshold=0.6)
-    assert sorted(map(tuple, pairs.tolist())) == sorted(map(tuple, small["exact_pairs"].tolist()))
-    assert "hkl" in [r[0] for r in mini.ROWS] and "hkl" not in mini.FULL_ROWS
+SMOKE_ROWS = ["base", "cpt", "gold-qwen", "pkl-qwen", "two-teachers"]
 
 
-def test_smoke_run_of_every_stage_then_a_rerun_redoes_nothing(tmp_path, capsys):
+def test_smoke_run_of_every_stage_then_a_rerun_trains_nothing(tmp_path, capsys):
+    """Every stage with a few steps: the three teachers, a base, students with each loss family
+    (CE, GOLD, P-KL with a learned W, H-KL + KL from two teachers), evaluate.py on the three tasks,
+    the report. Then the same command again: everything is found done."""
     out = str(tmp_path / "run")
-    mini.main(["--out", out, "--smoke"])
+    argv = ["--out", out, "--smoke", *(w for r in SMOKE_ROWS for w in ("--row", r))]
+    assert mini.main(argv) == 0
     first = capsys.readouterr().out
+    assert first.count(" trained ") == 3 + 1 + 4  # teachers, the base, the students
     summary = json.load(open(os.path.join(out, "results.json")))
-    assert summary["rows"] == mini.QUICK_ROWS
-    assert summary["audit"] == {"digits_2": "0/100", "digits_3": "0/1000"}
-    for label in [f"{r} / seed 0" for r in mini.QUICK_ROWS] + ["teacher qwen"]:
+    assert summary["rows"] == SMOKE_ROWS
+    assert summary["audits"]["qwen"]["recommended"] == "pkl"
+    assert summary["audits"]["o200k"]["recommended"] == "hkl"
+    labels = [f"{r} / seed 0" for r in SMOKE_ROWS] + [f"teacher {k}" for k in mini.TEACHERS]
+    assert sorted(summary["results"]) == sorted(labels)
+    for label in labels:
         result = summary["results"][label]
-        assert 0 <= result["exact_match"] <= 100
+        assert all(0 <= result[t] <= 100 for t in mini.TASKS)
         assert 0 <= result["multi_digit_mass"] <= 1 and 0 < result["p_correct"] < 1
     table = open(os.path.join(out, "results.md")).read()
-    assert all(f"| {r} |" in table for r in mini.QUICK_ROWS)
-    assert first.count("trained ") == 1 + len(mini.QUICK_ROWS)
-    mini.main(["--out", out, "--smoke"])  # everything finished: no training again
-    assert "trained " not in capsys.readouterr().out
+    assert all(f"| {r} |" in table for r in SMOKE_ROWS) and table.count("\n1. ") == 1
+    assert len(summary["claims"]) == 5
+    for name in ("results.md", "results.csv", "results.png"):  # evaluate.py's own table
+        assert os.path.getsize(os.path.join(out, "eval", name)) > 0
+    assert os.path.getsize(os.path.join(out, "results.png")) > 0
+    assert mini.main(argv) == 0  # everything finished: no training, cached evaluations
+    assert " trained " not in capsys.readouterr().out
+    # a run made by another command (here: its record altered) is trained again, and only it
+    with open(os.path.join(out, "runs", "cpt-seed0", "mini_job.json"), "w") as f:
+        f.write("{}")
+    assert mini.main(argv) == 0
+    again = capsys.readouterr().out
+    assert again.count(" trained ") == 1 and "trained cpt / seed 0 in" in again
