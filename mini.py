@@ -1023,7 +1023,7 @@ def teacher_jobs(out: str, s: dict, needed: list[str], vocab: Vocabularies, data
 
 
 def base_jobs(out: str, s: dict, vocab: Vocabularies, data: str) -> dict[int, dict]:
-    """{seed: the base student's job}: a random init, then a short generic pre-training."""
+    """{seed: the base student's job}: a random init, then pre-training on the base corpus."""
     jobs = {}
     for seed in s["seeds"]:
         init_dir = os.path.join(out, "init", f"student-{seed}")
