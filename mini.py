@@ -439,11 +439,27 @@ class Vocabularies:
     audits: dict[str, dict]  # per pair: recommended loss, 2- and 3-digit numerals in C
 
 
-def prune_vocabularies(out: str, texts: list[str]) -> Vocabularies:
-    """Stage 2: the pruned tokenizers, each pair's pruned W (saved once) and its audit."""
+def corpus_texts(paths: dict[str, str]) -> list[str]:
+    """Every text a model meets: the training documents, and each test item with each answer."""
+    texts = [d["text"] for key in ("teacher", "student", "base") for d in read_jsonl(paths[key])]
+    tests = {k: read_jsonl(paths[f"test_{k}"]) for k in KINDS}
+    texts += [d["text"] for d in tests["arith"]]
+    texts += [d["prompt"] + c for k in ("facts", "cont") for d in tests[k] for c in d["choices"]]
+    return texts
+
+
+def prune_vocabularies(out: str, paths: dict[str, str]) -> Vocabularies:
+    """Stage 2: the pruned tokenizers (over the corpus and the pieces packing cuts it into), each
+    pair's pruned W (saved once) and its audit."""
+    names = {"llama": STUDENT_TOKENIZER, **{k: name for k, (_, name) in TEACHERS.items()}}
+    dirs = {key: os.path.join(out, "tok", key) for key in names}
+    texts = []  # read only if a tokenizer is still to prune
+    if not all(os.path.exists(os.path.join(d, "kept.json")) for d in dirs.values()):
+        texts = corpus_texts(paths)
+        texts += cut_pieces(texts, load_tokenizer(STUDENT_TOKENIZER))
     toks, kept = {}, {}
-    for key, (_, name) in {"llama": (None, STUDENT_TOKENIZER), **TEACHERS}.items():
-        toks[key], kept[key] = prune_tokenizer(name, texts, os.path.join(out, "tok", key))
+    for key, name in names.items():
+        toks[key], kept[key] = prune_tokenizer(name, texts, dirs[key])
     w_paths, audits = {}, {}
     for key in ("qwen", "o200k"):
         w_paths[key] = os.path.join(out, f"W_llama_{key}.pt")
@@ -965,12 +981,7 @@ def _run(args: argparse.Namespace) -> int:
     tests = {k: read_jsonl(paths[f"test_{k}"]) for k in KINDS}
 
     print("2. pruned vocabularies, W and the audits", flush=True)
-    texts = [d["text"] for key in ("teacher", "student", "base") for d in read_jsonl(paths[key])]
-    texts += [d["text"] for d in tests["arith"]]
-    texts += [d["prompt"] + c for k in ("facts", "cont") for d in tests[k] for c in d["choices"]]
-    if not os.path.exists(os.path.join(out, "tok", "o200k", "kept.json")):  # pruned last
-        texts += cut_pieces(texts, load_tokenizer(STUDENT_TOKENIZER))
-    vocab = prune_vocabularies(out, texts)
+    vocab = prune_vocabularies(out, paths)
 
     spec = {r[0]: r for r in ROWS}
     needed = [t for t in TEACHERS if any(t in spec[r][1] for r in rows)]

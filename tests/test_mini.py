@@ -165,10 +165,7 @@ def pruned(tmp_path_factory, llama):
     """The three pruned tokenizers, on the smoke corpus."""
     out = str(tmp_path_factory.mktemp("mini-tok"))
     paths = mini.make_data(out, mini.SETTINGS["smoke"])
-    texts = [d["text"] for k in ("teacher", "student", "base") for d in mini.read_jsonl(paths[k])]
-    tests = {k: mini.read_jsonl(paths[f"test_{k}"]) for k in mini.KINDS}
-    texts += [d["text"] for d in tests["arith"]]
-    texts += [d["prompt"] + c for k in ("facts", "cont") for d in tests[k] for c in d["choices"]]
+    texts = mini.corpus_texts(paths)
     texts += mini.cut_pieces(texts, llama)  # what packing cuts: tested below as any text
     toks, kept = {}, {}
     for key, name in (
