@@ -10,15 +10,17 @@ are ordinary words (their chunks are 1:1 across tokenizers, so P-KL carries the 
 distribution there) and numerals are rare but decide GSM8k (a digit-splitting teacher gives GOLD no
 common numeral: METHOD.md 5.3, Proposition 1). The toy keeps that shape, with the REAL tokenizers:
 
-  1. data: documents of three kinds, mostly words, with numerals where arithmetic needs them:
-     word problems answered after a short worked line ("... A: 48 + 4 = 52, so Ella has 52
-     stamps."), statements and questions about what kind of thing a word names ("A fox is a kind
-     of animal."), and a quantity followed by the continuation that fits it ("... weighs 87 pounds,
-     so Tom needs help to lift it."). The teachers learn from a large clean corpus; the student
-     from a smaller one where a quarter of the answers are wrong (as a strong model knows better
-     than web text). A separate clean corpus of the same kinds makes the base student. No test
-     item is in any training document: their operand pairs, (quantity, context) pairs and
-     question words are held out.
+  1. data: documents mostly of words, with numerals where arithmetic needs them. Facts: sums
+     stated ("48 + 4 = 52.") and what kind of thing each of 200 invented words names ("A varan is a
+     kind of tool."). Questions about them: word problems answered after a worked line ("Q: Ella
+     had 48 stamps and got 4 more. How many now?\nA: 48 + 4 = 52, so Ella has 52 stamps.") and
+     "Q: Tom has a varan. Is it an animal, a tool, a food or a vehicle?\nA: A varan is a kind of
+     tool."; and what someone does with a thing ("Tom took the varan and fixed the old fence.").
+     The teachers learn from a large clean corpus; the student from a smaller one where a quarter of
+     the answers are wrong (as a strong model knows better than web text). A separate clean corpus
+     makes the base student. The test asks about held-out sums and things, which the teachers' and
+     student's corpora state but never ask about (the base corpus never names them), and holds out
+     (thing, context) pairs for the continuations: no training document asks a test question.
   2. vocabularies: each model keeps the token ids the corpus uses, every all-digit token and every
      special token; the tokenizers are the real ones with ids renumbered (kept ids first). W is the
      real W over the renumbered ids, cut to the kept ids, rows renormalized; the audit of each pair
@@ -30,8 +32,9 @@ common numeral: METHOD.md 5.3, Proposition 1). The toy keeps that shape, with th
      corpus), then one train.py run per row and seed, each continuing from its seed's base on the
      student corpus.
   5. evaluate.py on three local lm-eval tasks: Arith (generative, exact match on the last number),
-     Facts (multiple choice, acc), Cont (multiple choice, acc_norm); and the student's probability
-     mass on multi-digit numerals where an Arith sum is first written ("= 52").
+     Facts (multiple choice, acc), Cont (multiple choice, acc_norm); and, where an Arith sum is
+     first written ("= 52"), each model's probability on multi-digit numerals, on the sum's token
+     and on the numerals led by the sum's first digit.
   6. results.md / results.json / results.png: mean ± sd over seeds, the paper's numbers beside each
      row, and the five claims the table tests.
 
@@ -77,30 +80,33 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------- settings
 # Corpus sizes (documents) and train.py optimizer steps. A step is --batch-size packed windows of
-# SEQ_LEN student tokens (about 5 documents per window).
+# SEQ_LEN student tokens (about 7 documents per window). Small batches, many steps: a student starts
+# to use a sum's operands only after some 500-1000 steps (on the design draw, a base of 500 steps
+# of 12 windows wrote one fixed number after every "a + b ="; one of 1000 steps of 6, the same
+# tokens, wrote 73% of its corpus's sums).
 SETTINGS = {
     "full": dict(
         teacher_docs=60_000,
         student_docs=6_000,
         base_docs=15_000,
-        test_items=200,
-        teacher_steps=900,
-        teacher_batch=16,
-        base_steps=500,
-        student_steps=150,
-        batch=12,
+        test_items=200,  # Facts and Cont items; Arith: its ARITH_TEST held-out pairs at most
+        teacher_steps=1200,
+        teacher_batch=8,
+        base_steps=1500,
+        student_steps=300,
+        batch=6,
         seeds=[0, 1],
     ),
     "quick": dict(
         teacher_docs=30_000,
         student_docs=6_000,
         base_docs=15_000,
-        test_items=150,
-        teacher_steps=300,
-        teacher_batch=16,
-        base_steps=250,
-        student_steps=100,
-        batch=12,
+        test_items=100,
+        teacher_steps=1000,
+        teacher_batch=6,
+        base_steps=1000,
+        student_steps=150,
+        batch=6,
         seeds=[0],
     ),
     # a plumbing check for the tests: every stage, numbers meaningless
@@ -118,7 +124,7 @@ SETTINGS = {
     ),
 }
 NOISE = 0.25  # share of the student corpus's answers that are wrong
-DATA_VERSION = 2  # of the document templates: data drawn by another version is not reused
+DATA_VERSION = 3  # of the document templates: data drawn by another version is not reused
 SEQ_LEN = 128  # student tokens per packed window (the teachers get up to twice as many)
 # The student (Llama architecture) and the three teachers (deeper). Vocabularies are pruned.
 STUDENT_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4)
@@ -184,32 +190,44 @@ ITEMS = (
     "apples books coins stamps shells cards pencils marbles stickers cookies beads stones".split()
 )
 GAINS = ["found {b} more", "bought {b} more", "got {b} more", "was given {b} more"]
-# Facts: what kind of thing each word names. Statements teach it; a question asks it. The test asks
-# about FACT_TEST_WORDS per kind, which no training question names (statements do).
-KINDS_OF_THINGS = {
-    "animal": "dog cat horse cow sheep goat lion tiger bear wolf fox deer mouse rabbit duck pig",
-    "tool": "hammer saw drill wrench shovel rake knife axe needle ladder brush scissors nail spoon "
-    "hook rope",
-    "food": "bread cheese rice soup cake pie meat egg butter honey salad apple bean corn milk jam",
-    "vehicle": "car bus truck train boat ship plane bike van taxi tram sled tractor rocket canoe "
-    "jeep",
-}
-THINGS = {w: k for k, words in KINDS_OF_THINGS.items() for w in words.split()}
-FACT_TEST_WORDS = 4  # per kind, the last ones: held out of the training questions
-STATEMENTS = [  # (up to the kind, from the kind on)
-    ("A {w} is a kind of", "{k}."),
-    ("{p} saw a {w}, which is a", "{k}."),
-    ("Every {w} is a", "{k}, {p} said."),
-]
+# Arith: a two-digit number plus a one-digit one. The sums are facts the corpus states ("48 + 4 =
+# 52."); a word problem's worked line writes the same words, so its answer is that fact, asked.
+ARITH_A, ARITH_B = range(10, 60), range(2, 6)
+ARITH_TEST = 100  # held-out (a, b) pairs: the teachers' and student's corpora state them, never ask
+# Facts: invented things, each of one of four kinds. A statement says what kind; a question asks,
+# and its answer says it again in the statement's words.
+KINDS_OF_THINGS = ("animal", "tool", "food", "vehicle")
+THINGS_PER_KIND = 50
+FACT_TEST = 20  # held-out things per kind: the teachers' and student's corpora state, never ask
+STATEMENTS = ["A {w} is a kind of {k}.", "{p} knows that a {w} is a kind of {k}."]
 QUESTION = "Q: {p} has a {w}. Is it an animal, a tool, a food or a vehicle?\nA:"
-# Cont: a quantity, then the continuation that fits it: (context, if a >= 50, if a < 50)
-CONSEQUENCES = [
-    ("{p}'s bag weighs {a} pounds, so {p}", "needs help to lift it.", "lifts it with one hand."),
-    ("{p} has {a} dollars, so {p} can buy", "the big gift.", "only a small gift."),
-    ("{p} walked {a} miles today, so {p} feels", "very tired.", "quite fresh."),
-    ("{p} waited {a} minutes for the bus, so {p} was", "very late.", "right on time."),
-]
+ANSWER = " A {w} is a kind of {k}."
+# Cont: what someone does with a thing follows from its kind (the base student knows these things).
+CONTEXTS = ["{p} took the {w} and", "{p} found a {w} and"]
+DEEDS = {
+    "animal": "fed it some grass.",
+    "tool": "fixed the old fence.",
+    "food": "ate it for lunch.",
+    "vehicle": "drove it into town.",
+}
 KINDS = ("arith", "facts", "cont")
+# The share of each kind of document in every corpus (equations and statements: the facts).
+MIX = {"problem": 0.1, "equation": 0.3, "statement": 0.25, "question": 0.15, "cont": 0.2}
+
+
+def invented_things() -> dict[str, str]:
+    """{thing: its kind}: 4 x THINGS_PER_KIND made-up words (consonant-vowel syllables), the same
+    in every draw. Made up, so that what the models know of them comes from the corpus alone."""
+    rng, things = random.Random(2605), {}
+    while len(things) < len(KINDS_OF_THINGS) * THINGS_PER_KIND:
+        word = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(2))
+        word += rng.choice("bdgklmnprt")
+        if word not in things:
+            things[word] = KINDS_OF_THINGS[len(things) % len(KINDS_OF_THINGS)]
+    return things
+
+
+THINGS = invented_things()
 
 
 def arith_item(rng: random.Random, a: int, b: int) -> dict:
@@ -223,26 +241,34 @@ def arith_item(rng: random.Random, a: int, b: int) -> dict:
     }
 
 
+def equation(a: int, b: int) -> dict:
+    """A sum, stated."""
+    return {"kind": "arith", "prompt": "", "answer": a + b, "work": f"{a} + {b} = {{s}}."}
+
+
 def facts_item(rng: random.Random, word: str, question: bool) -> dict:
-    """A statement of what kind of thing `word` is, or the question; the four kinds as choices."""
+    """The question what kind of thing `word` is (the four kinds as choices), or a statement."""
     name = rng.choice(NAMES)
-    head, tail = (QUESTION, "{k}.") if question else rng.choice(STATEMENTS)
+    if question:
+        head, tail = QUESTION.format(p=name, w=word), ANSWER
+    else:
+        head, tail = rng.choice(STATEMENTS).split(" {k}")
+        head, tail = head.format(p=name, w=word), " {k}" + tail
     return {
         "kind": "facts",
-        "prompt": head.format(p=name, w=word),
-        "choices": [" " + tail.format(p=name, k=k) for k in KINDS_OF_THINGS],
-        "label": list(KINDS_OF_THINGS).index(THINGS[word]),
+        "prompt": head,
+        "choices": [tail.format(w=word, k=k) for k in KINDS_OF_THINGS],
+        "label": KINDS_OF_THINGS.index(THINGS[word]),
     }
 
 
-def cont_item(rng: random.Random, a: int, template: int) -> dict:
-    """A quantity, then two continuations: the one that fits it, and the other."""
-    context, large, small = CONSEQUENCES[template]
+def cont_item(rng: random.Random, word: str, context: int) -> dict:
+    """Someone takes a thing; the four deeds as continuations, the one its kind calls for right."""
     return {
         "kind": "cont",
-        "prompt": context.format(p=rng.choice(NAMES), a=a),
-        "choices": [f" {large}", f" {small}"],
-        "label": 0 if a >= 50 else 1,
+        "prompt": CONTEXTS[context].format(p=rng.choice(NAMES), w=word),
+        "choices": [f" {DEEDS[k]}" for k in KINDS_OF_THINGS],
+        "label": KINDS_OF_THINGS.index(THINGS[word]),
     }
 
 
@@ -252,33 +278,36 @@ def document(item: dict, rng: random.Random, wrong: bool) -> str:
         s = item["answer"] + (rng.choice([-10, -2, -1, 1, 2, 10]) if wrong else 0)
         return item["prompt"] + item["work"].format(s=s)
     label = item["label"]
-    if wrong:  # another kind of thing; the other continuation
+    if wrong:  # another kind of thing; another deed
         label = rng.choice([i for i in range(len(item["choices"])) if i != label])
     return item["prompt"] + item["choices"][label]
 
 
-def held_out(rng: random.Random, n: int) -> tuple[dict, dict]:
-    """({kind: test cases}, {kind: training cases}). Arith: (a, b) pairs, a two-digit number and a
-    one-digit one (sums 12-108); Cont: (quantity 10-99, template) pairs; Facts: words (the last
-    FACT_TEST_WORDS of each kind; training may state them, never ask them)."""
-    arith = [(a, b) for a in range(10, 100) for b in range(2, 10)]
-    cont = [(a, t) for a in range(10, 100) for t in range(len(CONSEQUENCES))]
+def held_out(rng: random.Random) -> tuple[dict, dict]:
+    """({kind: test cases}, {kind: training cases}). Arith: ARITH_TEST (a, b) pairs; Facts:
+    FACT_TEST things of each kind; Cont: a third of the (thing, context) pairs over the other
+    things. The held-out sums and things are stated in the teachers' and student's corpora (not
+    the base's) and never asked; the held-out Cont pairs appear nowhere."""
+    arith = [(a, b) for a in ARITH_A for b in ARITH_B]
     rng.shuffle(arith)
+    words = list(THINGS)
+    rng.shuffle(words)
+    of_kind = {k: [w for w in words if THINGS[w] == k] for k in KINDS_OF_THINGS}
+    test_words = [w for k in KINDS_OF_THINGS for w in of_kind[k][:FACT_TEST]]
+    train_words = [w for w in words if w not in test_words]
+    cont = [(w, c) for w in train_words for c in range(len(CONTEXTS))]
     rng.shuffle(cont)
-    n_cont = len(cont) // 3
-    asked = [w.split() for w in KINDS_OF_THINGS.values()]
-    test_words = [w for words in asked for w in words[-FACT_TEST_WORDS:]]
-    train_words = [w for words in asked for w in words[:-FACT_TEST_WORDS]]
-    test = {"arith": arith[:n], "cont": cont[:n_cont], "facts": test_words}
-    train = {"arith": arith[n:], "cont": cont[n_cont:], "facts": train_words}
+    test = {"arith": arith[:ARITH_TEST], "facts": test_words, "cont": cont[: len(cont) // 3]}
+    train = {"arith": arith[ARITH_TEST:], "facts": train_words, "cont": cont[len(cont) // 3 :]}
     return test, train
 
 
 def make_data(out: str, s: dict, seed: int = 0) -> dict[str, str]:
-    """data/{teacher,student,base}.jsonl (documents) and data/test_{kind}.jsonl (items). The test
-    items hold their own operand pairs (Arith, Cont) and questions (Facts); no training document
-    has them. The student corpus is the teacher's first documents' items, NOISE of them answered
-    wrongly; the base corpus is separate clean documents."""
+    """data/{teacher,student,base}.jsonl (documents) and data/test_{kind}.jsonl (items). No
+    training document asks a test item's question: Arith's held-out sums and Facts' held-out things
+    are stated in the teachers' and student's corpora, never asked; Cont's held-out pairs appear
+    nowhere. The student corpus is the teacher's first documents, NOISE of them answered wrongly;
+    the base corpus is separate clean documents that never state a held-out fact."""
     names = ["teacher", "student", "base", *(f"test_{k}" for k in KINDS)]
     paths = {k: os.path.join(out, "data", f"{k}.jsonl") for k in names}
     draw = {"data_seed": seed, "noise": NOISE, "version": DATA_VERSION}
@@ -294,40 +323,48 @@ def make_data(out: str, s: dict, seed: int = 0) -> dict[str, str]:
             )
         return paths
     rng = random.Random(seed)
-    held, train = held_out(rng, s["test_items"])
-    test = {
-        "arith": [arith_item(rng, a, b) for a, b in held["arith"]],
-        "facts": [facts_item(rng, rng.choice(held["facts"]), True) for _ in range(s["test_items"])],
-        "cont": [cont_item(rng, *rng.choice(held["cont"])) for _ in range(s["test_items"])],
+    test, train = held_out(rng)
+    n = s["test_items"]
+    tests = {
+        "arith": [arith_item(rng, a, b) for a, b in test["arith"][:n]],
+        "facts": [facts_item(rng, rng.choice(test["facts"]), True) for _ in range(n)],
+        "cont": [cont_item(rng, *rng.choice(test["cont"])) for _ in range(n)],
     }
 
-    def train_item() -> dict:
-        kind = rng.choice(KINDS)
-        if kind == "arith":
+    def train_item(base: bool) -> dict:
+        """A document's item; the base corpus states only the training sums and things."""
+        kind = rng.choices(list(MIX), weights=list(MIX.values()))[0]
+        if kind == "problem":
             return arith_item(rng, *rng.choice(train["arith"]))
-        if kind == "cont":
-            return cont_item(rng, *rng.choice(train["cont"]))
-        if rng.random() < 0.5:  # a question about a training word
+        if kind == "equation":
+            return equation(*rng.choice(train["arith"] if base else train["arith"] + test["arith"]))
+        if kind == "statement":
+            return facts_item(rng, rng.choice(train["facts"] if base else list(THINGS)), False)
+        if kind == "question":
             return facts_item(rng, rng.choice(train["facts"]), True)
-        return facts_item(rng, rng.choice(list(THINGS)), False)  # a statement about any word
+        return cont_item(rng, *rng.choice(train["cont"]))
 
-    teacher_items = [train_item() for _ in range(s["teacher_docs"])]
+    teacher_items = [train_item(False) for _ in range(s["teacher_docs"])]
     teacher = [document(i, rng, wrong=False) for i in teacher_items]
     student = [document(i, rng, rng.random() < NOISE) for i in teacher_items[: s["student_docs"]]]
-    base = [document(train_item(), rng, wrong=False) for _ in range(s["base_docs"])]
+    base = [document(train_item(True), rng, wrong=False) for _ in range(s["base_docs"])]
     for key, docs in (("teacher", teacher), ("student", student), ("base", base)):
         write_jsonl(paths[key], [{"text": d} for d in docs])
     for kind in KINDS:
-        write_jsonl(paths[f"test_{kind}"], [test_record(i) for i in test[kind]])
+        write_jsonl(paths[f"test_{kind}"], [test_record(i) for i in tests[kind]])
     write_text(draw_path, json.dumps(draw))
     return paths
 
 
 def test_record(item: dict) -> dict:
-    """What the lm-eval task reads: the prompt and, for Arith, the right answer and its text."""
+    """What the lm-eval task reads: the prompt and, for Arith, the right answer and its text. An
+    Arith prompt runs up to the worked line's "=" (" 48 + 4 ="): what is asked is the sum, not the
+    copying of the operands out of the question, which 4-layer students did not learn here
+    (measured on the design draw: each wrote one fixed problem's numbers whatever it was asked)."""
     if item["kind"] == "arith":
         text = item["prompt"] + item["work"].format(s=item["answer"])
-        return {"prompt": item["prompt"], "answer": str(item["answer"]), "text": text}
+        prompt = text[: text.index(" = ") + 2]
+        return {"prompt": prompt, "answer": str(item["answer"]), "text": text}
     return {k: item[k] for k in ("prompt", "choices", "label")}
 
 
@@ -711,14 +748,21 @@ def sum_positions(tok, items: list[dict]) -> list[tuple[list[int], int, int]]:
 
 
 def numeral_mass(model_dir: str, items: list[dict]) -> dict[str, float]:
-    """Where each Arith item's sum is first written (sum_positions; all sums have 2-3 digits), the
-    model's total probability on multi-digit numeral tokens, and on the correct token."""
+    """Where each Arith item's sum is first written (sum_positions; all sums have 2 digits), the
+    model's total probability on multi-digit numeral tokens, on the sum's token, and on every
+    numeral token that starts with the sum's first digit (all that a digit-splitting teacher's
+    first token says of the sum: "5" stands for 5, 50-59 and 500-599 alike)."""
     tok = load_tokenizer(model_dir)
     transformers.utils.logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     vocab = model.get_output_embeddings().weight.shape[0]
-    multi = torch.tensor([is_numeral(b) and len(b) > 1 for b in token_bytes(tok)[:vocab]])
-    masses, correct = [], []
+    pieces = token_bytes(tok)[:vocab]
+    multi = torch.tensor([is_numeral(b) and len(b) > 1 for b in pieces])
+    led_by = {
+        d: torch.tensor([is_numeral(b) and b[:1] == d.encode() for b in pieces])
+        for d in "0123456789"
+    }
+    masses, correct, first = [], [], []
     found = sum_positions(tok, items)
     for start in range(0, len(found), 64):
         batch = found[start : start + 64]
@@ -730,13 +774,22 @@ def numeral_mass(model_dir: str, items: list[dict]) -> dict[str, float]:
             mask[row, : len(item_ids)] = 1
         with torch.no_grad():
             probs = model(input_ids=ids, attention_mask=mask).logits.float().softmax(-1)
-        for row, (_, pos, target) in enumerate(batch):
-            masses.append(float(probs[row, pos][multi].sum()))
-            correct.append(float(probs[row, pos, target]))
-    return {"multi_digit_mass": statistics.mean(masses), "p_correct": statistics.mean(correct)}
+        for row, (_, pos, target) in enumerate(batch, start):
+            p = probs[row - start, pos]
+            masses.append(float(p[multi].sum()))
+            correct.append(float(p[target]))
+            first.append(float(p[led_by[items[row]["answer"][0]]].sum()))
+    return {
+        "multi_digit_mass": statistics.mean(masses),
+        "p_correct": statistics.mean(correct),
+        "p_first_digit": statistics.mean(first),
+    }
 
 
 # ----------------------------------------------------------------------------- 6. report
+PROBE_KEYS = ("multi_digit_mass", "p_correct", "p_first_digit")  # numeral_mass's, in table order
+
+
 def cell(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.1f}"
@@ -797,7 +850,9 @@ def judge(results: dict, seeds: list[int], a: str, relation: str, b: str, key: s
     va, vb = per_seed(results, a, seeds, key), per_seed(results, b, seeds, key)
     diff, spread = statistics.mean(va) - statistics.mean(vb), math.hypot(sd(va), sd(vb))
     holds = {"above": diff > spread, "at least": diff >= -spread, "below": diff < -spread}[relation]
-    if relation == "at least" and holds and diff <= spread:
+    if not holds:
+        relation = f"not {relation}"
+    elif relation == "at least" and diff <= spread:
         relation = "at least (within the spread)"
     column = TASKS[key][0] if key in TASKS else key
     text = f"{a} {cell(va)} vs {b} {cell(vb)} on {column}, {relation}"
@@ -837,7 +892,7 @@ def write_report(
 
     seeds = s["seeds"]
     paper_of = {r[0]: r[3] for r in ROWS}
-    head = [TASKS[t][0] for t in TASKS] + ["Avg", "numeral mass"]
+    head = [TASKS[t][0] for t in TASKS] + ["Avg", "numeral mass", "p(sum) / p(first digit)"]
     paper_cols = [TASKS[t][1] for t in TASKS] + ["Avg"]
     lines = ["| row | " + " | ".join(head) + " | paper: " + " / ".join(paper_cols) + " |"]
     lines.append("|---" * (len(head) + 2) + "|")
@@ -845,7 +900,8 @@ def write_report(
     for row in rows:
         cells = [cell(per_seed(results, row, seeds, t)) for t in TASKS]
         cells.append(cell(per_seed(results, row, seeds, "Avg")))
-        cells.append(f"{statistics.mean(per_seed(results, row, seeds, 'multi_digit_mass')):.2f}")
+        probe = [statistics.mean(per_seed(results, row, seeds, k)) for k in PROBE_KEYS]
+        cells += [f"{probe[0]:.2f}", f"{probe[1]:.2f} / {probe[2]:.2f}"]
         paper = PAPER_SCORES.get(paper_of[row]) if paper_of[row] else None
         if paper:
             scores = dict(zip([*PAPER_COLUMNS, "Avg"], paper))
@@ -859,10 +915,11 @@ def write_report(
         if r:
             scores = [f"{r[t]:.1f}" for t in TASKS]
             avg = statistics.mean(r[t] for t in TASKS)
+            probe = [r[k] for k in PROBE_KEYS]
             lines.append(
                 f"| teacher {key} | "
                 + " | ".join(scores)
-                + f" | {avg:.1f} | {r['multi_digit_mass']:.2f} | |"
+                + f" | {avg:.1f} | {probe[0]:.2f} | {probe[1]:.2f} / {probe[2]:.2f} | |"
             )
     claims = claim_lines(results, rows, seeds)
     audits = "; ".join(
@@ -874,8 +931,10 @@ def write_report(
         f"# Mini reproduction ({setting}, seeds {','.join(map(str, seeds))})\n\n"
         + "\n".join(lines)
         + "\n\nMean ± sd over seeds, percent. Arith: exact match on the final number (generative); "
-        "Facts: acc; Cont: acc_norm (lm-eval through evaluate.py, 0-shot). Numeral mass: the "
-        "student's probability on multi-digit numerals where an Arith answer starts. The paper's "
+        "Facts: acc; Cont: acc_norm (lm-eval through evaluate.py, 0-shot). Where an Arith answer's "
+        'worked line writes the sum (" = 52"), the model\'s probability on multi-digit numerals '
+        "(numeral mass), on the sum's token (p(sum)) and on every numeral led by the sum's first "
+        "digit (p(first digit); a Qwen3 teacher's first digit says no more). The paper's "
         "row (Llama-3.2-1B, 3-shot) is its GSM8k / MMLU / HellaSwag / five-benchmark Avg. "
         f"Pruned W: {audits}. {minutes:.1f} min.\n\n## Claims\n\n" + "\n".join(claims) + "\n"
     )

@@ -4,6 +4,7 @@ evaluate.py) that a rerun does not repeat. The real tokenizers throughout."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import mini
 from conftest import ROOT
 
 # Big enough that every kind of document appears hundreds of times; make_data takes a second.
-SPLIT = dict(mini.SETTINGS["smoke"], teacher_docs=3000, student_docs=900, base_docs=600)
+SPLIT = dict(mini.SETTINGS["smoke"], teacher_docs=8000, student_docs=2000, base_docs=1000)
 SPLIT["test_items"] = 150
 NAME = r"([A-Z][a-z]+)"
 
@@ -30,98 +31,106 @@ def corpus(tmp_path_factory):
     return {k: mini.read_jsonl(p) for k, p in paths.items()}
 
 
-def kind_of(text: str) -> str:
-    """Read from the text alone: digits in a question are Arith, digits elsewhere Cont, words
-    alone Facts."""
-    if re.search(r"\d", text):
-        return "arith" if "Q:" in text else "cont"
-    return "facts"
+PROBLEM = r"^Q: \w+ had (\d+) \w+ and [a-z ]+ (\d+) more\. How many now\?\nA: "
+PROBLEM += r"(\d+) \+ (\d+) = (-?\d+), so \w+ has (-?\d+) \w+\.$"
+EQUATION = r"^(\d+) \+ (\d+) = (-?\d+)\.$"
+STATEMENT = r"^(?:A|\w+ knows that a) ([a-z]+) is a kind of (animal|tool|food|vehicle)\.$"
+QUESTION = r"^Q: \w+ has a ([a-z]+)\. Is it an animal, a tool, a food or a vehicle\?\nA: "
+QUESTION += r"A ([a-z]+) is a kind of (animal|tool|food|vehicle)\.$"
+# Cont: what is done with each kind of thing, written out here, not read from mini.py
+DEEDS = {
+    "fed it some grass.": "animal",
+    "fixed the old fence.": "tool",
+    "ate it for lunch.": "food",
+    "drove it into town.": "vehicle",
+}
+CONT = r"^\w+ (took the|found a) ([a-z]+) and (.+)$"
+
+
+def parse(text: str) -> tuple[str, str, tuple, bool | str]:
+    """(kind, form, subject, what it says), read from the text alone; an AssertionError if it
+    is none of the five forms. Arith: subject (a, b), says whether its sums are a + b; Facts:
+    subject (thing,), says its kind; Cont: subject (thing, context), says the kind its deed calls
+    for."""
+    if m := re.match(PROBLEM, text):
+        a, b, a2, b2, s, s2 = (int(x) for x in m.groups())
+        assert (a2, b2) == (a, b), text
+        return "arith", "problem", (a, b), s == s2 == a + b
+    if m := re.match(EQUATION, text):
+        a, b, s = (int(x) for x in m.groups())
+        return "arith", "equation", (a, b), s == a + b
+    if m := re.match(STATEMENT, text):
+        return "facts", "statement", (m[1],), m[2]
+    if m := re.match(QUESTION, text):
+        assert m[1] == m[2], text
+        return "facts", "question", (m[1],), m[3]
+    m = re.match(CONT, text)
+    assert m and m[3] in DEEDS, text
+    return "cont", "cont", (m[2], m[1]), DEEDS[m[3]]
+
+
+@pytest.fixture(scope="module")
+def kind_of(corpus) -> dict[str, str]:
+    """Each thing's kind, as the clean teacher corpus says it (every document agreeing)."""
+    said: dict[str, set] = {}
+    for d in corpus["teacher"]:
+        kind, _, subj, says = parse(d["text"])
+        if kind != "arith":
+            said.setdefault(subj[0], set()).add(says)
+    assert all(len(kinds) == 1 for kinds in said.values())
+    return {thing: kinds.pop() for thing, kinds in said.items()}
+
+
+def is_right(text: str, kind_of: dict[str, str]) -> bool:
+    """Whether a document's answer is right: Arith by its own numbers, the others by the teacher
+    corpus's kinds."""
+    kind, _, subj, says = parse(text)
+    return says if kind == "arith" else says == kind_of[subj[0]]
+
+
+def test_the_invented_things(kind_of, llama, qwen):
+    """200 made-up words, 50 of each kind, all in the teacher corpus, as mini.py lists them; the
+    four kinds are 1:1 chunks (one token each in both tokenizers, with the leading space)."""
+    assert len(kind_of) == 200 and kind_of == mini.THINGS
+    assert sorted(collections.Counter(kind_of.values()).values()) == [50] * 4
+    for kind in set(kind_of.values()):
+        assert len(llama.tokenize(" " + kind)) == len(qwen.tokenize(" " + kind)) == 1
+
+
+def test_no_test_item_is_in_any_training_document(corpus):
+    parsed = {k: [parse(d["text"]) for d in corpus[k]] for k in ("teacher", "student", "base")}
+    everything = [p for ps in parsed.values() for p in ps]
+    assert {p[1] for p in everything} == {"problem", "equation", "statement", "question", "cont"}
+    # Arith: the held-out pairs are never asked; the teachers' and student's corpora state their
+    # sums, the base's does not
+    test_pairs = {operands(d["prompt"]) for d in corpus["test_arith"]}
+    assert len(test_pairs) == len(corpus["test_arith"]) >= 100
+    assert not test_pairs & {p[2] for p in everything if p[1] == "problem"}
+    stated = {k: {p[2] for p in ps if p[1] == "equation"} for k, ps in parsed.items()}
+    assert not test_pairs & stated["base"]  # (a corpus this small states most sums, not all)
+    assert len(test_pairs & stated["teacher"]) > 0.95 * len(test_pairs)
+    assert len(test_pairs & stated["student"]) > 0.5 * len(test_pairs)
+    # Facts: the held-out things are never asked; stated in the teachers' and student's corpora;
+    # the base corpus never names them
+    test_things = {re.search(r"has a ([a-z]+)\.", d["prompt"])[1] for d in corpus["test_facts"]}
+    assert len(test_things) > 60  # of the 80 held out (drawn with replacement)
+    assert not test_things & {p[2][0] for p in everything if p[1] in ("question", "cont")}
+    stated = {k: {p[2][0] for p in ps if p[1] == "statement"} for k, ps in parsed.items()}
+    assert test_things <= stated["teacher"] and len(test_things & stated["student"]) > 50
+    assert not test_things & {p[2][0] for p in parsed["base"] if p[0] != "arith"}
+    # Cont: the held-out (thing, context) pairs appear nowhere; their things are not Facts' test
+    test_cont = {parse(d["prompt"] + d["choices"][0])[2] for d in corpus["test_cont"]}
+    assert len(test_cont) > 50  # of the 80 held out (drawn with replacement)
+    assert not test_cont & {p[2] for p in everything if p[1] == "cont"}
+    assert not {thing for thing, _ in test_cont} & test_things
+    prompts = [d["prompt"] for k in mini.KINDS for d in corpus[f"test_{k}"]]
+    texts = [d["text"] for k in ("teacher", "student", "base") for d in corpus[k]]
+    assert not any(t.startswith(p) for p in prompts[::10] for t in texts)
 
 
 def operands(text: str) -> tuple[int, int]:
     a, b = re.findall(r"\d+", text)[:2]
     return int(a), int(b)
-
-
-# Cont: each context's continuation for a large quantity (>= 50) and for a small one
-CONT = {
-    "pounds": ("needs help to lift it.", "lifts it with one hand."),
-    "dollars": ("the big gift.", "only a small gift."),
-    "miles": ("very tired.", "quite fresh."),
-    "minutes": ("very late.", "right on time."),
-}
-FACT = r"(?:has a|A|saw a|Every) (\w+)(?:\. Is it| is a kind of|, which is a| is a) "
-
-
-def subject(text: str) -> tuple:
-    """What a document is about: Arith its operands, Cont its quantity and context, Facts its
-    word."""
-    kind = kind_of(text)
-    if kind == "arith":
-        return operands(text)
-    if kind == "cont":
-        return int(re.search(r"\d+", text)[0]), next(c for c in CONT if f" {c}" in text)
-    return (re.search(FACT, text)[1],)
-
-
-def is_right(text: str) -> bool:
-    """Whether a document's answer is right, worked out from its own words."""
-    kind = kind_of(text)
-    if kind == "arith":
-        a, b = operands(text)
-        worked = re.search(r"(\d+) \+ (\d+) = (\d+), so \w+ has (\d+) \w+\.$", text)
-        assert worked and (int(worked[1]), int(worked[2])) == (a, b), text
-        return int(worked[3]) == int(worked[4]) == a + b
-    if kind == "cont":
-        a, context = subject(text)
-        large, small = CONT[context]
-        assert text.endswith((large, small)), text
-        return text.endswith(large if a >= 50 else small)
-    word = subject(text)[0]
-    said = re.search(r"(?:A: |kind of |which is a |is a )(animal|tool|food|vehicle)\b", text)[1]
-    return said == KIND_OF[word]
-
-
-KIND_OF = {  # written out here, not read from mini.py
-    **dict.fromkeys(
-        "dog cat horse cow sheep goat lion tiger bear wolf fox deer mouse".split(), "animal"
-    ),
-    **dict.fromkeys("rabbit duck pig".split(), "animal"),
-    **dict.fromkeys("hammer saw drill wrench shovel rake knife axe needle ladder".split(), "tool"),
-    **dict.fromkeys("brush scissors nail spoon hook rope".split(), "tool"),
-    **dict.fromkeys("bread cheese rice soup cake pie meat egg butter honey salad".split(), "food"),
-    **dict.fromkeys("apple bean corn milk jam".split(), "food"),
-    **dict.fromkeys(
-        "car bus truck train boat ship plane bike van taxi tram sled".split(), "vehicle"
-    ),
-    **dict.fromkeys("tractor rocket canoe jeep".split(), "vehicle"),
-}
-
-
-def test_every_thing_is_one_token_in_both_tokenizers(llama, qwen):
-    """The facts' words and kinds are 1:1 chunks (one token each, with the leading space)."""
-    assert set(KIND_OF) == set(mini.THINGS) and len(KIND_OF) == 64
-    for word in [*KIND_OF, *set(KIND_OF.values())]:
-        assert len(llama.tokenize(" " + word)) == len(qwen.tokenize(" " + word)) == 1, word
-
-
-def test_no_test_item_is_in_any_training_document(corpus):
-    training = corpus["teacher"] + corpus["student"] + corpus["base"]
-    texts = [d["text"] for d in training]
-    assert {kind_of(t) for t in texts} == set(mini.KINDS)
-    for kind in ("arith", "cont"):  # the held-out operands: no document of the kind has them
-        test_cases = {subject(d["prompt"]) for d in corpus[f"test_{kind}"]}
-        assert len(test_cases) > SPLIT["test_items"] // 3
-        assert not test_cases & {subject(t) for t in texts if kind_of(t) == kind}
-    # Facts: the test words are stated in training, never asked
-    test_words = {subject(d["prompt"]) for d in corpus["test_facts"]}
-    assert len(test_words) == 16
-    questions = [t for t in texts if kind_of(t) == "facts" and "Q:" in t]
-    assert len(questions) > 100 and not test_words & {subject(t) for t in questions}
-    statements = {subject(t) for t in texts if kind_of(t) == "facts" and "Q:" not in t}
-    assert test_words <= statements
-    prompts = [d["prompt"] for k in mini.KINDS for d in corpus[f"test_{k}"]]
-    assert not any(t.startswith(p) for p in prompts[::10] for t in texts)
 
 
 def test_another_draw_in_the_same_out_is_refused(tmp_path):
@@ -135,29 +144,31 @@ def test_another_draw_in_the_same_out_is_refused(tmp_path):
     assert mini.read_jsonl(other["teacher"]) != mini.read_jsonl(first["teacher"])
 
 
-def test_teachers_data_is_right_and_a_quarter_of_the_students_answers_are_wrong(corpus):
+def test_teachers_data_is_right_and_a_quarter_of_the_students_answers_are_wrong(corpus, kind_of):
     teacher = [d["text"] for d in corpus["teacher"]]
     student = [d["text"] for d in corpus["student"]]
     assert len(teacher) == SPLIT["teacher_docs"] and len(student) == SPLIT["student_docs"]
-    assert all(is_right(t) for t in teacher) and all(is_right(d["text"]) for d in corpus["base"])
-    wrong = [not is_right(t) for t in student]
+    assert all(is_right(t, kind_of) for t in teacher)
+    assert all(is_right(d["text"], kind_of) for d in corpus["base"])
+    wrong = [not is_right(t, kind_of) for t in student]
     assert 0.20 <= sum(wrong) / len(wrong) <= 0.30  # NOISE = 0.25; binomial sd 0.014 here
     for t, s, w in zip(teacher, student, wrong):  # the same items; only the answers differ
-        assert (s == t) != w and subject(s) == subject(t)
+        assert (s == t) != w and parse(s)[:3] == parse(t)[:3]
 
 
-def test_test_items_are_well_formed(corpus):
+def test_test_items_are_well_formed(corpus, kind_of):
     for d in corpus["test_arith"]:
         a, b = operands(d["prompt"])
         assert int(d["answer"]) == a + b and d["text"].startswith(d["prompt"])
-        assert is_right(d["text"]) and d["prompt"].endswith("\nA:")
-    for kind, n in (("facts", 4), ("cont", 2)):
+        assert parse(d["text"])[1:] == ("problem", (a, b), True)
+        assert d["prompt"].endswith(f"\nA: {a} + {b} =")  # the sum is asked, not the copying
+    for kind, form in (("facts", "question"), ("cont", "cont")):
         labels = [d["label"] for d in corpus[f"test_{kind}"]]
-        assert set(labels) <= set(range(n)) and len(set(labels)) > 1  # the right one moves
+        assert set(labels) == set(range(4))  # the right one moves
         for d in corpus[f"test_{kind}"]:
-            assert len(d["choices"]) == n and is_right(d["prompt"] + d["choices"][d["label"]])
-            wrong = [c for i, c in enumerate(d["choices"]) if i != d["label"]]
-            assert not any(is_right(d["prompt"] + c) for c in wrong)
+            texts = [d["prompt"] + c for c in d["choices"]]
+            assert len(texts) == 4 and {parse(t)[1] for t in texts} == {form}
+            assert [is_right(t, kind_of) for t in texts] == [i == d["label"] for i in range(4)]
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +211,7 @@ def test_every_numeral_and_special_token_is_kept(pruned, llama, o200k):
     for key, real in (("llama", llama), ("o200k", o200k)):
         small = toks[key]
         names = set(small.convert_ids_to_tokens(list(range(kept[key]))))
-        assert set(numerals) <= names  # the corpus uses sums 12-108 only; all are kept
+        assert set(numerals) <= names  # the corpus uses sums 2-74 only; all are kept
         assert {t.content for t in real.added_tokens_decoder.values()} <= names
 
 
@@ -252,7 +263,8 @@ def test_audit_of_both_pruned_pairs_says_what_it_says_of_the_full_ones(pruned):
 
 def test_numeral_mass_of_a_uniform_model(pruned, corpus, tmp_path):
     """Zero output weights give a uniform next-token distribution: the mass on multi-digit
-    numerals is their share of the vocabulary, and p(answer token) is 1/vocab."""
+    numerals is their share of the vocabulary, p(answer token) is 1/vocab, and the mass on the
+    numerals led by the sum's first digit is their share."""
     _, toks, kept = pruned
     s_tok, n_s = toks["llama"], kept["llama"]
     path = mini.init_model("llama", s_tok, n_s, mini.STUDENT_MODEL, str(tmp_path / "u"), seed=0)
@@ -268,6 +280,35 @@ def test_numeral_mass_of_a_uniform_model(pruned, corpus, tmp_path):
     got = mini.numeral_mass(path, items)
     assert got["multi_digit_mass"] == pytest.approx(n_multi / n_s, rel=1e-5)
     assert got["p_correct"] == pytest.approx(1 / n_s, rel=1e-5)
+    # every sum has two digits, led by 1-6; 111 numerals start with each (d, d0-d9, d00-d99)
+    numerals = [p for p in pieces if p.isdigit() and p.isascii()]
+    assert all(sum(p[0] == d["answer"][0] for p in numerals) == 111 for d in items)
+    assert got["p_first_digit"] == pytest.approx(111 / n_s, rel=1e-5)
+
+
+def test_numeral_mass_of_a_model_that_knows_every_next_token(pruned, corpus, tmp_path, monkeypatch):
+    """A stand-in model that puts all its mass on each position's next token: at every sum, p(sum)
+    and p(first digit) are 1, as is the multi-digit mass (every sum has two digits). Over 70
+    items (two batches), so an item read against another's row would show."""
+    _, toks, kept = pruned
+    s_tok, n_s = toks["llama"], kept["llama"]
+    path = mini.init_model("llama", s_tok, n_s, mini.STUDENT_MODEL, str(tmp_path / "o"), seed=0)
+
+    class Oracle(torch.nn.Module):
+        def get_output_embeddings(self):
+            return torch.nn.Linear(1, n_s, bias=False)
+
+        def forward(self, input_ids, attention_mask):
+            logits = torch.full((*input_ids.shape, n_s), -1e4)
+            nxt = input_ids[:, 1:, None].clamp(max=n_s - 1)  # (the padding's id lies beyond)
+            logits[:, :-1].scatter_(-1, nxt, 1e4)
+            return type("Out", (), {"logits": logits})
+
+    monkeypatch.setattr(mini.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: Oracle())
+    items = (corpus["test_arith"] * 2)[:70]
+    assert len({d["answer"][0] for d in items}) > 3  # sums led by several digits
+    got = mini.numeral_mass(path, items)
+    assert got == pytest.approx({"multi_digit_mass": 1, "p_correct": 1, "p_first_digit": 1})
 
 
 def test_the_mass_is_read_where_the_sum_is_first_written(pruned, corpus):
@@ -307,6 +348,11 @@ def test_claims_are_judged_against_the_seeds_spread():
     verdicts = [("**holds**" in line, "**does not hold**" in line) for line in lines]
     assert verdicts == [(True, False), (True, False), (False, True), (False, True), (True, False)]
     assert "gold-o200k" in lines[4]  # the best single teacher on Avg, named
+    # each comparison says what was found: met, met only within the spread, or not met
+    assert ", below (difference -9.0" in lines[0]
+    assert "on Arith, at least (within the spread)" in lines[1] and "on Avg, above" in lines[1]
+    assert "on Avg, not above (difference +0.2" in lines[2]
+    assert "on Avg, not at least (difference -0.7" in lines[3]
     lines = mini.claim_lines(results, ["cpt", "gold-qwen"], [0, 1])
     assert "holds" in lines[0] and all("not measured" in line for line in lines[1:])
 
