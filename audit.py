@@ -26,7 +26,14 @@ import sys
 import torch
 
 from build_projection import build_projection, hkl_pairs, load_projection, model_vocab_size
-from cli import ArgumentParser, atomic_write, check_output_file, float_flag, one_line_errors
+from cli import (
+    ArgumentParser,
+    add_model_flags,
+    atomic_write,
+    check_output_file,
+    float_flag,
+    one_line_errors,
+)
 from tokens import load_tokenizer, token_bytes
 
 CATEGORIES = (
@@ -264,12 +271,7 @@ def plot_report(report: dict, path: str, student: str, teacher: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="audit.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--student", required=True, help="hub name, directory, tokenizer file, pkg:NAME"
-    )
-    parser.add_argument(
-        "--teacher", required=True, help="hub name, directory, tokenizer file, pkg:NAME"
-    )
+    add_model_flags(parser)
     parser.add_argument(
         "--projection",
         help="a W file: build_projection.py's, or NeMo-RL/TRL's top-k file (default: build it)",

@@ -9,8 +9,8 @@ W[s, t] is the share of student token s's probability mass that lands on teacher
      pad, unk where both sides have a distinct such token; other specials empty;
   4. top-4 per row, rows normalized to 1 (or empty); optional reverse pass (--reverse).
 W is never dense: [128k x 152k] would be ~78 GB in fp32. Also here, as functions of W: the file
-format (save_projection / load_projection: bound to both tokenizers by hash), the top-k format of
-NeMo-RL's and TRL's X-Token (export_topk; load_projection reads it too), train.py's W cache
+format (save_projection / load_projection: bound to both tokenizers by hash; load_projection also
+reads the top-k format of NeMo-RL's and TRL's X-Token, topk_interop.py), train.py's W cache
 (cached_projection), and H-KL's common set (hkl_pairs: the exact pairs widened by W's top entries).
 
     python build_projection.py --student meta-llama/Llama-3.2-1B --teacher Qwen/Qwen3-4B --out W.pt
@@ -34,6 +34,7 @@ from transformers import AutoConfig
 from cli import (
     LOAD_ERRORS,
     ArgumentParser,
+    add_model_flags,
     atomic_write,
     check_output_file,
     int_flag,
@@ -48,6 +49,8 @@ from tokens import (
     token_bytes,
     tokenizer_hash,
 )
+from topk_interop import TOPK_K, export_topk, is_topk, read_topk
+from topk_interop import to_topk as to_topk  # re-exported: build_projection.to_topk
 
 # 2: special tokens paired by meaning, "special_pairs" recorded (1 paired them by role name)
 FORMAT_VERSION = 2
@@ -363,153 +366,23 @@ def save_projection(projection: dict, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the top-k format
-# NeMo-RL's X-Token tools (tools/x_token/minimal_projection_via_multitoken.py) and TRL's port
-# (trl/experimental/gold/scripts/xtoken/build_projection_matrix.py) write W as a dict of
-# "indices" Long [V_S, k] (teacher ids, -1 pads) and "likelihoods" float [V_S, k], with
-# "student_model_id" / "teacher_model_id" (legacy: "model_A_id" / "model_B_id"). Their strict
-# exact map is a row [t, -1, ...] of weights [1.0, 0, ...], which an exact pair here exports as.
-
-TOPK_K = 4  # their runtime top-k, and this W's top-k
-TOPK_MODEL_IDS = {
-    "student": ("student_model_id", "model_A_id"),
-    "teacher": ("teacher_model_id", "model_B_id"),
-}
-
-
-def to_topk(W: Tensor, k: int = TOPK_K) -> tuple[Tensor, Tensor]:
-    """W as top-k arrays: indices Long [V_S, k], each row's teacher ids by weight descending
-    (ties: lowest id), -1 padded; likelihoods float32 [V_S, k], 0 where padded. An error when a
-    row has more than k entries (never cut: the row would no longer sum to 1)."""
-    W = W.coalesce()
-    s, t, w = W.indices()[0], W.indices()[1], W.values()
-    order = _lexsort(t, -w, s)  # by row, then weight descending, then teacher id
-    s, t, w = s[order], t[order], w[order]
-    counts = torch.bincount(s, minlength=W.shape[0])
-    if len(s) and int(counts.max()) > k:
-        raise ValueError(f"W has a row of {int(counts.max())} entries, more than k = {k}")
-    rank = torch.arange(len(s)) - (torch.cumsum(counts, 0) - counts)[s]
-    indices = torch.full((W.shape[0], k), -1, dtype=torch.long)
-    likelihoods = torch.zeros((W.shape[0], k), dtype=torch.float32)
-    indices[s, rank], likelihoods[s, rank] = t, w.float()
-    return indices, likelihoods
-
-
-def export_topk(
-    projection: dict, path: str, *, student_model_id: str, teacher_model_id: str
-) -> None:
-    """Write W in the top-k format (atomically). Their readers ignore the keys they do not know:
-    the tokenizer hashes make the file verifiable here, as ours is."""
-    indices, likelihoods = to_topk(projection["W"])
-    data = {
-        "indices": indices,
-        "likelihoods": likelihoods,
-        "student_model_id": student_model_id,
-        "teacher_model_id": teacher_model_id,
-        "enable_scale_trick": False,  # no 0.2 slot in the last column (their sort_and_cut reads it)
-        "student_tokenizer_sha256": projection["student"]["sha256"],
-        "teacher_tokenizer_sha256": projection["teacher"]["sha256"],
-        "teacher_vocab_size": int(projection["W"].shape[1]),  # W's columns, padding included
-    }
-    atomic_write(path, lambda f: torch.save(data, f))
-
-
-def _is_topk(data) -> bool:
-    return isinstance(data, dict) and "indices" in data and "likelihoods" in data
 
 
 def _from_topk(data: dict, path: str, student_tok, teacher_tok) -> dict:
-    """A top-k file as our dict: W's rows as stored (-1 and 0-weight slots dropped), exact and
+    """A top-k file (NeMo-RL / TRL: topk_interop.read_topk, checked) as our dict: exact and
     special pairs recomputed from the tokenizers as build_projection does."""
-    hashes = {side: data.get(f"{side}_tokenizer_sha256") for side in ("student", "teacher")}
-    verified = all(isinstance(h, str) for h in hashes.values())
-    if student_tok is None or teacher_tok is None:
-        if verified:
-            raise ValueError(
-                f"{path} is a top-k W file (NeMo-RL/TRL format): pass --student and --teacher "
-                "(its exact pairs are computed from both tokenizers)"
-            )
-        raise ValueError(
-            f"{path} is a top-k W file (NeMo-RL/TRL format) without tokenizer hashes: pass "
-            "--student and --teacher; it cannot be verified against them"
-        )
-    indices, likelihoods = _topk_arrays(data, path)
-    if verified:
-        _check_tokenizers(path, hashes, student_tok, teacher_tok)
-    rows, k = indices.shape
-    if rows < len(student_tok):
-        raise ValueError(
-            f"{path} has {rows} rows (student ids) but the student tokenizer "
-            f"{_name(student_tok, 'student')} has {len(student_tok)} ids: it was built for "
-            "another student; rebuild it for this pair"
-        )
-    keep = (indices >= 0) & (likelihoods > 0)  # -1 pads a row; a 0 weight is no entry
-    s = torch.arange(rows).unsqueeze(1).expand(rows, k)[keep]
-    t, w = indices[keep], likelihoods[keep]
-    vt = max(len(teacher_tok), int(t.max()) + 1 if len(t) else 0)
-    if verified and isinstance(data.get("teacher_vocab_size"), int):
-        vt = max(vt, data["teacher_vocab_size"])  # ours: W's padded columns come back too
-    W = torch.sparse_coo_tensor(torch.stack([s, t]), w, (rows, vt), check_invariants=True)
-    W = W.coalesce()
-    ids = {side: _model_id(data, side) for side in TOPK_MODEL_IDS}
-    if not verified:
-        named = " -> ".join(i or "?" for i in ids.values())
-        built = f" (built for {named})" if any(ids.values()) else ""
-        print(
-            f"warning: {path} is a top-k W file without tokenizer hashes{built}: it cannot be "
-            f"verified against {_name(student_tok, 'the student')} -> "
-            f"{_name(teacher_tok, 'the teacher')}; make sure it was built for them",
-            file=sys.stderr,
-        )
+    W, params = read_topk(data, path, student_tok, teacher_tok, check_tokenizers=_check_tokenizers)
     _, exact_pairs, _ = _exact_pass(student_tok, teacher_tok)
     specials = _special_records(student_tok, teacher_tok)
     return {
         "W": W,
         "exact_pairs": _pairs_tensor(exact_pairs, specials),
         "special_pairs": specials,
-        "student": _identity(student_tok, rows),
-        "teacher": _identity(teacher_tok, vt),
-        "params": {
-            "source": "topk",
-            "top_k": k,
-            "verified": verified,
-            "student_model_id": ids["student"],
-            "teacher_model_id": ids["teacher"],
-        },
+        "student": _identity(student_tok, W.shape[0]),
+        "teacher": _identity(teacher_tok, W.shape[1]),
+        "params": params,
         "version": FORMAT_VERSION,
     }
-
-
-def _topk_arrays(data: dict, path: str) -> tuple[Tensor, Tensor]:
-    """indices (Long) and likelihoods (float32) of a top-k file, checked: one shape [V_S, k],
-    teacher ids >= -1, weights finite and >= 0."""
-    indices, likelihoods = data["indices"], data["likelihoods"]
-    fix = "re-export it (build_projection.py --export-topk) or rebuild it"
-    if not isinstance(indices, Tensor) or not isinstance(likelihoods, Tensor):
-        raise ValueError(f"{path}: 'indices' and 'likelihoods' are not tensors; {fix}")
-    if indices.dim() != 2 or indices.shape != likelihoods.shape or 0 in indices.shape:
-        raise ValueError(
-            f"{path}: 'indices' {tuple(indices.shape)} and 'likelihoods' "
-            f"{tuple(likelihoods.shape)} are not one shape [V_S, k]; {fix}"
-        )
-    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-        raise ValueError(f"{path}: 'indices' is {indices.dtype}, not integer teacher ids; {fix}")
-    if not likelihoods.dtype.is_floating_point:
-        raise ValueError(f"{path}: 'likelihoods' is {likelihoods.dtype}, not float; {fix}")
-    indices, likelihoods = indices.long(), likelihoods.float()
-    if bool((indices < -1).any()):
-        raise ValueError(
-            f"{path}: 'indices' has teacher id {int(indices.min())} (only -1 pads a row); {fix}"
-        )
-    if not bool(torch.isfinite(likelihoods).all()) or bool((likelihoods < 0).any()):
-        raise ValueError(f"{path}: 'likelihoods' has negative or non-finite weights; {fix}")
-    return indices, likelihoods
-
-
-def _model_id(data: dict, side: str) -> str | None:
-    for key in TOPK_MODEL_IDS[side]:
-        if isinstance(data.get(key), str) and data[key]:
-            return data[key]
-    return None
 
 
 def _name(tok, default: str) -> str:
@@ -548,7 +421,7 @@ def load_projection(path: str, student_tok=None, teacher_tok=None) -> dict:
             f"{path} is not a readable W file (corrupt or truncated: "
             f"{str(e).splitlines()[0][:80]}); rebuild it with build_projection.py"
         ) from e
-    if _is_topk(projection) and "version" not in projection:
+    if is_topk(projection) and "version" not in projection:
         return _from_topk(projection, path, student_tok, teacher_tok)
     if not isinstance(projection, dict) or "version" not in projection:
         raise ValueError(
@@ -572,12 +445,7 @@ def load_projection(path: str, student_tok=None, teacher_tok=None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="build_projection.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--student", required=True, help="hub name, directory, tokenizer file, pkg:NAME"
-    )
-    parser.add_argument(
-        "--teacher", required=True, help="hub name, directory, tokenizer file, pkg:NAME"
-    )
+    add_model_flags(parser)
     parser.add_argument("--out", help="W file in this repo's format (torch.save dict)")
     parser.add_argument(
         "--export-topk",

@@ -58,6 +58,15 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--student and --teacher (required): a tokenizer by hub name, directory, file or pkg:NAME
+    (tokens.load_tokenizer), the pair build_projection.py and audit.py take."""
+    for flag in ("--student", "--teacher"):
+        parser.add_argument(
+            flag, required=True, help="hub name, directory, tokenizer file, pkg:NAME"
+        )
+
+
 def int_flag(low: int, high: int | None = None, what: str = "") -> Callable:
     """An argparse type: an integer in [low, high] (high None: no upper bound)."""
     allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"

@@ -123,7 +123,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 
 
 class UsageError(Exception):
-    """Bad input: reported as one line on stderr with exit code 2, no traceback."""
+    """Bad input: reported as one line on stderr with exit code 2, no traceback. Not cli.py's
+    error path (cli.one_line_errors: any ValueError or OSError, "error: ..."): here a ValueError
+    is not bad input (in a cell, a failed cell and exit 1; elsewhere, a bug's traceback), and the
+    line reads "evaluate.py: error: ..." with any newline in it made a space (main)."""
 
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # what both the hf and vllm backends take
@@ -228,6 +231,9 @@ def devices_value(text: str) -> list[str]:
 
 
 class Parser(argparse.ArgumentParser):
+    """Not cli.ArgumentParser (which exits with "error: ... (see PROG --help)"): a UsageError,
+    so main's one except reports a bad flag in the words of every other bad input."""
+
     def error(self, message: str):  # argparse's own prints the usage too: one line, exit 2
         raise UsageError(f"{message} (python evaluate.py --help lists the flags)")
 
