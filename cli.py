@@ -1,8 +1,8 @@
 """What every stage's command line shares: bad input is ONE line on stderr ("error: WHAT; WHAT TO
 DO") and exit status 2, checked before any slow work or any write; outputs are written atomically.
 
-Used by build_projection.py, audit.py, train.py, evaluate.py and mini.py. Imports nothing of this
-repository: everything else may import it.
+Used by build_projection.py, topk_interop.py, audit.py, train.py, evaluate.py and mini.py.
+Imports nothing of this repository: everything else may import it.
 """
 
 from __future__ import annotations
