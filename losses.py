@@ -133,7 +133,7 @@ def gold_terms(z_s, z_t, s_mean, t_mean, *, pairs, us, ut, k, uld_weight, tau) -
     return loss
 
 
-def kl_terms(z_s, z_t, s_mean, t_mean, *, subset, tau) -> Tensor:
+def kl_terms(z_s, z_t, *, subset, tau) -> Tensor:
     """Same-tokenizer KD (5.4), per position (a chunk is a position: the means are identities).
     z_t holds the subset's columns only (subset None: the whole vocabulary)."""
     log_pt = torch.log_softmax(z_t / tau, -1)
@@ -142,7 +142,7 @@ def kl_terms(z_s, z_t, s_mean, t_mean, *, subset, tau) -> Tensor:
     return (log_pt.exp() * (log_pt - log_ps)).sum()
 
 
-def ce_terms(z_s, labels, s_mean, t_mean) -> Tensor:
+def ce_terms(z_s, labels) -> Tensor:
     """Next-token cross-entropy (5.5) of the given positions and their labels [rows]."""
     # CE = -log p_S[label]
     return F.cross_entropy(z_s, labels.reshape(-1), reduction="sum")
@@ -195,6 +195,16 @@ def gold_loss_plain(
     return _mean(total, c.n, temperature, s_logits)
 
 
+def uld_loss_plain(
+    s_logits, t_logits, s_chunk, t_chunk, *, uld_topk=8192, temperature=1.0
+) -> Tensor:
+    """uld_loss on the whole batch at once: GOLD's sorted L1 with no common set."""
+    no_pairs = torch.zeros(0, 2, dtype=torch.long, device=s_logits.device)
+    return gold_loss_plain(
+        s_logits, t_logits, s_chunk, t_chunk, no_pairs, uld_topk=uld_topk, temperature=temperature
+    )
+
+
 def kl_loss_plain(s_logits, t_logits, mask, *, vocab_topk=8192, temperature=1.0) -> Tensor:
     """kl_loss on the whole batch at once: the reference for the blocked kl_loss."""
     chunk = _kl_check(s_logits, t_logits, mask, temperature)
@@ -203,7 +213,7 @@ def kl_loss_plain(s_logits, t_logits, mask, *, vocab_topk=8192, temperature=1.0)
     _check_finite(z_t)
     subset = _subset(lambda: z_t.amax(0), c.n, vocab_topk, t_logits.shape[-1])
     z_t = z_t if subset is None else z_t.index_select(1, subset)
-    total = kl_terms(z_s, z_t, None, None, subset=subset, tau=temperature)
+    total = kl_terms(z_s, z_t, subset=subset, tau=temperature)
     return _mean(total, c.n, temperature, s_logits)
 
 
@@ -212,7 +222,7 @@ def ce_loss_plain(s_logits: Tensor, labels: Tensor) -> Tensor:
     chunk = _ce_check(s_logits, labels)
     c, dtype = find_chunks(chunk, chunk), _dtype(s_logits)
     z_s = _rows(s_logits, c.s_rows, dtype)
-    total = ce_terms(z_s, labels.flatten()[c.t_rows], None, None)
+    total = ce_terms(z_s, labels.flatten()[c.t_rows])
     return _mean(total, c.n, 1.0, s_logits)
 
 
@@ -324,7 +334,8 @@ def kl_loss(
     v = s_logits.shape[-1]
     plan = _plan(chunk, chunk, s_logits, v, v)
     subset = _subset(lambda: blocked.column_max(t_logits, plan), plan.n, vocab_topk, v)
-    terms = partial(kl_terms, subset=subset, tau=temperature)
+    # a chunk is a position: the engine's chunk means are identities, not passed on
+    terms = lambda z_s, z_t, s_mean, t_mean: kl_terms(z_s, z_t, subset=subset, tau=temperature)
     return blocked.block_sum(
         terms,
         plan,
@@ -341,8 +352,9 @@ def ce_loss(s_logits: Tensor, labels: Tensor) -> Tensor:
     logits (position p's label is the token p predicts: no shift here); -100 is ignored."""
     chunk = _ce_check(s_logits, labels)
     plan = _plan(chunk, chunk, s_logits, s_logits.shape[-1], s_logits.shape[-1])
+    terms = lambda z_s, labels, s_mean, t_mean: ce_terms(z_s, labels)  # a chunk is a position
     return blocked.block_sum(
-        ce_terms, plan, s_logits, labels, dtype=_dtype(s_logits), scale=1 / max(plan.n, 1)
+        terms, plan, s_logits, labels, dtype=_dtype(s_logits), scale=1 / max(plan.n, 1)
     )
 
 
@@ -362,30 +374,40 @@ def _plan(s_chunk: Tensor, t_chunk: Tensor, s_logits: Tensor, s_vocab: int, t_vo
 # ----------------------------------------------------------------------------- KD and CE together
 
 
-def combine(
+def objective(
     ce: Tensor,
     kd_terms: Sequence[Tensor],
     weights: Sequence[float],
     *,
+    shares: Sequence[Tensor | float] | None = None,
     dynamic: bool = True,
     kd_weight: float = 1.0,
     ce_weight: float = 1.0,
-) -> Tensor:
-    """The training loss (5.5, 5.6), with KD = sum_m weights[m] * kd_terms[m].
+) -> tuple[Tensor, Tensor]:
+    """The training loss of one micro-batch (5.5, 5.6) and the KD scale applied in it.
 
-    dynamic: sg(CE / KD) * KD + CE: its value is 2 * CE and the KD gradient is scaled by CE / KD.
-    The scale is 1 when KD <= 0 (a negative KD would flip the sign of its gradient).
-    static: kd_weight * KD + ce_weight * CE.
+    ce, kd_terms[m]: the micro-batch's means (CE over its labelled tokens, each teacher's KD over
+    its valid chunks); KD = sum_m weights[m] * kd_terms[m]. The loss is a mean over the whole step
+    (every micro-batch and rank), so each term enters times its `shares` entry (CE's, then each
+    teacher's): the micro-batch's part of the step's count of that term's targets (None: 1, the
+    micro-batch is the step). The scale comes from this micro-batch's means: no second pass, no
+    communication.
     """
     if len(kd_terms) != len(weights):
         raise ValueError(f"{len(kd_terms)} KD terms but {len(weights)} weights")
-    kd = sum((w * term for w, term in zip(weights, kd_terms)), ce.new_zeros(()))
+    shares = [1.0] * (len(weights) + 1) if shares is None else shares
+    kd_mean = sum((w * term for w, term in zip(weights, kd_terms)), ce.new_zeros(()))
+    kd_parts = [term * s for term, s in zip(kd_terms, shares[1:])]
+    kd = sum((w * part for w, part in zip(weights, kd_parts)), ce.new_zeros(()))
     if not dynamic:
-        return kd_weight * kd + ce_weight * ce
-    kd_value, ce_value = kd.detach(), ce.detach()
-    # loss = sg(CE / KD) * KD + CE
+        # loss = kd_weight * KD + ce_weight * CE
+        scale = torch.as_tensor(kd_weight, dtype=kd.dtype, device=kd.device)
+        return scale * kd + ce_weight * (ce * shares[0]), scale
+    # loss = sg(CE / KD) * KD + CE: its value is 2 CE, and the KD gradient is scaled by CE / KD;
+    # the scale is 1 where KD <= 0 (a negative KD would flip the sign of its gradient)
+    kd_value, ce_value = kd_mean.detach(), ce.detach()
     scale = torch.where(kd_value > 0, ce_value / kd_value, torch.ones_like(kd_value))
-    return scale * kd + ce
+    return scale * kd + 1.0 * (ce * shares[0]), scale
 
 
 # ----------------------------------------------------------------------------- learned W

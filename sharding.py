@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from contextlib import nullcontext
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -69,10 +70,38 @@ def shard_model(model: torch.nn.Module, cuda: bool, trained: bool) -> None:
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=not trained or None)
 
 
-def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
-    """Gradient accumulation: the micro-steps before the last keep their unsharded gradients on
-    each rank; the last reduce-scatters them once (DDP's no_sync)."""
-    model.set_requires_gradient_sync(sync)
+def load_device(fsdp: bool, device: torch.device) -> torch.device:
+    """Where models load: this rank's device; under --fsdp the CPU (shard_model moves each rank's
+    shard to its device: no rank ever holds a whole model there)."""
+    return torch.device("cpu") if fsdp else device
+
+
+def forward_model(student: torch.nn.Module, teachers: list, job, args) -> torch.nn.Module:
+    """The student as its forward runs: compiled with --compile (the teachers' forwards too: each
+    teacher's .model is replaced; the losses run eagerly, blocked.py), and under DDP (not --fsdp)
+    wrapped in DistributedDataParallel, which averages gradients over the ranks in backward."""
+    model = student
+    if args.compile:
+        model = torch.compile(student)
+        for t in teachers:
+            t.model = torch.compile(t.model)
+    if job.ddp and not args.fsdp:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[job.local_rank] if job.cuda else None
+        )
+    return model
+
+
+def gradient_sync(
+    model: torch.nn.Module, student: torch.nn.Module, sync: bool, ddp: bool, fsdp: bool
+):
+    """Gradient accumulation: gradients are reduced over the ranks once, in the backward of the
+    step's last micro-step (sync); the micro-steps before keep them on each rank (FSDP: no
+    reduce-scatter; DDP: no_sync). A context for the micro-step's forward and backward."""
+    if fsdp:
+        student.set_requires_gradient_sync(sync)
+        return nullcontext()
+    return model.no_sync() if ddp and not sync else nullcontext()
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -103,6 +132,21 @@ def state_bytes(student: torch.nn.Module, optimizer: torch.optim.Optimizer) -> t
                 mine += local(value).numel() * value.element_size()
                 whole += value.numel() * value.element_size()
     return mine, whole
+
+
+def report_state_bytes(student: torch.nn.Module, optimizer, job, write) -> None:
+    """Once: how much of the student's weights and optimizer state the fullest rank holds (all of
+    it under DDP, about 1/world_size under --fsdp), written by rank 0 with `write`."""
+    mine, whole = state_bytes(student, optimizer)
+    most = torch.tensor(float(mine), device=job.device)
+    if job.ddp:
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    if job.master:
+        mb = float(most) / 2**20
+        write(
+            f"memory: the student's weights and optimizer state: {mb:.2f} MB on the fullest rank, "
+            f"{float(most) / whole:.3f} of the whole {whole / 2**20:.2f} MB"
+        )
 
 
 def full_weights(student: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -212,7 +212,7 @@ def one_rank(tmp_path):
 
 
 def test_a_shard_saved_before_any_step_restores_a_fresh_optimizer(one_rank, tmp_path):
-    from train import tiny_model
+    from flags import tiny_model
 
     def sharded_student():
         torch.manual_seed(0)
@@ -246,7 +246,7 @@ def test_a_shard_saved_before_any_step_restores_a_fresh_optimizer(one_rank, tmp_
 def test_a_teacher_keeps_only_its_shards_after_its_forward(one_rank, trained):
     from torch.distributed.tensor import DTensor
 
-    from train import tiny_model
+    from flags import tiny_model
 
     model = tiny_model("qwen3", 256, 16).requires_grad_(trained)
     sharding.shard_model(model, cuda=False, trained=trained)

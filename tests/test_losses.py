@@ -592,12 +592,17 @@ def test_bf16_inputs_are_computed_in_float32_and_match_fp32():
             assert abs(bf16.item() - fp32.item()) < 1e-2 * abs(fp32.item()), name
 
 
-# ----------------------------------------------------------------------------- dynamic scaling
+# ----------------------------------------------------------------------------- the objective
+
+
+def combined(*args, **kwargs):
+    """objective's loss (its scale is checked on its own below)."""
+    return losses.objective(*args, **kwargs)[0]
 
 
 def test_dynamic_scaling_value_is_twice_ce():
     ce, kd1, kd2 = torch.tensor(2.5), torch.tensor(0.7), torch.tensor(3.0)
-    total = losses.combine(ce, [kd1, kd2], [0.8, 0.2])
+    total = combined(ce, [kd1, kd2], [0.8, 0.2])
     assert torch.allclose(total, 2 * ce)
 
 
@@ -605,7 +610,7 @@ def test_dynamic_scaling_scales_the_kd_gradient_by_ce_over_kd_exactly():
     x = torch.tensor([0.3, -1.2], dtype=torch.float64, requires_grad=True)
     y = torch.tensor([1.1, 0.4], dtype=torch.float64, requires_grad=True)
     ce, kd = (x**2).sum() + 1, (y.exp()).sum()
-    total = losses.combine(ce, [kd], [0.5])
+    total = combined(ce, [kd], [0.5])
     gx, gy = grads(total, x, y)
     assert torch.equal(gx, 2 * x.detach())  # CE's own gradient, unscaled
     scale = ce.detach() / (0.5 * kd.detach())
@@ -620,7 +625,7 @@ def test_dynamic_scaling_scales_the_gradient_of_real_losses():
     kd = losses.pkl_loss(s, t, s_chunk, t_chunk, W)
     kd_grad = grads(kd, s)[0]
     ce, kd = losses.ce_loss(s, labels), losses.pkl_loss(s, t, s_chunk, t_chunk, W)
-    total = losses.combine(ce, [kd], [0.7])
+    total = combined(ce, [kd], [0.7])
     expected = ce_grad + (ce.detach() / (0.7 * kd.detach())) * 0.7 * kd_grad
     torch.testing.assert_close(grads(total, s)[0], expected, rtol=1e-12, atol=1e-14)
 
@@ -629,15 +634,50 @@ def test_dynamic_scale_is_one_when_kd_is_zero_or_negative():
     ce = torch.tensor(2.0)
     for value in (0.0, -0.5):
         kd = torch.tensor(value, requires_grad=True)
-        total = losses.combine(ce, [kd], [1.0])
+        total = combined(ce, [kd], [1.0])
         assert torch.equal(total, ce + kd.detach())
         assert grads(total, kd)[0] == 1.0
-    assert losses.combine(ce, [], []) == ce
+    assert combined(ce, [], []) == ce
+
+
+def test_the_scale_returned_is_ce_over_kd_or_the_static_kd_weight():
+    ce, kd1, kd2 = torch.tensor(2.0), torch.tensor(1.0), torch.tensor(4.0)
+    _, scale = losses.objective(ce, [kd1, kd2], [0.75, 0.25])
+    assert scale.item() == pytest.approx(2.0 / (0.75 * 1.0 + 0.25 * 4.0))
+    _, scale = losses.objective(ce, [kd1], [1.0], dynamic=False, kd_weight=0.3)
+    assert scale.item() == pytest.approx(0.3)
+
+
+def test_shares_make_the_micro_batches_sum_the_step_mean():
+    # two micro-batches: CE over 3 and 1 labelled tokens, KD over 1 and 3 valid chunks; the step's
+    # loss under static weights is the mean over all 4 tokens plus the mean over all 4 chunks
+    ce_sums, kd_sums = (
+        (torch.tensor(6.0), torch.tensor(1.0)),
+        (torch.tensor(2.0), torch.tensor(9.0)),
+    )
+    ce_n, kd_n = (3, 1), (1, 3)
+    total = sum(
+        combined(
+            ce_sums[i] / ce_n[i],
+            [kd_sums[i] / kd_n[i]],
+            [1.0],
+            shares=[ce_n[i] / 4, kd_n[i] / 4],
+            dynamic=False,
+        )
+        for i in range(2)
+    )
+    assert total.item() == pytest.approx((6.0 + 1.0) / 4 + (2.0 + 9.0) / 4)
+    # dynamic: each micro-batch's scale comes from its own means, CE / KD
+    x = torch.tensor(2.0, requires_grad=True)
+    loss, scale = losses.objective(torch.tensor(3.0), [x], [1.0], shares=[0.5, 0.25])
+    (grad,) = torch.autograd.grad(loss, x)
+    assert scale.item() == pytest.approx(1.5) and grad.item() == pytest.approx(1.5 * 0.25)
+    assert loss.item() == pytest.approx(1.5 * 0.5 + 3.0 * 0.5)
 
 
 def test_static_weights():
     ce, kd1, kd2 = torch.tensor(2.0), torch.tensor(1.0), torch.tensor(4.0)
-    total = losses.combine(ce, [kd1, kd2], [0.8, 0.2], dynamic=False, kd_weight=0.5, ce_weight=3.0)
+    total = combined(ce, [kd1, kd2], [0.8, 0.2], dynamic=False, kd_weight=0.5, ce_weight=3.0)
     assert total.item() == pytest.approx(0.5 * (0.8 + 0.8) + 3.0 * 2.0)
 
 
@@ -668,7 +708,7 @@ def test_bad_inputs_raise_one_line_value_errors():
     raises_one_line("mask", lambda: losses.kl_loss(s, s.detach(), s_chunk[:, 1:] >= 0))
     raises_one_line("labels", lambda: losses.ce_loss(s, s_chunk[:, 1:]))
     raises_one_line("temperature", lambda: losses.uld_loss(s, t, s_chunk, t_chunk, temperature=0))
-    raises_one_line("weights", lambda: losses.combine(torch.tensor(1.0), [torch.tensor(1.0)], []))
+    raises_one_line("weights", lambda: combined(torch.tensor(1.0), [torch.tensor(1.0)], []))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -709,7 +749,7 @@ def test_empty_batch_returns_zero_that_backpropagates():
         assert loss.item() == 0.0
         (g,) = grads(loss, s)
         assert torch.equal(g, torch.zeros_like(s))
-    total = losses.combine(results[-1], results[:1], [1.0])
+    total = combined(results[-1], results[:1], [1.0])
     assert total.item() == 0.0 and not torch.isnan(grads(total, s)[0]).any()
 
 

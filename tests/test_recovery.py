@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+import flags
 import run_dir
 import sharding
 import train
@@ -334,12 +335,12 @@ def test_a_run_from_before_pkl_floor_resumes_with_clamp_and_refuses_add(tmp_path
     """run_config.json written before --pkl-floor existed: those runs used the clamp floor."""
     from types import SimpleNamespace
 
-    settings = {k: f"value of {k}" for k in train.RESUME_KEYS if k != "pkl_floor"}
+    settings = {k: f"value of {k}" for k in flags.RESUME_KEYS if k != "pkl_floor"}
     (tmp_path / "run_config.json").write_text(json.dumps({"args": settings}))
     args = SimpleNamespace(out_dir=str(tmp_path), **settings)
-    train.check_same_configuration(SimpleNamespace(**vars(args), pkl_floor="clamp"))
+    run_dir.check_same_configuration(SimpleNamespace(**vars(args), pkl_floor="clamp"))
     with pytest.raises(ValueError, match=r"\(pkl_floor differ\)"):
-        train.check_same_configuration(SimpleNamespace(**vars(args), pkl_floor="add"))
+        run_dir.check_same_configuration(SimpleNamespace(**vars(args), pkl_floor="add"))
 
 
 def test_kd_pkl_passes_the_floor_to_the_loss(monkeypatch):
@@ -348,6 +349,7 @@ def test_kd_pkl_passes_the_floor_to_the_loss(monkeypatch):
     seen = {}
     monkeypatch.setattr(train.losses, "pkl_loss", lambda *a, **kw: seen.update(kw))
     batch = {"student_chunk_0": None, "teacher_chunk_0": None}
-    args = SimpleNamespace(vocab_topk=8, temperature=1.0, pkl_floor="add")
-    train.kd_pkl(SimpleNamespace(W=None), None, None, batch, 0, args)
+    args = SimpleNamespace(vocab_topk=8, temperature=1.0, pkl_floor="add", loss_impl="blocked")
+    teacher = SimpleNamespace(W=None, loss="pkl", vocab=3)
+    train.kd_loss(teacher, None, torch.zeros(1, 1, 3), batch, 0, args)
     assert seen == {"vocab_topk": 8, "temperature": 1.0, "floor": "add"}

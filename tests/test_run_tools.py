@@ -18,12 +18,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM
 
 import curves
+import flags
 import run_dir
 import train
 from conftest import ROOT, tiny_argv
 
 CONFIGS = os.path.join(ROOT, "configs")
-# The paper's rows (PAPER_RESULTS.md) and the tiny CPU run: (teachers, losses, weights, learned W)
+# The paper's rows (docs/paper_results.md), the tiny CPU run: teachers, losses, weights, learned W
 ROWS = {
     "cpt": (None, ["ce"], None, False),
     "kl-llama3b": (["meta-llama/Llama-3.2-3B"], ["kl"], None, False),
@@ -101,7 +102,7 @@ def test_help_gives_every_flag_a_text_and_every_set_default(capsys):
         train.parse_args(["--help"])
     assert info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    parser = train.build_parser()
+    parser = flags.build_parser()
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             assert action.help, action.dest

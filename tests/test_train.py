@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import blocked
+import fused_head
 import losses
 import run_dir
 import sharding
@@ -136,20 +137,21 @@ def test_checkpoint_loads_with_transformers(tmp_path, cache):
 
 
 def test_non_finite_loss_skips_the_step_and_too_many_stop_the_run(tmp_path, cache, monkeypatch):
-    real = losses.combine
+    real = losses.objective
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
         calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == 2 else loss
+        loss, scale = real(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] == 2 else loss), scale
 
-    monkeypatch.setattr(losses, "combine", sometimes_nan)
+    monkeypatch.setattr(losses, "objective", sometimes_nan)
     records = run(tmp_path / "one", cache, "--loss", "pkl", "--max-steps", "3")
     assert [r["skipped"] for r in records] == [0, 1, 1]
     assert math.isnan(records[1]["grad_norm"])
 
-    monkeypatch.setattr(losses, "combine", lambda *a, **k: real(*a, **k) * float("nan"))
+    always_nan = lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1])  # noqa: E731
+    monkeypatch.setattr(losses, "objective", always_nan)
     with pytest.raises(SystemExit) as info:
         run(tmp_path / "many", cache, "--loss", "pkl", "--max-steps", "10", "--max-bad-steps", "2")
     assert info.value.code == 2
@@ -517,6 +519,29 @@ def test_the_fused_head_trains_as_the_logits_do(tmp_path, cache):
     # fair check: a float32-rounding difference in a near-zero gradient moves its update by ~lr)
 
 
+@pytest.mark.parametrize(
+    "teachers",
+    [
+        ("pkg:qwen3", "pkl", "pkg:o200k", "hkl", "pkg:llama-3.2", "kl"),
+        ("pkg:qwen3", "gold", "pkg:o200k", "uld"),
+    ],
+    ids=["pkl-hkl-kl", "gold-uld"],
+)
+def test_the_plain_losses_train_as_the_blocked_ones(tmp_path, cache, teachers):
+    # --loss-impl plain: losses.py's *_plain references on the whole logits (what a reader steps
+    # through); the default: the same equations block by block, with the fused head
+    flags = [x for name, loss in zip(teachers[::2], teachers[1::2]) for x in (
+        "--teacher", name, "--loss", loss)]  # fmt: skip
+    extra = (*flags, "--max-steps", "3", "--grad-accum", "2", "--save-every", "0")
+    blocked_run = run(tmp_path / "blocked", cache, *extra)
+    plain_run = run(tmp_path / "plain", cache, *extra, "--loss-impl", "plain")
+    keys = ["loss", "ce", "kd", "kd_scale", "grad_norm", *(f"kd/{n}" for n in teachers[::2])]
+    for a, b in zip(blocked_run, plain_run, strict=True):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    assert len(plain_run) == 3
+
+
 def test_compiled_forward_passes_give_the_eager_losses(tmp_path, cache):
     # torch.compile (inductor: C++ on a CPU) of the student's and the teacher's forward
     extra = ("--loss", "pkl", "--max-steps", "2", "--save-every", "0")
@@ -534,12 +559,12 @@ def test_an_unknown_attention_implementation_is_one_line(tmp_path, cache, capsys
 
 def test_a_student_whose_output_layer_is_not_h_w_is_trained_on_its_whole_logits():
     student = train.tiny_model("llama", 256, 16)
-    assert train.fused_head_problem(student) is None
+    assert fused_head.fused_head_problem(student) is None
     student.config.final_logit_softcapping = 30.0  # Gemma 2's cap: logits = 30 tanh(h W^T / 30)
-    assert "final_logit_softcapping" in train.fused_head_problem(student)
+    assert "final_logit_softcapping" in fused_head.fused_head_problem(student)
     student = train.tiny_model("llama", 256, 16)
     student.lm_head = torch.nn.Linear(64, 256, bias=True)
-    assert "without bias" in train.fused_head_problem(student)
+    assert "without bias" in fused_head.fused_head_problem(student)
 
 
 def test_logits_that_are_not_h_w_stop_the_run_at_once(tmp_path, cache, capsys, monkeypatch):
