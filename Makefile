@@ -25,7 +25,7 @@ $(STAMP): requirements.txt requirements-dev.txt Makefile
 	touch $(STAMP)
 
 test: venv lint
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests mini
 
 lint: venv
 	$(BIN)/ruff check .
@@ -46,13 +46,13 @@ demo: venv
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc_per_node=2 train.py --preset tiny \
 		--loss pkl --max-steps 20 --out-dir out/demo-tiny-pkl --overwrite
 
-# The toy reproduction on CPU (MINI.md): every row of the paper's table with toy models, the real
+# The toy reproduction on CPU (mini/): every row of the paper's table with toy models, the real
 # tokenizers, train.py and evaluate.py; out/mini*/results.md. Rerunning resumes a stopped one.
 mini: venv
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python mini.py --out out/mini
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python mini/mini.py --out out/mini
 
 mini-quick: venv
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python mini.py --out out/mini-quick --quick
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python mini/mini.py --out out/mini-quick --quick
 
 # Speed and memory of each stage (figures in README): W build, alignment, losses, a train step,
 # evaluate.py's overhead; one after another, then one table (`bench/run_all.py --quick`: minutes).

@@ -63,7 +63,7 @@ from tqdm import tqdm
 from cli import atomic_write
 
 # -----------------------------------------------------------------------------
-# The paper's numbers (shared/reference/PAPER_RESULTS.md): Llama-3.2-1B student, 3-shot, percent.
+# The paper's numbers (docs/paper_results.md): Llama-3.2-1B student, 3-shot, percent.
 
 # The formatter leaves these tables alone: their columns stay aligned, as the paper prints them.
 # fmt: off

@@ -401,8 +401,9 @@ def test_cli_builds_a_loadable_file_in_a_fresh_process(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the CLIs' bad input
-# Shared by test_audit.py and test_mini.py (imported from here). Every CLI runs in-process through
-# its main(argv); a bad input is ONE line on stderr, exit status 2, no traceback, nothing written.
+# Shared by test_audit.py and mini/test_mini.py (imported from here). Every CLI runs in-process
+# through its main(argv); a bad input is ONE line on stderr, exit status 2, no traceback, nothing
+# written.
 
 
 def run_main(main, argv: list[str], capsys) -> tuple[int, str]:

@@ -1,9 +1,9 @@
 """The paper's results table at toy scale on CPU: every row through train.py, every number through
 evaluate.py (lm-eval), three toy benchmarks and their average.
 
-    python mini.py --out out/mini                  # make mini: every row, seeds 0 and 1 (<= 30 min)
-    python mini.py --out out/mini --seeds 0,1,2    # the table in MINI.md (resumes the run above)
-    python mini.py --out out/mini-quick --quick    # make mini-quick: the GOLD cliff (<= 5 min)
+    python mini/mini.py --out out/mini                # make mini: every row, seeds 0, 1 (<= 30 min)
+    python mini/mini.py --out out/mini --seeds 0,1,2  # the table in MINI.md (resumes the run above)
+    python mini/mini.py --out out/mini-quick --quick  # make mini-quick: the GOLD cliff (<= 5 min)
 
 The paper distils Llama-3.2-1B from teachers with other tokenizers on web text, where most positions
 are ordinary words (their chunks are 1:1 across tokenizers, so P-KL carries the teacher's whole
@@ -71,12 +71,15 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+# Run from any directory: the repo's top-level modules (audit, cli, ...) are imported from its root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from audit import audit
 from build_projection import build_projection, load_projection, save_projection
 from cli import ArgumentParser, atomic_write, check_output_dir, int_flag, one_line_errors
 from tokens import load_tokenizer, token_bytes
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # train.py, evaluate.py
 
 # ----------------------------------------------------------------------------- settings
 # Corpus sizes (documents) and train.py optimizer steps. A step is --batch-size packed windows of

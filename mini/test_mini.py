@@ -16,7 +16,7 @@ import torch
 from test_projection import assert_one_line_error, full_disk, no_work, readonly_dir, run_main  # noqa: F401  (fixtures)
 
 import mini
-from conftest import ROOT
+from conftest import W_llama_o200k, W_llama_qwen, llama, o200k, qwen  # noqa: F401  (fixtures)
 
 # Big enough that every kind of document appears hundreds of times; make_data takes a second.
 SPLIT = dict(mini.SETTINGS["smoke"], teacher_docs=8000, student_docs=2000, base_docs=1000)
@@ -415,10 +415,11 @@ def test_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, capsys):
 
 
 def test_the_script_exits_2_with_one_line(tmp_path):
-    """The same through `python mini.py` (its exit status is main's), in a fresh process."""
+    """The same through `python mini/mini.py` (its exit status is main's), in a fresh process, from
+    another directory."""
     result = subprocess.run(
-        [sys.executable, "mini.py", "--out", str(tmp_path), "--smoke", "--seeds", "0,0"],
-        cwd=ROOT,
+        [sys.executable, mini.__file__, "--out", str(tmp_path), "--smoke", "--seeds", "0,0"],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
