@@ -22,7 +22,9 @@ them over a batch:
   in a few lines each (find the valid chunks, gather their positions, one call, divide by their
   number). The reference: read these first.
 - `pkl_loss`, `gold_loss`, `uld_loss`, `kl_loss`, `ce_loss`: the same terms block by block in
-  bounded memory (blocked.py), one block's [rows, V] temporaries at a time: what train.py uses.
+  bounded memory (blocked.py), one block's [rows, V] temporaries at a time: train.py's default.
+  `train.py --loss-impl plain` trains with the plain ones.
+`objective` puts CE and the KD terms together (5.5, 5.6): the one training loss train.py calls.
 The tests check the two against each other and against float64 loops written from METHOD.md.
 """
 

@@ -1,9 +1,15 @@
-"""train.py's run directory: one run per directory, held by a lock; checkpoints verified before a
-resume uses them; an --overwrite that deletes nothing until the new run has its first checkpoint.
+"""train.py's run plumbing: everything around the training step that is not the method.
+
+- Job: this process in the torchrun job (rank, device) and the one error path every rank takes
+  together (one line, exit 2).
+- The run directory: one run per directory, held by a lock; the configuration a --resume must
+  match; checkpoints written atomically and verified before a resume uses them; an --overwrite
+  that deletes nothing until the new run has its first checkpoint.
+- Logs: metrics.jsonl, the trackers (wandb, TensorBoard), the progress bar, curves.png; signals.
 
     out_dir/run.lock         host and pid of the run that holds the directory
     out_dir/run_config.json  every setting, library versions, git commit (written once the run
-                             starts); a --resume must match it on train.RESUME_KEYS
+                             starts); a --resume must match it on flags.RESUME_KEYS
     out_dir/metrics.jsonl    one JSON line per logged step
     out_dir/step_N/          complete checkpoints (a temp directory renamed when complete):
                              save_pretrained weights (bf16 by default) + tokenizer,
