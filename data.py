@@ -23,6 +23,12 @@ aligned with every teacher (align.py, METHOD.md section 4), tokenized inside Dat
   `start=`: the order is replayed without tokenizing, so a resumed run sees the same windows.
 - Bad data is skipped (or repaired: invalid UTF-8 becomes U+FFFD) and counted by reason: a warning
   the first time, then `issue_counts(state)` for the trainer's logs. No usable document: ValueError.
+
+Two halves. Where documents come from: `documents` (this worker's share of an epoch, in order, from
+a resume position; `resume_point` reads the saved state), the files read by `_records` and every
+record turned into text by `record_text`. How a window is made: `AlignedWindows` packs documents
+into windows (`_pack`), cuts a long document where the student allows (`_segments`) and aligns a
+window with each teacher (`_item`).
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 
 import datasets
 import numpy as np
@@ -69,6 +76,24 @@ def _count(issues: Counter, reason: str, detail: str, n: int = 1) -> None:
         log.warning("data: %s (%s); further cases are counted, not shown", reason, detail)
 
 
+# ---- where documents come from: files or a hub dataset, their order, this worker's share, resume
+
+
+@dataclass
+class DocumentSource:
+    """Where the documents come from (`--data`: local files, resolved once, or a hub dataset) and
+    how they are ordered (module docstring, Order); read by `documents`."""
+
+    data: str | list[str]
+    files: list[str] | None  # resolve_files(data); None: a hub dataset
+    text_field: str = "text"
+    data_config: str | None = None
+    split: str = "train"
+    shuffle: bool = True
+    shuffle_buffer: int = 10_000
+    seed: int = 0
+
+
 def resolve_files(data: str | list[str]) -> list[str] | None:
     """The sorted local files that data names, or None when it is a hub dataset name."""
     if isinstance(data, list | tuple):  # several local paths
@@ -94,6 +119,196 @@ def resolve_files(data: str | list[str]) -> list[str] | None:
     return files
 
 
+def documents(
+    source: DocumentSource,
+    epoch: int,
+    shard: int,
+    n_shards: int,
+    issues: Counter,
+    resume_doc: int = -1,
+) -> Iterator[tuple[int, str]]:
+    """(index in the shard's stream, text) of shard `shard` of `n_shards`'s usable documents, in
+    this epoch's order, from document `resume_doc` on (-1: the start). A bad document is counted in
+    `issues` and skipped. Documents before `resume_doc` are replayed, not read (the saved counts
+    already hold their problems), and `resume_doc` itself was counted when it was first read."""
+    for doc, parse in enumerate(_ordered(source, epoch, shard, n_shards)):
+        if doc < resume_doc:
+            continue
+        text = parse(Counter() if doc == resume_doc else issues)
+        if text is not None:
+            yield doc, text
+
+
+def resume_point(start: dict | None, rank: int, world_size: int):
+    """(worker, num_workers, (epoch, document, character) where the worker's next window starts,
+    its bad-data counts so far) for the DataLoader worker this runs in (0 of 1 outside one), from
+    a resume state (advance_state; None: the beginning)."""
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    state = start or {}
+    if state and state.get("format") != STATE_FORMAT:
+        raise ValueError(
+            "the saved data position comes from an older data pipeline (unpacked windows): "
+            "start a new run (another --out-dir), or resume with the version that wrote it"
+        )
+    saved = (state["rank"], state["world_size"], state["num_workers"]) if state else None
+    if saved not in (None, (rank, world_size, workers)):
+        raise ValueError(
+            "resume with the saved run's ranks and DataLoader workers: saved "
+            f"{state['world_size']} x {state['num_workers']}, now {world_size} x {workers}"
+        )
+    # The DataLoader starts its round robin at worker 0 again: rotate, so that the worker whose
+    # turn was next in the saved run goes first.
+    worker = (worker + state.get("next_worker", 0)) % workers
+    if not state:
+        return worker, workers, (0, -1, 0), Counter()
+    epoch, doc, char = state["positions"][worker] or (0, -1, 0)
+    return worker, workers, (epoch, doc, char), Counter(dict(zip(REASONS, state["issues"][worker])))
+
+
+def _ordered(source: DocumentSource, epoch: int, shard: int, n_shards: int) -> Iterator[Parse]:
+    """This shard's documents (unparsed) in this epoch's order (see the module docstring)."""
+    if source.files is None:
+        stream = _hub_documents(source, epoch, shard, n_shards)
+    else:
+        files = list(source.files)
+        if source.shuffle:
+            random.Random(f"files {source.seed} {epoch}").shuffle(files)
+        everything = _interleaved(files, source.text_field, INTERLEAVE if source.shuffle else 1)
+        stream = (parse for i, parse in enumerate(everything) if i % n_shards == shard)
+    if source.shuffle and source.shuffle_buffer > 1:
+        rng = random.Random(f"documents {source.seed} {epoch} {shard} {n_shards}")
+        stream = _shuffled(stream, source.shuffle_buffer, rng)
+    return stream
+
+
+def _interleaved(files: list[str], text_field: str, width: int) -> Iterator[Parse]:
+    """Every document of `files`, `width` files open at a time, one document from each in turn
+    (a finished file's place goes to the next one): the same order on every rank and worker."""
+    queue = list(files)[::-1]
+    readers: list[Iterator[Parse]] = []
+    while queue or readers:
+        while queue and len(readers) < width:
+            readers.append(_file_documents(queue.pop(), text_field))
+        for reader in list(readers):
+            parse = next(reader, None)
+            if parse is None:
+                readers.remove(reader)
+            else:
+                yield parse
+
+
+def _file_documents(path: str, text_field: str) -> Iterator[Parse]:
+    """One file's documents; a file that cannot be read is counted and skipped: an unreadable
+    file must not stop a long run."""
+    produced = False
+    try:
+        for parse in _records(path, text_field):
+            produced = True
+            yield parse
+    except LookupError as e:
+        yield _problem("missing_text_field", str(e))
+    except (OSError, ValueError, pa.ArrowException) as e:  # I/O; a damaged or odd parquet file
+        yield _problem("unreadable_file", f"{path}: {type(e).__name__}: {str(e)[:80]}")
+    else:
+        if not produced:
+            yield _problem("empty_file", path)
+
+
+def _problem(reason: str, detail: str) -> Parse:
+    """A file-level problem as a document of its own: counted when its shard reads it, exactly once
+    (a resumed run replays the order without reading what it skips)."""
+
+    def parse(issues: Counter) -> None:
+        _count(issues, reason, detail)
+
+    return parse
+
+
+def _records(path: str, text_field: str) -> Iterator[Parse]:
+    """Each document of one local file, unparsed (parsed only for this worker's documents): a .txt
+    file is one document; each line of a .jsonl (.json) file and each row of a .parquet file is a
+    record (record_text)."""
+    if path.endswith(".txt"):
+        return _txt_document(path)
+    if path.endswith(".parquet"):
+        return _parquet_records(path, text_field)
+    return _jsonl_records(path, text_field)
+
+
+def _txt_document(path: str) -> Iterator[Parse]:
+    if os.path.getsize(path):  # an empty file has no document
+        yield partial(_read_txt, path)
+
+
+def _parquet_records(path: str, text_field: str) -> Iterator[Parse]:
+    parquet = pq.ParquetFile(path)
+    if text_field not in parquet.schema_arrow.names:
+        raise LookupError(f"{path} has no column {text_field!r}")
+    for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):  # bounded
+        for record in batch.to_pylist():
+            yield partial(record_text, record, text_field, where=path)
+
+
+def _jsonl_records(path: str, text_field: str) -> Iterator[Parse]:
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():  # a blank line is not a document
+                yield partial(_json_text, line, text_field, where=f"{path}:{line_no}")
+
+
+def _hub_documents(source: DocumentSource, epoch: int, shard: int, n_shards: int):
+    """A hub dataset's documents for one shard: `datasets` streams it and splits it by shard (by
+    file, or by example); with shuffle, its files come in a seeded order, reseeded per epoch."""
+    name = source.data
+    try:
+        stream = datasets.load_dataset(name, source.data_config, split=source.split, streaming=True)
+    except (OSError, datasets.exceptions.DatasetNotFoundError) as e:  # offline, or no such name
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(
+            f"--data {name}: cannot load this hub dataset ({why}); check the name "
+            "and the network, or pass local files"
+        ) from None
+    if source.shuffle:  # the order of the dataset's files; documents are mixed by our own buffer
+        stream = stream.shuffle(seed=source.seed, buffer_size=1)
+        stream.set_epoch(epoch)
+    stream = split_dataset_by_node(stream, rank=shard, world_size=n_shards)
+    # .iter(): plain iteration inside a DataLoader worker would split again, by the worker's own id
+    for index, row in enumerate(stream.iter(batch_size=1)):
+        record = {key: values[0] for key, values in row.items()}
+        yield partial(record_text, record, source.text_field, where=f"{name} row {index}")
+
+
+def record_text(record, text_field: str, issues: Counter, where: str) -> str | None:
+    """A record's document text (a JSON line's object, a parquet or hub dataset row), or None
+    (counted) when it has none. Every record becomes text here: another kind of record (a chat
+    conversation's `messages`, say) joins as a branch of this function."""
+    value = record.get(text_field) if isinstance(record, dict) else None
+    return _text(value, issues, where)
+
+
+def _json_text(line: bytes, text_field: str, issues: Counter, where: str) -> str | None:
+    try:
+        record = json.loads(line)
+    except ValueError:  # invalid JSON, or bytes that are not UTF-8 at all
+        try:
+            record = json.loads(line.decode(errors="replace"))
+            _count(issues, "invalid_utf8", where)
+        except ValueError:
+            _count(issues, "bad_json", where)
+            return None
+    return record_text(record, text_field, issues, f"{where} (field {text_field!r})")
+
+
+def _read_txt(path: str, issues: Counter) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return _text(f.read(), issues, path)
+    except OSError as e:  # removed or unreadable since the listing: counted, never fatal
+        _count(issues, "unreadable_file", f"{path}: {e.strerror}")
+        return None
+
+
 def _text(value, issues: Counter, where: str) -> str | None:
     """A document's text, or None (counted) when it has none."""
     if isinstance(value, bytes):
@@ -116,119 +331,6 @@ def _text(value, issues: Counter, where: str) -> str | None:
     return value
 
 
-def _records(path: str, text_field: str):
-    """(where, parse) for each document of one file; parse(issues) gives its text or None, and is
-    called only for this worker's documents."""
-    if path.endswith(".txt"):  # one file, one document
-        if os.path.getsize(path):
-            yield path, lambda issues: _read_txt(path, issues)
-    elif path.endswith(".parquet"):
-        parquet = pq.ParquetFile(path)
-        if text_field not in parquet.schema_arrow.names:
-            raise LookupError(f"{path} has no column {text_field!r}")
-        for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):  # bounded
-            for value in batch.column(0).to_pylist():
-                yield path, lambda issues, value=value: _text(value, issues, path)
-    else:
-        with open(path, "rb") as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():  # a blank line is not a document
-                    where = f"{path}:{line_no}"
-                    yield (
-                        where,
-                        lambda issues, line=line, where=where: _json_text(
-                            line, text_field, issues, where
-                        ),
-                    )
-
-
-def _json_text(line: bytes, text_field: str, issues: Counter, where: str) -> str | None:
-    try:
-        record = json.loads(line)
-    except ValueError:  # invalid JSON, or bytes that are not UTF-8 at all
-        try:
-            record = json.loads(line.decode(errors="replace"))
-            _count(issues, "invalid_utf8", where)
-        except ValueError:
-            _count(issues, "bad_json", where)
-            return None
-    value = record.get(text_field) if isinstance(record, dict) else None
-    return _text(value, issues, f"{where} (field {text_field!r})")
-
-
-def _read_txt(path: str, issues: Counter) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            return _text(f.read(), issues, path)
-    except OSError as e:  # removed or unreadable since the listing: counted, never fatal
-        _count(issues, "unreadable_file", f"{path}: {e.strerror}")
-        return None
-
-
-def _problem(reason: str, detail: str) -> Parse:
-    """A file-level problem as a document of its own: counted when its shard reads it, exactly once
-    (a resumed run replays the order without reading what it skips)."""
-
-    def parse(issues: Counter) -> None:
-        _count(issues, reason, detail)
-
-    return parse
-
-
-def _file_documents(path: str, text_field: str) -> Iterator[Parse]:
-    """One file's documents; a file that cannot be read is counted and skipped: an unreadable
-    file must not stop a long run."""
-    produced = False
-    try:
-        for _, parse in _records(path, text_field):
-            produced = True
-            yield parse
-    except LookupError as e:
-        yield _problem("missing_text_field", str(e))
-    except (OSError, ValueError, pa.ArrowException) as e:  # I/O; a damaged or odd parquet file
-        yield _problem("unreadable_file", f"{path}: {type(e).__name__}: {str(e)[:80]}")
-    else:
-        if not produced:
-            yield _problem("empty_file", path)
-
-
-def _interleaved(files: list[str], text_field: str, width: int) -> Iterator[Parse]:
-    """Every document of `files`, `width` files open at a time, one document from each in turn
-    (a finished file's place goes to the next one): the same order on every rank and worker."""
-    queue = list(files)[::-1]
-    readers: list[Iterator[Parse]] = []
-    while queue or readers:
-        while queue and len(readers) < width:
-            readers.append(_file_documents(queue.pop(), text_field))
-        for reader in list(readers):
-            parse = next(reader, None)
-            if parse is None:
-                readers.remove(reader)
-            else:
-                yield parse
-
-
-def _hub_documents(name, text_field, config, split, shard, n_shards, seed, epoch, shuffle):
-    """A hub dataset's documents for one shard: `datasets` streams it and splits it by shard (by
-    file, or by example); with shuffle, its files come in a seeded order, reseeded per epoch."""
-    try:
-        stream = datasets.load_dataset(name, config, split=split, streaming=True)
-    except (OSError, datasets.exceptions.DatasetNotFoundError) as e:  # offline, or no such name
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise ValueError(
-            f"--data {name}: cannot load this hub dataset ({why}); check the name "
-            "and the network, or pass local files"
-        ) from None
-    if shuffle:  # the order of the dataset's files; documents are mixed by our own buffer
-        stream = stream.shuffle(seed=seed, buffer_size=1)
-        stream.set_epoch(epoch)
-    stream = split_dataset_by_node(stream, rank=shard, world_size=n_shards)
-    # .iter(): plain iteration inside a DataLoader worker would split again, by the worker's own id
-    for index, row in enumerate(stream.iter(batch_size=1)):
-        value = row.get(text_field, [None])[0]
-        yield lambda issues, value=value, index=index: _text(value, issues, f"{name} row {index}")
-
-
 def _shuffled(stream: Iterator, size: int, rng: random.Random) -> Iterator:
     """A bounded shuffle: hold `size` items; each new item takes the place of a random one, which
     is emitted. Memory: `size` documents (unparsed)."""
@@ -242,6 +344,9 @@ def _shuffled(stream: Iterator, size: int, rng: random.Random) -> Iterator:
         buffer[k] = item
     rng.shuffle(buffer)
     yield from buffer
+
+
+# ---- how a window is made: tokenizing, packing, cutting, aligning with every teacher
 
 
 def _parts(text: str, size: int = 1 << 20) -> Iterator[tuple[int, str]]:
@@ -276,15 +381,7 @@ def _own_prefix(tok) -> list[int]:
     return spans.ids[: int(np.argmax(spans.start >= 0))]
 
 
-@dataclass
-class _Window:
-    """The window being filled: its segments and how many student tokens still fit."""
-
-    room: int
-    segments: list = field(default_factory=list)
-
-
-@dataclass
+@dataclass(frozen=True)
 class _Segment:
     """A piece of one document inside a window: the student's tokens of it (in the segment's own
     bytes), its text, and whether the document ends with it (then an end-of-document token
@@ -295,15 +392,118 @@ class _Segment:
     ends_document: bool
 
 
+# the end of a document whose tail was dropped (no clean cut): no tokens, but the separator follows
+_BARE_END = _Segment(
+    TokenSpans(
+        [], np.zeros(0, bool), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(1, np.int64), 0
+    ),
+    "",
+    True,
+)
+
+
+@dataclass
+class _Part:
+    """A document part as the student tokenizes it, and where a segment of it may be cut."""
+
+    text: str
+    spans: TokenSpans  # its text tokens
+    char_bytes: np.ndarray = field(init=False)  # the byte offset of every character offset
+    cuts: np.ndarray = field(init=False)  # the tokens a segment may start at, sorted
+
+    def __post_init__(self):
+        self.char_bytes = char_byte_offsets(self.text)
+        on_char = np.zeros(self.spans.n_bytes + 1, dtype=bool)
+        on_char[self.char_bytes] = True
+        starts = self.spans.start
+        # a segment may start before token k when k starts at an exact boundary of the student's
+        # that is also a character boundary (the segment's text must be a string)
+        cuts = np.flatnonzero(self.spans.cut & on_char[starts])
+        # ...and never right after a token of no source bytes (a SentencePiece model's prefix
+        # space): that token would be a piece of its own, and a resume would repeat it
+        self.cuts = cuts[(cuts == 0) | (starts[cuts] > starts[np.maximum(cuts - 1, 0)])]
+
+    def token_at(self, char: int) -> int:
+        """The first token that starts at or after character `char`."""
+        return int(np.searchsorted(self.spans.start, self.char_bytes[char]))
+
+    def char_at(self, i: int) -> int:
+        """The character where token i starts."""
+        return int(np.searchsorted(self.char_bytes, self.spans.start[i]))
+
+    def fit(self, i: int, room: int, separator: int) -> int:
+        """Where a segment from token i that fits in `room` tokens ends: all the rest (with the
+        separator, when one follows), or as many tokens as fit back to the last cut (<= i: none)."""
+        if len(self.spans.ids) - i + separator <= room:
+            return len(self.spans.ids)
+        k = int(np.searchsorted(self.cuts, i + room, "right")) - 1
+        return int(self.cuts[k]) if k >= 0 else -1
+
+    def next_cut(self, i: int) -> int:
+        """The first cut after token i (the part's end when there is none)."""
+        k = int(np.searchsorted(self.cuts, i, "right"))
+        return int(self.cuts[k]) if k < len(self.cuts) else len(self.spans.ids)
+
+    def segment(self, i: int, j: int, ends_document: bool) -> tuple[_Segment, int]:
+        """(the segment of tokens [i, j), in its own bytes, the character after it)."""
+        spans, starts = self.spans, self.spans.start
+        byte_lo, byte_hi = starts[i], starts[j] if j < len(spans.ids) else spans.n_bytes
+        char_lo, char_hi = (int(c) for c in np.searchsorted(self.char_bytes, [byte_lo, byte_hi]))
+        bounds = spans.boundaries  # sorted: the segment's are a slice
+        bounds = bounds[
+            np.searchsorted(bounds, byte_lo) : np.searchsorted(bounds, byte_hi, "right")
+        ]
+        student = TokenSpans(  # the segment's tokens, in the segment's bytes
+            ids=spans.ids[i:j],
+            text=spans.text[i:j],
+            start=starts[i:j] - byte_lo,
+            cut=np.zeros(0, dtype=bool),  # not needed from here on
+            boundaries=np.union1d(bounds - byte_lo, [0, byte_hi - byte_lo]),
+            n_bytes=int(byte_hi - byte_lo),
+        )
+        return _Segment(student, self.text[char_lo:char_hi], ends_document), char_hi
+
+
+@dataclass
+class _Window:
+    """The window being filled: its segments and how many student tokens still fit."""
+
+    size: int  # student tokens after the leading special tokens
+    pack: bool  # several documents per window (False: one)
+    separator: bool  # the student has an end-of-document token: it follows each document
+    room: int = field(init=False)
+    segments: list[_Segment] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.room = self.size
+
+    def add(self, seg: _Segment | None) -> bool:
+        """Adds a segment (None: the next piece has no room); whether the window is now done:
+        full, or no room for the next piece, or a document's end with pack=False."""
+        if seg is not None:
+            self.segments.append(seg)
+            self.room -= len(seg.student.ids)
+            self.room -= seg.ends_document and self.separator
+        done = seg is None or self.room <= 0 or (not self.pack and seg.ends_document)
+        return done and bool(self.segments)
+
+    def take(self) -> list[_Segment]:
+        """Its segments; it is empty again."""
+        segments, self.segments, self.room = self.segments, [], self.size
+        return segments
+
+
 class AlignedWindows(IterableDataset):
     """Windows of `seq_len` student tokens aligned with each teacher; see the module docstring.
+    Documents come from `documents` (this worker's share, in order, from a resume position); this
+    class packs them into windows and aligns every window with each teacher.
 
     Item (numpy arrays): student_ids [T], labels [T] (labels[p] = student_ids[p + 1], -100 at the
     end and for special targets other than the end-of-document token), and per teacher i:
     student_chunk_i [T], teacher_ids_i [Ti], teacher_chunk_i [Ti] (chunk ids after the predictor
-    shift, -1 = none); student_chunk is student_chunk_0; position [7] = (rank, world_size, worker,
-    num_workers, epoch, document, character) where this worker's NEXT window starts (document -1:
-    the epoch's start); issues [len(REASONS)] = this worker's counts so far.
+    shift, -1 = none); position [7] = (rank, world_size, worker, num_workers, epoch, document,
+    character) where this worker's NEXT window starts (document -1: the epoch's start); issues
+    [len(REASONS)] = this worker's counts so far.
     `repeat=True` streams forever (epoch after epoch), as a trainer with --max-steps wants.
     """
 
@@ -327,18 +527,13 @@ class AlignedWindows(IterableDataset):
         shuffle_buffer=10_000,
         seed=0,
     ):
-        self.data, self.files = data, resolve_files(data)
+        self.source = DocumentSource(
+            data, resolve_files(data), text_field, data_config, split, shuffle, shuffle_buffer, seed
+        )
         self.student_tok, self.teacher_toks = student_tok, list(teacher_toks)
-        self.seq_len, self.text_field, self.start, self.repeat = seq_len, text_field, start, repeat
+        self.seq_len, self.start, self.repeat, self.pack = seq_len, start, repeat, pack
         self.rank, self.world_size = rank, world_size
         self.teacher_cap = teacher_cap or 2 * seq_len
-        self.hub_args = (data_config, split)
-        self.pack, self.shuffle, self.shuffle_buffer, self.seed = (
-            pack,
-            shuffle,
-            shuffle_buffer,
-            seed,
-        )
         if shuffle_buffer < 0:
             raise ValueError(f"--shuffle-buffer {shuffle_buffer}: give 0 (off) or more documents")
         # a same-tokenizer teacher reads the student's ids, bit for bit (no re-tokenization)
@@ -358,57 +553,21 @@ class AlignedWindows(IterableDataset):
             f"teacher_ids_{i}": p for i, p in enumerate(pad[1:])
         }
         issues = Counter()
-        if not any(parse(issues) for parse in self._documents(0, 0, 1, shuffle=False)):
+        if next(documents(replace(self.source, shuffle=False), 0, 0, 1, issues), None) is None:
             raise ValueError(
                 f"--data {data}: no usable document ({dict(issues)}); check --text-field"
             )
 
-    def _documents(self, epoch: int, shard: int, n_shards: int, shuffle: bool | None = None):
-        """This shard's documents (unparsed) in this epoch's order (see the module docstring)."""
-        shuffle = self.shuffle if shuffle is None else shuffle
-        if self.files is None:
-            hub = (self.data, self.text_field, *self.hub_args, shard, n_shards)
-            stream = _hub_documents(*hub, self.seed, epoch, shuffle)
-        else:
-            files = list(self.files)
-            if shuffle:
-                random.Random(f"files {self.seed} {epoch}").shuffle(files)
-            width = INTERLEAVE if shuffle else 1
-            everything = _interleaved(files, self.text_field, width)
-            stream = (parse for i, parse in enumerate(everything) if i % n_shards == shard)
-        if shuffle and self.shuffle_buffer > 1:
-            rng = random.Random(f"documents {self.seed} {epoch} {shard} {n_shards}")
-            stream = _shuffled(stream, self.shuffle_buffer, rng)
-        return stream
-
     def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        state = self.start or {}
-        if state and state.get("format") != STATE_FORMAT:
-            raise ValueError(
-                "the saved data position comes from an older data pipeline (unpacked windows): "
-                "start a new run (another --out-dir), or resume with the version that wrote it"
-            )
-        saved = (state["rank"], state["world_size"], state["num_workers"]) if state else None
-        if saved not in (None, (self.rank, self.world_size, workers)):
-            raise ValueError(
-                "resume with the saved run's ranks and DataLoader workers: saved "
-                f"{state['world_size']} x {state['num_workers']}, now "
-                f"{self.world_size} x {workers}"
-            )
-        # The DataLoader starts its round robin at worker 0 again: rotate, so that the worker whose
-        # turn was next in the saved run goes first.
-        worker = (worker + state.get("next_worker", 0)) % workers
-        resume = state["positions"][worker] if state else None  # where its next window starts
-        issues = Counter(dict(zip(REASONS, state["issues"][worker]))) if state else Counter()
-        epoch, doc, char = resume or (0, -1, 0)
+        worker, workers, (epoch, doc, char), issues = resume_point(
+            self.start, self.rank, self.world_size
+        )
         # document i of the epoch's stream is this worker's when i % (world_size * workers) == shard
         shard, n_shards = self.rank + self.world_size * worker, self.world_size * workers
         while self.repeat or epoch == 0:
             produced = False
-            documents = self._documents(epoch, shard, n_shards)
-            for item, next_start in self._windows(documents, issues, doc, char):
+            docs = documents(self.source, epoch, shard, n_shards, issues, resume_doc=doc)
+            for item, next_start in self._windows(docs, issues, doc, char):
                 produced = True
                 next_start = (epoch, *next_start) if next_start else (epoch + 1, -1, 0)
                 where = [self.rank, self.world_size, worker, workers, *next_start]
@@ -420,148 +579,84 @@ class AlignedWindows(IterableDataset):
                 return
             epoch, doc, char = epoch + 1, -1, 0
 
-    def _windows(self, documents, issues: Counter, resume_doc: int, resume_char: int):
+    def _windows(self, docs, issues: Counter, resume_doc: int, resume_char: int):
         """(item, where the next window starts: (document, character), or None at the stream's
-        end) for the windows of a document stream, starting at character `resume_char` of document
-        `resume_doc` (-1: from the start)."""
-        window = _Window(self.seq_len - len(self.prefix[0]))
+        end) for the windows of a stream of (document, text), starting at character `resume_char`
+        of document `resume_doc` (-1: from the start)."""
+        window = _Window(self.seq_len - len(self.prefix[0]), self.pack, self.eod[0] is not None)
+        for doc, text in docs:
+            skip_to = resume_char if doc == resume_doc else 0
+            for segments, next_char in self._pack(window, text, skip_to, issues):
+                yield from self._emit(segments, issues, (doc, next_char))
+        yield from self._emit(window.take(), issues, None)  # what is left at the stream's end
 
-        def emit():
-            item = self._item(window.segments, issues)
-            window.segments, window.room = [], self.seq_len - len(self.prefix[0])
-            return item
+    def _emit(self, segments: list[_Segment], issues: Counter, next_start):
+        """(the window of these segments, next_start), unless there are none or the window is too
+        short to predict anything (counted)."""
+        item = self._item(segments, issues) if segments else None
+        if item is not None:
+            yield item, next_start
 
-        for doc, parse in enumerate(documents):
-            if doc < resume_doc:
-                continue  # replayed, not read: the saved counts already hold its problems
-            inside = doc == resume_doc  # read before the saved window: counted then
-            text = parse(Counter() if inside else issues)
-            if text is None:
+    def _pack(self, window: _Window, text: str, skip_to: int, issues: Counter):
+        """Adds one document from character `skip_to` to `window`: (segments, character where the
+        next window starts) for each window it completes; the rest stays in `window`."""
+        split_counted = skip_to > 0  # a resumed document was counted when it was first read
+        for seg, next_char in self._document_segments(text, skip_to, issues, window):
+            if not window.add(seg):
                 continue
-            skip_to, split_counted = (resume_char if inside else 0), inside and resume_char > 0
-            for part_start, part in _parts(text):
-                if part_start + len(part) <= skip_to:
-                    continue
-                ends_document = part_start + len(part) == len(text)
-                start_char = max(skip_to - part_start, 0)
-                pieces = self._segments(part, ends_document, issues, start_char, window)
-                for seg, next_char in pieces:
-                    if seg is not None:
-                        window.segments.append(seg)
-                        window.room -= len(seg.student.ids)
-                        window.room -= seg.ends_document and self.eod[0] is not None
-                    # the window is done: full, or no room for the next piece, or --no-pack
-                    done = seg is None or window.room <= 0 or (not self.pack and seg.ends_document)
-                    if done and window.segments:
-                        if not window.segments[-1].ends_document and not split_counted:
-                            _count(
-                                issues, "split_document", f"{len(text)} characters, several windows"
-                            )
-                            split_counted = True  # once per document: it continues elsewhere
-                        item = emit()
-                        if item is not None:
-                            yield item, (doc, part_start + next_char)
-        if window.segments:
-            item = emit()
-            if item is not None:
-                yield item, None
+            if not window.segments[-1].ends_document and not split_counted:
+                _count(issues, "split_document", f"{len(text)} characters, several windows")
+                split_counted = True  # once per document: it continues elsewhere
+            yield window.take(), next_char
+
+    def _document_segments(self, text: str, skip_to: int, issues: Counter, window: _Window):
+        """The pieces of one document from character `skip_to`, tokenized part by part (_parts):
+        (segment or None, character of the document after it), as `_segments` gives them."""
+        for part_start, part in _parts(text):
+            if part_start + len(part) <= skip_to:
+                continue
+            ends_document = part_start + len(part) == len(text)
+            start_char = max(skip_to - part_start, 0)
+            pieces = self._segments(part, ends_document, issues, start_char, window)
+            yield from ((seg, part_start + next_char) for seg, next_char in pieces)
 
     def _segments(self, part, ends_document, issues, start_char, window):
         """The pieces of one document part for the window being filled, from character
         `start_char`: (segment, character after it), or (None, character of the next piece) when
         the window has no room for that piece (the caller closes it and the window is empty)."""
         spans = _body(token_spans(self.student_tok, part))
-        n, starts = len(spans.ids), spans.start
+        n = len(spans.ids)
         if n == 0:
             return
-        char_bytes = char_byte_offsets(part)
-        on_char = np.zeros(spans.n_bytes + 1, dtype=bool)
-        on_char[char_bytes] = True
-        # a segment may start before token k when k starts at an exact boundary of the student's
-        # that is also a character boundary (the segment's text must be a string)
-        cuts = np.flatnonzero(spans.cut & on_char[starts])
-        # ...and never right after a token of no source bytes (a SentencePiece model's prefix
-        # space): that token would be a piece of its own, and a resume would repeat it
-        cuts = cuts[(cuts == 0) | (starts[cuts] > starts[np.maximum(cuts - 1, 0)])]
-        eod = int(ends_document and self.eod[0] is not None)  # the separator needs a place too
-        i = int(np.searchsorted(starts, char_bytes[start_char])) if start_char else 0
+        tokens = _Part(part, spans)
+        separator = int(ends_document and self.eod[0] is not None)  # it needs a place too
+        i = tokens.token_at(start_char) if start_char else 0
         ended = False
         while i < n:
-            r = window.room
-            if n - i + eod <= r:
-                j = n
-            else:  # as many tokens as fit, back to the last cut
-                k = int(np.searchsorted(cuts, i + r, "right")) - 1
-                j = int(cuts[k]) if k >= 0 else -1
-            if j <= i:
-                if window.segments:
-                    yield None, int(np.searchsorted(char_bytes, starts[i]))
-                    continue
-                _count(issues, "unsplittable_text", f"no clean cut in {r} tokens")
-                k = int(np.searchsorted(cuts, i + r, "right"))  # a normalized region: dropped
-                i = int(cuts[k]) if k < len(cuts) else n
-                continue
-            byte_lo, byte_hi = starts[i], starts[j] if j < n else spans.n_bytes
-            char_lo, char_hi = (int(c) for c in np.searchsorted(char_bytes, [byte_lo, byte_hi]))
-            bounds = spans.boundaries  # sorted: the segment's are a slice
-            bounds = bounds[
-                np.searchsorted(bounds, byte_lo) : np.searchsorted(bounds, byte_hi, "right")
-            ]
-            student = TokenSpans(  # the segment's tokens, in the segment's bytes
-                ids=spans.ids[i:j],
-                text=spans.text[i:j],
-                start=starts[i:j] - byte_lo,
-                cut=np.zeros(0, dtype=bool),  # not needed from here on
-                boundaries=np.union1d(bounds - byte_lo, [0, byte_hi - byte_lo]),
-                n_bytes=int(byte_hi - byte_lo),
-            )
-            ended = ends_document and j == n
-            yield _Segment(student, part[char_lo:char_hi], ended), char_hi
-            i = j
+            j = tokens.fit(i, window.room, separator)
+            if j > i:
+                ended = ends_document and j == n
+                yield tokens.segment(i, j, ended)
+                i = j
+            elif window.segments:  # no room for the next piece here
+                yield None, tokens.char_at(i)
+            else:  # no clean cut in a whole window (a normalized region): dropped
+                _count(issues, "unsplittable_text", f"no clean cut in {window.room} tokens")
+                i = tokens.next_cut(i + window.room)
         if ends_document and not ended:  # its tail was dropped: the document still ends here
-            empty = TokenSpans(
-                [],
-                np.zeros(0, bool),
-                np.zeros(0, np.int64),
-                np.zeros(0, bool),
-                np.zeros(1, np.int64),
-                0,
-            )
-            yield _Segment(empty, "", True), len(part)
+            yield _BARE_END, len(part)
 
     def _item(self, segments: list[_Segment], issues: Counter) -> dict | None:
         """One window: the student's prefix, then each segment (+ the end-of-document token after a
         document's last one), and the same for every teacher with chunk ids numbered across the
-        window (a chunk never crosses a segment)."""
-        n_teachers = len(self.teacher_toks)
+        window (a chunk never crosses a segment). None (counted) when it predicts nothing."""
         ids, target = [self.prefix[0]], [np.zeros(len(self.prefix[0]), dtype=bool)]
-        s_chunks = [[np.full(len(self.prefix[0]), -1)] for _ in range(n_teachers)]
-        t_ids = [
-            [self.prefix[0] if same else prefix] for same, prefix in zip(self.same, self.prefix[1:])
-        ]
-        t_chunks = [[np.full(len(t[0]), -1)] for t in t_ids]
-        first_free = [0] * n_teachers
         for seg in segments:
             ids.append(seg.student.ids)
             target.append(seg.student.text)
-            for i, tok in enumerate(self.teacher_toks if seg.text else []):
-                teacher = seg.student if self.same[i] else _body(token_spans(tok, seg.text))
-                s_chunk, t_chunk = chunk_ids(seg.student, teacher)
-                s_chunks[i].append(np.where(s_chunk >= 0, s_chunk + first_free[i], -1))
-                t_chunks[i].append(np.where(t_chunk >= 0, t_chunk + first_free[i], -1))
-                t_ids[i].append(teacher.ids)
-                first_free[i] += max(s_chunk.max(initial=-1), t_chunk.max(initial=-1)) + 1
-            if seg.ends_document:  # the separators: a CE target for the student, in no chunk
-                if self.eod[0] is not None:
-                    ids.append([self.eod[0]])
-                    target.append([True])
-                    for chunks in s_chunks:
-                        chunks.append([-1])
-                for i in range(n_teachers):
-                    eod = self.eod[0] if self.same[i] else self.eod[i + 1]
-                    if eod is not None:
-                        t_ids[i].append([eod])
-                        t_chunks[i].append([-1])
+            if seg.ends_document and self.eod[0] is not None:  # a CE target, in no chunk
+                ids.append([self.eod[0]])
+                target.append([True])
         ids = np.concatenate(ids).astype(np.int64)
         if len(ids) < 2:
             _count(issues, "too_short", "a window of one token predicts nothing")
@@ -570,29 +665,64 @@ class AlignedWindows(IterableDataset):
         labels = np.full(len(ids), -100, dtype=np.int64)
         labels[:-1] = np.where(target[1:], ids[1:], -100)
         item = {"student_ids": ids, "labels": labels}
-        for i in range(n_teachers):
-            s_chunk = np.concatenate(s_chunks[i]).astype(np.int64)
-            t_chunk = np.concatenate(t_chunks[i]).astype(np.int64)
-            teacher_ids = np.concatenate(t_ids[i]).astype(np.int64)
-            # a side's first token has no predictor position: its chunk would lack a piece on that
-            # side (Qwen3 and o200k add no BOS), so it is dropped on both sides
-            for first in {int(s_chunk[0]), int(t_chunk[0]) if len(t_chunk) else -1} - {-1}:
-                s_chunk[s_chunk == first] = -1
-                t_chunk[t_chunk == first] = -1
-            if len(t_chunk) > self.teacher_cap:  # the chunks that lose teacher tokens become a gap
-                _count(issues, "teacher_truncated", f"{len(t_chunk)} > {self.teacher_cap} tokens")
-                dropped = t_chunk[self.teacher_cap :]
-                t_chunk, teacher_ids = t_chunk[: self.teacher_cap], teacher_ids[: self.teacher_cap]
-                if (dropped >= 0).any():  # chunk ids follow the text: all from the first lost one
-                    first_lost = dropped[dropped >= 0].min()
-                    s_chunk = np.where(s_chunk >= first_lost, -1, s_chunk)
-                    t_chunk = np.where(t_chunk >= first_lost, -1, t_chunk)
+        for i in range(len(self.teacher_toks)):
+            s_chunk, teacher_ids, t_chunk = self._teacher_side(i, segments)
+            _drop_unpredicted(s_chunk, t_chunk)
+            s_chunk, teacher_ids, t_chunk = _capped(
+                s_chunk, teacher_ids, t_chunk, self.teacher_cap, issues
+            )
             item[f"student_chunk_{i}"] = predictor_chunks(s_chunk)
             item[f"teacher_ids_{i}"] = teacher_ids
             item[f"teacher_chunk_{i}"] = predictor_chunks(t_chunk)
-        if self.teacher_toks:
-            item["student_chunk"] = item["student_chunk_0"]
         return item
+
+    def _teacher_side(self, i: int, segments: list[_Segment]):
+        """(student chunk ids, teacher ids, teacher chunk ids) of a window for teacher i, before
+        the predictor shift: the teacher's own prefix, each segment tokenized by the teacher, and
+        its own end-of-document token after a document's last segment (in no chunk)."""
+        same, tok = self.same[i], self.teacher_toks[i]
+        prefix = self.prefix[0] if same else self.prefix[i + 1]
+        eod = self.eod[0] if same else self.eod[i + 1]
+        s_chunks, t_ids, t_chunks = [np.full(len(self.prefix[0]), -1)], [prefix], []
+        t_chunks.append(np.full(len(prefix), -1))
+        first_free = 0
+        for seg in segments:
+            if seg.text:
+                teacher = seg.student if same else _body(token_spans(tok, seg.text))
+                s_chunk, t_chunk = chunk_ids(seg.student, teacher)
+                s_chunks.append(np.where(s_chunk >= 0, s_chunk + first_free, -1))
+                t_chunks.append(np.where(t_chunk >= 0, t_chunk + first_free, -1))
+                t_ids.append(teacher.ids)
+                first_free += max(s_chunk.max(initial=-1), t_chunk.max(initial=-1)) + 1
+            if seg.ends_document and self.eod[0] is not None:
+                s_chunks.append([-1])
+            if seg.ends_document and eod is not None:
+                t_ids.append([eod])
+                t_chunks.append([-1])
+        return tuple(np.concatenate(x).astype(np.int64) for x in (s_chunks, t_ids, t_chunks))
+
+
+def _drop_unpredicted(s_chunk: np.ndarray, t_chunk: np.ndarray) -> None:
+    """A side's first token has no predictor position: its chunk would lack a piece on that side
+    (Qwen3 and o200k add no BOS), so it is dropped on both sides (in place)."""
+    for first in {int(s_chunk[0]), int(t_chunk[0]) if len(t_chunk) else -1} - {-1}:
+        s_chunk[s_chunk == first] = -1
+        t_chunk[t_chunk == first] = -1
+
+
+def _capped(s_chunk, teacher_ids, t_chunk, cap: int, issues: Counter):
+    """(s_chunk, teacher_ids, t_chunk) with at most `cap` teacher tokens (counted when cut): the
+    chunks that lose teacher tokens become a gap."""
+    if len(t_chunk) <= cap:
+        return s_chunk, teacher_ids, t_chunk
+    _count(issues, "teacher_truncated", f"{len(t_chunk)} > {cap} tokens")
+    dropped = t_chunk[cap:]
+    t_chunk, teacher_ids = t_chunk[:cap], teacher_ids[:cap]
+    if (dropped >= 0).any():  # chunk ids follow the text: all from the first lost one
+        first_lost = dropped[dropped >= 0].min()
+        s_chunk = np.where(s_chunk >= first_lost, -1, s_chunk)
+        t_chunk = np.where(t_chunk >= first_lost, -1, t_chunk)
+    return s_chunk, teacher_ids, t_chunk
 
 
 def collate(batch: list[dict], pad_ids: dict[str, int]) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import unicodedata
+from collections import Counter
 from functools import partial
 
 import numpy as np
@@ -108,6 +109,19 @@ def test_a_glob_and_a_list_of_files_name_the_same_documents(corpus):
     assert data.resolve_files(os.path.join(corpus, "*.jsonl")) == [jsonl]
     assert data.resolve_files([jsonl, os.path.join(corpus, "note.txt")])[1] == jsonl
     assert data.resolve_files("someone/some-hub-dataset") is None
+
+
+def test_documents_gives_a_shards_usable_texts_and_a_resume_reads_nothing_twice(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", ["zero", "", "two", "three", "four"])
+    source = data.DocumentSource(str(tmp_path), data.resolve_files(str(tmp_path)), shuffle=False)
+    issues = Counter()
+    assert list(data.documents(source, 0, 0, 2, issues)) == [(0, "zero"), (1, "two"), (2, "four")]
+    assert list(data.documents(source, 0, 1, 2, issues)) == [(1, "three")]
+    assert issues == {"empty_document": 1}  # document 0 of shard 1
+    resumed = Counter()  # inside the saved document, whose problems the saved counts hold
+    assert list(data.documents(source, 0, 1, 2, resumed, resume_doc=0)) == [(1, "three")]
+    assert list(data.documents(source, 0, 0, 2, resumed, resume_doc=2)) == [(2, "four")]
+    assert not resumed
 
 
 def stream_texts(dataset, tok, num_workers=0, batch_size=2) -> list[str]:
