@@ -66,22 +66,6 @@ RESULTS = os.path.join(HERE, "results")
 
 LOSSES = ("ce", "pkl", "hkl", "gold", "kl")
 GOAL_RATIO = 1.25
-# Model shapes of the presets, copied from train.py's SHAPES (the presets' models; with the
-# refactor they live beside its flags): the teacher-forward part builds the same models.
-SHAPES = {
-    "tiny": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16,
-    ),
-    "llama-3.2-1b": dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, vocab_size=128256,
-    ),
-    "qwen3-4b": dict(
-        hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, vocab_size=151936,
-    ),
-}  # fmt: skip
 # Dense bf16 peak (no sparsity), TFLOP/s, by a piece of torch.cuda.get_device_name(): the first
 # that matches wins (H100 PCIe and NVL before the SXM part's plain "H100").
 PEAK_BF16_TFLOPS = (
@@ -921,18 +905,14 @@ def teacher_batches(AlignedWindows, collate, student_tok, tok, corpus, mode, sam
 
 
 def build_model(arch: str, shape: str, vocab: int, seq_len: int, device, dtype):
-    """A random Llama/Qwen3 of a SHAPES entry, as the presets build it (tied embeddings)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    config = dict(SHAPES[shape], max_position_embeddings=max(4 * seq_len, 512))
-    config.update(tie_word_embeddings=True, vocab_size=max(vocab, config.get("vocab_size", 0)))
-    model_class, config_class = (
-        (Qwen3ForCausalLM, Qwen3Config) if arch == "qwen3" else (LlamaForCausalLM, LlamaConfig)
-    )
+    """A random Llama/Qwen3 of a flags.SHAPES entry, as the presets build it (tied embeddings)."""
     import torch
 
+    sys.path.insert(0, ROOT)
+    from flags import tiny_model
+
     with torch.device(device):
-        model = model_class(config_class(**config))
+        model = tiny_model(arch, vocab, seq_len, shape)
     return model.to(dtype).eval()
 
 
