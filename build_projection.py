@@ -32,7 +32,6 @@ from torch import Tensor
 from transformers import AutoConfig
 
 from cli import (
-    LOAD_ERRORS,
     ArgumentParser,
     add_model_flags,
     atomic_write,
@@ -49,7 +48,7 @@ from tokens import (
     token_bytes,
     tokenizer_hash,
 )
-from topk_interop import TOPK_K, export_topk, is_topk, read_topk
+from topk_interop import TOPK_K, export_topk, is_topk, read_topk, saved
 from topk_interop import to_topk as to_topk  # re-exported: build_projection.to_topk
 
 # 2: special tokens paired by meaning, "special_pairs" recorded (1 paired them by role name)
@@ -156,8 +155,8 @@ def build_projection(
 ) -> dict:
     """Build W and return the dict that save_projection writes (see the module docstring)."""
     s_bytes, t_bytes = token_bytes(student_tok), token_bytes(teacher_tok)
-    vs = _vocab_size(student_vocab_size, len(s_bytes), "student")
-    vt = _vocab_size(teacher_vocab_size, len(t_bytes), "teacher")
+    vs = _vocab_size(student_vocab_size, len(s_bytes), "student", student_tok)
+    vt = _vocab_size(teacher_vocab_size, len(t_bytes), "teacher", teacher_tok)
     weights = lambda n: _piece_weights(n, first_weight, decay, max_pieces)  # noqa: E731
     entries: list[tuple[int, int, float]] = []  # (student id, teacher id, weight), summed later
 
@@ -247,16 +246,19 @@ def _pairs_tensor(exact_pairs: list, specials: list[dict]) -> Tensor:
     return torch.tensor(sorted(pairs), dtype=torch.long).reshape(-1, 2)
 
 
-def _vocab_size(size: int | None, n: int, side: str) -> int:
-    """W's rows or columns: the model's embedding rows if given (at least the tokenizer's n ids)."""
+def _vocab_size(size: int | None, n: int, side: str, tok=None) -> int:
+    """W's rows or columns: the model's embedding rows if given (at least the tokenizer's n ids).
+    Fewer rows than ids: the model and its tokenizer disagree (a caller that takes the size from
+    a flag says so in its own words first: build_projection.py's _run)."""
     if size is None:
         return n
     if isinstance(size, bool) or not isinstance(size, int):
         raise ValueError(f"{side} vocab size {size!r} is not an integer")
     if size < n:
         raise ValueError(
-            f"{side} vocab size {size} is smaller than its tokenizer ({n} ids); "
-            f"pass --{side}-vocab-size >= {n} (the model's embedding rows)"
+            f"{side}{_named(tok)}: vocab size {size} (the model's embedding rows) is smaller than "
+            f"its tokenizer ({n} ids; ids >= {size} would have no row): the model and its "
+            "tokenizer disagree; use the tokenizer saved with this model"
         )
     return size
 
@@ -361,8 +363,9 @@ def cached_projection(
 
 
 def save_projection(projection: dict, path: str) -> None:
-    """torch.save to a temp file in the same directory, then rename: never a half-written W."""
-    atomic_write(path, lambda f: torch.save(projection, f))
+    """torch.save to a temp file in the same directory, then rename: never a half-written W; a
+    full disk is one line naming the path and the free space, the old file stays (saved)."""
+    atomic_write(path, saved(projection))
 
 
 # ----------------------------------------------------------------------------- the top-k format
@@ -371,7 +374,14 @@ def save_projection(projection: dict, path: str) -> None:
 def _from_topk(data: dict, path: str, student_tok, teacher_tok) -> dict:
     """A top-k file (NeMo-RL / TRL: topk_interop.read_topk, checked) as our dict: exact and
     special pairs recomputed from the tokenizers as build_projection does."""
-    W, params = read_topk(data, path, student_tok, teacher_tok, check_tokenizers=_check_tokenizers)
+    W, params = read_topk(
+        data,
+        path,
+        student_tok,
+        teacher_tok,
+        check_tokenizers=_check_tokenizers,
+        check_entries=check_entries,
+    )
     _, exact_pairs, _ = _exact_pass(student_tok, teacher_tok)
     specials = _special_records(student_tok, teacher_tok)
     return {
@@ -412,14 +422,22 @@ def load_projection(path: str, student_tok=None, teacher_tok=None) -> dict:
         raise ValueError(
             f"projection file {path} does not exist; build it with build_projection.py"
         )
+    if os.path.getsize(path) == 0:
+        raise ValueError(
+            f"{path} is empty (0 bytes: a write that never finished?); rebuild it with "
+            "build_projection.py"
+        )
     try:
         projection = torch.load(path, weights_only=True, map_location="cpu")
     except OSError as e:  # the file is there but cannot be read (permissions, I/O)
         raise ValueError(f"cannot read {path}: {e.strerror or e}; check its permissions") from e
-    except LOAD_ERRORS as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # torch.load's parsers raise what they meet: text gives a KeyError,
+        # a cut file EOFError or RuntimeError, a pickle weights_only refuses UnpicklingError
         raise ValueError(
-            f"{path} is not a readable W file (corrupt or truncated: "
-            f"{str(e).splitlines()[0][:80]}); rebuild it with build_projection.py"
+            f"{path} is not a readable W file (corrupt or truncated, or no torch.save file: "
+            f"{_why(e)}); rebuild it with build_projection.py"
         ) from e
     if is_topk(projection) and "version" not in projection:
         return _from_topk(projection, path, student_tok, teacher_tok)
@@ -438,9 +456,81 @@ def load_projection(path: str, student_tok=None, teacher_tok=None) -> dict:
     missing -= set(projection)
     if missing:
         raise ValueError(f"{path} lacks {sorted(missing)}; rebuild it with build_projection.py")
-    expected = {side: projection[side]["sha256"] for side in ("student", "teacher")}
+    fix = "rebuild it with build_projection.py"
+    sides = ("student", "teacher")
+    if not all(isinstance(projection[side], dict) for side in sides) or not all(
+        isinstance(projection[side].get("sha256"), str) for side in sides
+    ):
+        raise ValueError(f"{path}: its 'student'/'teacher' records lack a tokenizer hash; {fix}")
+    expected = {side: projection[side]["sha256"] for side in sides}
     _check_tokenizers(path, expected, student_tok, teacher_tok)
+    W, pairs = projection["W"], projection["exact_pairs"]
+    if (
+        not (isinstance(W, Tensor) and W.layout == torch.sparse_coo and W.dim() == 2)
+        or not W.dtype.is_floating_point
+    ):
+        raise ValueError(f"{path}: 'W' is not a sparse float matrix [V_S, V_T]; {fix}")
+    W = W.coalesce()
+    s, t = W.indices()
+    check_entries(path, s, t, W.values(), tuple(W.shape), student_tok, teacher_tok, W.dtype, fix)
+    if not (isinstance(pairs, Tensor) and pairs.dtype == torch.long and pairs.dim() == 2) or (
+        pairs.shape[1] != 2
+        or bool((pairs < 0).any())
+        or bool((pairs[:, 0] >= W.shape[0]).any() or (pairs[:, 1] >= W.shape[1]).any())
+    ):
+        raise ValueError(
+            f"{path}: 'exact_pairs' is not a Long [n, 2] of (student id, teacher id) within "
+            f"W {tuple(W.shape)}; {fix}"
+        )
     return projection
+
+
+def check_entries(path, s, t, w, shape, student_tok, teacher_tok, dtype, fix: str) -> None:
+    """Every stage's one check of a loaded W's entries (student ids s, teacher ids t, weights w;
+    ours and the top-k format alike), so that audit.py and train.py refuse the same files: the
+    weights are finite and >= 0, every teacher id is one of the teacher tokenizer's (W's columns
+    without it), the student tokenizer's ids are all rows, and every non-empty row sums to 1 (a
+    distribution; to a tolerance that the weights' dtype sets: bfloat16 rounds each weight to 2^-8).
+    A ValueError that names the file, the first bad entry and `fix`."""
+    if len(w) and (not bool(torch.isfinite(w).all()) or bool((w < 0).any())):
+        raise ValueError(f"{path}: W has negative or non-finite weights; {fix}")
+    n_teacher = len(teacher_tok) if teacher_tok is not None else shape[1]
+    beyond = t >= n_teacher
+    if bool(beyond.any()):
+        first = int(torch.nonzero(beyond)[0, 0])
+        whose = f"the teacher tokenizer{_named(teacher_tok)}" if teacher_tok else "W"
+        raise ValueError(
+            f"{path} maps student id {int(s[first])} to teacher id {int(t[first])}, but {whose} "
+            f"has {n_teacher} ids: it was built for another teacher or is damaged; {fix}"
+        )
+    if student_tok is not None and shape[0] < len(student_tok):
+        raise ValueError(
+            f"{path} has {shape[0]} rows but the student tokenizer{_named(student_tok)} has "
+            f"{len(student_tok)} ids: it was built for another student; {fix}"
+        )
+    rows, inverse = torch.unique(s, return_inverse=True)
+    sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, inverse, w.double())
+    tolerance = max(1e-5, 4 * torch.finfo(dtype).eps)
+    bad = torch.nonzero((sums - 1).abs() > tolerance).flatten()
+    if len(bad):
+        first = int(bad[0])
+        raise ValueError(
+            f"{path}: {len(bad):,} of W's {len(rows):,} non-empty rows do not sum to 1 (student "
+            f"id {int(rows[first])} sums to {float(sums[first]):.4g}): each row is a "
+            f"distribution over the teacher's tokens; the file is damaged or not a W; {fix}"
+        )
+
+
+def _named(tok) -> str:
+    """The tokenizer's name after a space, or "" when it has none."""
+    name = _name(tok, "")
+    return f" {name}" if name else ""
+
+
+def _why(e: BaseException) -> str:
+    """An exception as a short phrase: its type and the first line of its message."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0][:80]}" if lines else type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -481,11 +571,16 @@ def _run(args: argparse.Namespace) -> int:
     student = load_tokenizer(args.student, trust_remote_code=args.trust_remote_code)
     teacher = load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
     sizes = {}
-    for side, name, given in (
-        ("student", args.student, args.student_vocab_size),
-        ("teacher", args.teacher, args.teacher_vocab_size),
+    for side, name, given, tok in (
+        ("student", args.student, args.student_vocab_size, student),
+        ("teacher", args.teacher, args.teacher_vocab_size, teacher),
     ):
         flag = f"--{side}-vocab-size"
+        if given is not None and given < len(tok):
+            raise ValueError(
+                f"{flag} {given} is smaller than the {side} tokenizer ({len(tok)} ids); give at "
+                f"least {len(tok)} (the model's embedding rows)"
+            )
         sizes[side] = given if given is not None else model_vocab_size(name, flag)
     projection = build_projection(
         student,

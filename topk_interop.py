@@ -21,6 +21,9 @@ It exists so that a W built here trains there and one built there is audited and
 
 from __future__ import annotations
 
+import errno
+import io
+import os
 import sys
 from collections.abc import Callable
 
@@ -72,7 +75,27 @@ def export_topk(
         "teacher_tokenizer_sha256": projection["teacher"]["sha256"],
         "teacher_vocab_size": int(projection["W"].shape[1]),  # W's columns, padding included
     }
-    atomic_write(path, lambda f: torch.save(data, f))
+    atomic_write(path, saved(data))
+
+
+def saved(obj) -> Callable:
+    """cli.atomic_write's write function for torch.save(obj) (build_projection.py's W files use it
+    too): serialized in memory, then written in full. torch.save writing into the file itself turns
+    a full disk's short write into a RuntimeError ("unexpected pos"), which would escape as a
+    traceback; a plain write raises the OSError (ENOSPC) that atomic_write reports in one line with
+    the path and the free space. The bytes are torch.save's own, as written to a file."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+
+    def write(f) -> None:
+        view = buffer.getbuffer()
+        while len(view):  # a raw file may take part of it: write the rest
+            written = f.write(view)
+            if written == 0:  # nothing taken: a full device that does not say so
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            view = view[len(view) if written is None else written :]
+
+    return write
 
 
 def is_topk(data) -> bool:
@@ -81,12 +104,20 @@ def is_topk(data) -> bool:
 
 
 def read_topk(
-    data: dict, path: str, student_tok, teacher_tok, *, check_tokenizers: Callable
+    data: dict,
+    path: str,
+    student_tok,
+    teacher_tok,
+    *,
+    check_tokenizers: Callable,
+    check_entries: Callable,
 ) -> tuple[Tensor, dict]:
     """A top-k file's W, sparse [V_S, V_T] as stored (-1 and 0-weight slots dropped), and the
     "params" our dict records of it. Both tokenizers are required; a file with our hashes is
     checked against them with check_tokenizers(path, {side: sha256}, student_tok, teacher_tok)
-    (load_projection's check), one without them is read with a warning on stderr."""
+    (load_projection's check), one without them is read with a warning on stderr. Its entries
+    pass load_projection's check of every W (check_entries: teacher ids the teacher tokenizer
+    has, rows that sum to 1) before W is made."""
     hashes = {side: data.get(f"{side}_tokenizer_sha256") for side in ("student", "teacher")}
     verified = all(isinstance(h, str) for h in hashes.values())
     if student_tok is None or teacher_tok is None:
@@ -112,7 +143,11 @@ def read_topk(
     keep = (indices >= 0) & (likelihoods > 0)  # -1 pads a row; a 0 weight is no entry
     s = torch.arange(rows).unsqueeze(1).expand(rows, k)[keep]
     t, w = indices[keep], likelihoods[keep]
-    vt = max(len(teacher_tok), int(t.max()) + 1 if len(t) else 0)
+    vt = len(teacher_tok)
+    fix = "re-export it (build_projection.py --export-topk) or rebuild it"
+    check_entries(
+        path, s, t, w, (rows, vt), student_tok, teacher_tok, data["likelihoods"].dtype, fix
+    )
     if verified and isinstance(data.get("teacher_vocab_size"), int):
         vt = max(vt, data["teacher_vocab_size"])  # ours: W's padded columns come back too
     W = torch.sparse_coo_tensor(torch.stack([s, t]), w, (rows, vt), check_invariants=True)

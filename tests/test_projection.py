@@ -249,6 +249,18 @@ def test_vocab_size_smaller_than_tokenizer_is_an_error(llama, qwen):
         build(llama, qwen, teacher_vocab_size=1000)
 
 
+def test_a_model_with_fewer_rows_than_its_tokenizer_hears_that_they_disagree(llama, qwen):
+    # train.py builds W with the teacher model's output rows: 151,000 rows for 151,669 ids is a
+    # model and a tokenizer that do not belong together, not a flag to pass (train.py has none)
+    with pytest.raises(ValueError) as info:
+        build(llama, qwen, teacher_vocab_size=151_000)
+    message = str(info.value)
+    assert "vocab size 151000 (the model's embedding rows) is smaller than its tokenizer" in message
+    assert "(151669 ids; ids >= 151000 would have no row)" in message
+    assert "the model and its tokenizer disagree; use the tokenizer saved with" in message
+    assert "--teacher-vocab-size" not in message and "\n" not in message
+
+
 def test_reverse_pass_is_off_by_default_and_adds_links(mistral):
     # The mistral-v1 pair is small (32k x 32k) so that the reverse pass stays quick.
     v3 = get_tokenizer("mistral-v3")
@@ -332,9 +344,12 @@ def test_corrupt_and_truncated_W_files_are_clear_errors(tmp_path, llama, qwen):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00not a torch file" * 10)
-    for path in (truncated, garbage):
-        with pytest.raises(ValueError, match="corrupt or truncated"):
+    cut_short = tmp_path / "cut_short.pt"
+    cut_short.write_bytes(good.read_bytes()[:-10])
+    for path in (truncated, garbage, cut_short):
+        with pytest.raises(ValueError, match="corrupt or truncated") as info:
             load_projection(str(path), llama, qwen)
+        assert "\n" not in str(info.value)
 
 
 def test_W_from_another_tokenizer_pair_names_both_hashes(tmp_path, llama, qwen, o200k):
@@ -516,12 +531,12 @@ BAD_BUILD_INPUTS = [
     (["--student-vocab-size", "12.5"], "argument --student-vocab-size: '12.5' is not an integer"),
     (
         ["--student-vocab-size", "1000"],
-        "student vocab size 1000 is smaller than its tokenizer "
-        "(128257 ids); pass --student-vocab-size >= 128257",
+        "--student-vocab-size 1000 is smaller than the student tokenizer (128257 ids); give at "
+        "least 128257 (the model's embedding rows)",
     ),
     (
         ["--teacher-vocab-size", "151000"],
-        "teacher vocab size 151000 is smaller than its tokenizer (151669 ids)",
+        "--teacher-vocab-size 151000 is smaller than the teacher tokenizer (151669 ids)",
     ),
     (["--out", "{tmp}"], "is a directory; name a file, e.g. --out {tmp}/W.pt"),
     (["--out", "{tmp}/new/"], "ends with a slash (a directory)"),
@@ -557,7 +572,7 @@ def test_build_projection_bad_input_is_one_line_and_exit_2(
 
 def test_build_projection_checks_sizes_it_is_given(llama, qwen):
     # 0 was replaced by the tokenizer's size ("or"): a size is a size, 0 included
-    with pytest.raises(ValueError, match="student vocab size 0 is smaller than its tokenizer"):
+    with pytest.raises(ValueError, match="student pkg:llama-3.2: vocab size 0 .* is smaller than"):
         build(llama, qwen, student_vocab_size=0)
 
 
@@ -592,8 +607,55 @@ def test_build_projection_on_a_full_disk_is_one_line_and_keeps_the_old_file(
     out = tmp_path / "W.pt"
     out.write_bytes(b"previous")
     code, err = run_main(build_projection.main, [*PAIR, "--out", str(out)], capsys)
-    assert_one_line_error(code, err, f"cannot write {out}: No space left on device; free some")
+    assert_one_line_error(code, err, f"cannot write {out}: No space left on device")
+    assert "; free some space" in err
     assert out.read_bytes() == b"previous" and os.listdir(tmp_path) == ["W.pt"]
+
+
+@pytest.fixture
+def filling_disk(monkeypatch):
+    """A disk that fills during a write, as a real one does: a write takes what still fits and
+    says how much (a short write), the next one fails with ENOSPC. torch.save writing into such
+    a file raises RuntimeError ("unexpected pos"), not an OSError. 64 kB fit."""
+    import errno
+
+    real, room = os.fdopen, {"left": 64_000}
+
+    class Filling:
+        def __init__(self, f):
+            self._f = f
+
+        def write(self, data):
+            n = min(len(memoryview(data).cast("B")), room["left"])
+            if n == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            room["left"] -= n
+            return self._f.write(memoryview(data).cast("B")[:n])
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda *a, **k: Filling(real(*a, **k)))
+
+
+@pytest.mark.parametrize("flag", ["--out", "--export-topk"])
+@pytest.mark.usefixtures("cached_tokenizers")
+def test_a_disk_that_fills_while_w_is_written_is_one_line_with_the_free_space(
+    flag, tmp_path, capsys, monkeypatch, filling_disk, W_llama_qwen
+):
+    monkeypatch.setattr(build_projection, "build_projection", lambda *a, **k: W_llama_qwen)
+    out = tmp_path / "W.pt"
+    out.write_bytes(b"previous")
+    code, err = run_main(build_projection.main, [*PAIR, flag, str(out)], capsys)
+    assert_one_line_error(code, err, f"cannot write {out}: No space left on device (")
+    assert " free on " in err and "; free some space" in err  # cli.free_space
+    assert out.read_bytes() == b"previous" and os.listdir(tmp_path) == ["W.pt"]  # no temp file
 
 
 def test_a_projection_directory_or_unreadable_file_is_a_clear_error(tmp_path, monkeypatch):
@@ -608,6 +670,100 @@ def test_a_projection_directory_or_unreadable_file_is_a_clear_error(tmp_path, mo
     monkeypatch.setattr(torch, "load", unreadable)
     with pytest.raises(ValueError, match="cannot read .*W.pt: Permission denied; check its perm"):
         load_projection(str(path))
+
+
+NOT_W_FILES = {
+    "empty": (b"", "is empty (0 bytes"),
+    "text": (b"hello, this is not a W file\n", "is not a readable W file (corrupt or truncated"),
+    "one byte": (b"x", "is not a readable W file"),
+    "zeros": (bytes(4096), "is not a readable W file"),
+    "a zip that is not torch's": (b"PK\x03\x04" + bytes(60), "is not a readable W file"),
+    "JSON": (b'{"W": [[1.0]]}', "is not a readable W file"),
+}
+
+
+@pytest.mark.parametrize("what", list(NOT_W_FILES))
+@pytest.mark.usefixtures("cached_tokenizers")
+def test_a_file_that_is_no_w_file_is_one_line_naming_it(what, tmp_path, capsys):
+    import audit
+
+    content, message = NOT_W_FILES[what]
+    path = tmp_path / "W.pt"
+    path.write_bytes(content)
+    code, err = run_main(audit.main, [*PAIR, "--projection", str(path)], capsys)
+    assert_one_line_error(code, err, f"{path} {message}")
+    assert "rebuild it with build_projection.py" in err
+
+
+def tampered(projection: dict, **changes) -> dict:
+    """A copy of a W dict with W's values mapped (`values`), or other keys replaced."""
+    W = projection["W"].coalesce()
+    values = changes.pop("values", lambda v: v)(W.values().clone())
+    changed = torch.sparse_coo_tensor(W.indices(), values, W.shape, check_invariants=True)
+    changed = changed.coalesce()
+    return {**projection, "W": changed, **changes}
+
+
+def bad_ours(W_llama_qwen, what: str) -> dict:
+    W = W_llama_qwen["W"].coalesce()
+    if what == "halved":  # every row sums to 0.5: H-KL's added set changes silently
+        return tampered(W_llama_qwen, values=lambda v: v / 2)
+    if what == "x5":
+        return tampered(W_llama_qwen, values=lambda v: v * 5)
+    if what == "one row off":
+        return tampered(W_llama_qwen, values=lambda v: torch.cat([v[:1] * 0.9, v[1:]]))
+    if what == "negative":  # rows still sum to 1
+        return tampered(W_llama_qwen, values=lambda v: torch.cat([-v[:1], v[1:]]))
+    if what == "nan":
+        return tampered(W_llama_qwen, values=lambda v: torch.cat([v[:1] * float("nan"), v[1:]]))
+    if what == "teacher id beyond the tokenizer":  # in W's padded columns
+        indices = W.indices().clone()
+        indices[1, 0] = W.shape[1] + 99
+        bigger = (W.shape[0], W.shape[1] + 100)
+        moved = torch.sparse_coo_tensor(indices, W.values(), bigger, check_invariants=True)
+        moved = moved.coalesce()
+        return {**W_llama_qwen, "W": moved}
+    if what == "dense W":
+        return {**W_llama_qwen, "W": torch.zeros(3, 3)}
+    if what == "pair out of range":
+        return {**W_llama_qwen, "exact_pairs": torch.tensor([[0, 10**7]])}
+    raise AssertionError(what)
+
+
+BAD_OURS = {
+    "halved": "128,001 of W's 128,001 non-empty rows do not sum to 1 (student id 0 sums to 0.5)",
+    "x5": "rows do not sum to 1 (student id 0 sums to 5)",
+    "one row off": "1 of W's 128,001 non-empty rows do not sum to 1 (student id 0 sums to 0.9)",
+    "negative": "W has negative or non-finite weights",
+    "nan": "W has negative or non-finite weights",
+    "teacher id beyond the tokenizer": "to teacher id 151768, but the teacher tokenizer pkg:qwen3 "
+    "has 151669 ids: it was built for another teacher or is damaged",
+    "dense W": "'W' is not a sparse float matrix [V_S, V_T]",
+    "pair out of range": "'exact_pairs' is not a Long [n, 2] of (student id, teacher id) within W",
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_OURS))
+@pytest.mark.usefixtures("cached_tokenizers")
+def test_a_w_file_with_invalid_entries_is_refused_in_one_line(what, tmp_path, capsys, W_llama_qwen):
+    import audit
+
+    path = str(tmp_path / "W.pt")
+    torch.save(bad_ours(W_llama_qwen, what), path)
+    code, err = run_main(audit.main, [*PAIR, "--projection", path], capsys)
+    assert_one_line_error(code, err, BAD_OURS[what])
+    assert err.startswith(f"error: {path}") and "rebuild it with build_projection.py" in err
+
+
+def test_every_stage_reads_w_through_the_one_check():
+    # audit.py and train.py (attach_projection) load W only through load_projection, which checks
+    # every W it returns (check_entries): neither reads a W file on its own
+    import audit
+    import train
+
+    for module in (audit, train):
+        text = open(module.__file__).read()
+        assert "load_projection(" in text and "torch.load(" not in text.replace("# torch.load(", "")
 
 
 # ----------------------------------------------------------------------------- the top-k format
@@ -792,6 +948,12 @@ def bad_topk(llama, qwen, what: str) -> dict:
         data["likelihoods"][5, 0] = float("nan")
     elif what == "not tensors":
         data["indices"] = indices.tolist()[:3]
+    elif what == "teacher id 999999":  # audit.py showed its row; train.py refused the file
+        data["indices"][single_id(llama, "201"), 3] = 999_999
+    elif what == "halved":
+        data["likelihoods"] = likelihoods / 2
+    elif what == "rows sum to 5":
+        data["likelihoods"] = likelihoods * 5
     return data
 
 
@@ -803,6 +965,10 @@ BAD_TOPK = {
     "id -2": "'indices' has teacher id -2 (only -1 pads a row)",
     "nan weight": "'likelihoods' has negative or non-finite weights",
     "not tensors": "'indices' and 'likelihoods' are not tensors",
+    "teacher id 999999": "maps student id 679 to teacher id 999999, but the teacher tokenizer "
+    "pkg:qwen3 has 151669 ids: it was built for another teacher or is damaged; re-export it",
+    "halved": "3 of W's 3 non-empty rows do not sum to 1 (student id 13 sums to 0.5)",
+    "rows sum to 5": "rows do not sum to 1 (student id 13 sums to 5)",
 }
 
 
