@@ -1,9 +1,15 @@
 """Text data for train.py: documents -> shuffled, packed windows of `seq_len` student tokens, each
 aligned with every teacher (align.py, METHOD.md section 4), tokenized inside DataLoader workers.
 
-- `--data`: local .txt (one file = one document), .jsonl (one JSON object per line) or .parquet
-  files, a directory of them or a glob; anything else is a hub dataset name, streamed
-  (`data_config`, `split`).
+- `--data`: local .txt (one file = one document), .jsonl (one JSON object per line), .json (a
+  JSON array of records, else JSON lines) or .parquet files, a directory of them or a glob (or a
+  list of these); anything else is a hub dataset name, streamed (`data_config`, `split`).
+- Files (`resolve_files`): a directory is read recursively, in sorted order. Hidden files and
+  directories (a name that starts with ".": .ipynb_checkpoints/, .git/) are skipped, as a glob
+  skips them; so is any other file that is not one of the four kinds (README.md, a .csv); both are
+  counted in one warning. A compressed data file (.jsonl.gz, .json.zst, .txt.bz2, ...) is an
+  error, never skipped: decompress it, or name only the files to read (a glob such as
+  DIR/*.jsonl). A file named directly must be one of the four kinds.
 - Order (`shuffle=True`): each epoch, a seeded order of the files (and of a hub dataset's shards),
   `INTERLEAVE` files read at a time in turn, then a seeded buffer of `shuffle_buffer` documents per
   DataLoader worker. It mixes documents across files and within the buffer's reach; it does not
@@ -58,6 +64,8 @@ from tokens import end_of_document_id, tokenizer_hash
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked processes
 log = logging.getLogger("data")
 EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
+# data files in a compression the reader does not open: an error, never skipped (resolve_files)
+COMPRESSED_DATA = tuple(e + c for e in EXTENSIONS for c in (".gz", ".bz2", ".xz", ".zst", ".zip"))
 INTERLEAVE = 8  # files read at a time, in turn, when shuffling
 STATE_FORMAT = 2  # 2: packed windows; a resume state records where the next window starts
 # why a document, file or window was skipped, split or cut (counted, see issue_counts)
@@ -95,16 +103,24 @@ class DocumentSource:
 
 
 def resolve_files(data: str | list[str]) -> list[str] | None:
-    """The sorted local files that data names, or None when it is a hub dataset name."""
+    """The sorted local files that data names, or None when it is a hub dataset name. The rules
+    (module docstring, Files): hidden names and other kinds of file are skipped and counted in one
+    warning; a compressed data file is a ValueError."""
     if isinstance(data, list | tuple):  # several local paths
         files = [resolve_files(d) for d in data]
         if None in files:
             raise ValueError(f"--data {data}: a list must name local files only")
         return sorted(f for found in files for f in found)
+    hidden: list[str] = []  # hidden directories and files, not descended into nor read
     if any(c in data for c in "*?["):
-        files = glob.glob(data, recursive=True)
+        files = glob.glob(data, recursive=True)  # a glob matches no hidden name
     elif os.path.isdir(data):
-        files = [os.path.join(d, f) for d, _, names in os.walk(data) for f in names]
+        files = []
+        for d, dirs, names in os.walk(data):
+            hidden += [os.path.join(d, x) + os.sep for x in dirs if x.startswith(".")]
+            dirs[:] = [x for x in dirs if not x.startswith(".")]
+            hidden += [os.path.join(d, x) for x in names if x.startswith(".")]
+            files += [os.path.join(d, x) for x in names if not x.startswith(".")]
     elif os.path.isfile(data):
         if not data.endswith(EXTENSIONS):
             raise ValueError(f"{data}: not a {'/'.join(EXTENSIONS)} file")
@@ -113,10 +129,49 @@ def resolve_files(data: str | list[str]) -> list[str] | None:
         raise ValueError(f"{data}: no such file or directory")
     else:
         return None
+    compressed = sorted(f for f in files if f.endswith(COMPRESSED_DATA))
+    if compressed:
+        raise ValueError(
+            f"{data}: holds {len(compressed)} compressed data file(s) this reader does not read "
+            f"({_some(compressed, data)}); decompress them, or name only the files to read "
+            "(a glob such as DIR/*.jsonl)"
+        )
+    other = sorted(f for f in files if not f.endswith(EXTENSIONS))
     files = sorted(f for f in files if f.endswith(EXTENSIONS))
     if not files:
         raise ValueError(f"{data}: holds no {'/'.join(EXTENSIONS)} files")
+    skipped = [
+        f"{len(names)} {what} ({_some(sorted(names), data)})"
+        for what, names in (("hidden", hidden), ("of another kind", other))
+        if names
+    ]
+    if skipped and f"files {data}" not in _warned:  # once per process
+        _warned.add(f"files {data}")
+        log.warning("data: %s: reads %d files; skipped: %s", data, len(files), ", ".join(skipped))
     return files
+
+
+def _some(paths: list[str], root: str, n: int = 3) -> str:
+    """The first n paths, relative to root where they are under it, and how many more."""
+    base = root if os.path.isdir(root) else ""
+    shown = [os.path.relpath(p, base) + ("/" if p.endswith(os.sep) else "") if base else p
+             for p in paths[:n]]  # fmt: skip
+    return ", ".join(shown) + (f" and {len(paths) - n} more" if len(paths) > n else "")
+
+
+def check_teacher_cap(cap: int, teacher_toks) -> None:
+    """--teacher-cap must leave every teacher room for one aligned chunk: its own leading special
+    tokens, then a text token that is predicted (a side's first token never is). A smaller cap
+    cuts every window's teacher side to nothing aligned: a run with no distillation signal."""
+    for tok in teacher_toks:
+        need = max(len(_own_prefix(tok)) + 1, 2)
+        if cap < need:
+            name = getattr(tok, "name_or_path", "") or "a teacher"
+            raise ValueError(
+                f"--teacher-cap {cap} leaves {name} no aligned chunk in any window (a chunk needs "
+                f"at least {need} teacher tokens here): the run would have no distillation "
+                "signal; give a larger cap, or leave it out (2 x --seq-len)"
+            )
 
 
 def documents(
@@ -233,6 +288,8 @@ def _records(path: str, text_field: str) -> Iterator[Parse]:
         return _txt_document(path)
     if path.endswith(".parquet"):
         return _parquet_records(path, text_field)
+    if path.endswith(".json") and _starts_with(path, b"["):
+        return _json_array_records(path, text_field)
     return _jsonl_records(path, text_field)
 
 
@@ -255,6 +312,22 @@ def _jsonl_records(path: str, text_field: str) -> Iterator[Parse]:
         for line_no, line in enumerate(f, 1):
             if line.strip():  # a blank line is not a document
                 yield partial(_json_text, line, text_field, where=f"{path}:{line_no}")
+
+
+def _starts_with(path: str, char: bytes) -> bool:
+    """Whether the file's first character other than white space (and a UTF-8 BOM) is `char`."""
+    with open(path, "rb") as f:
+        head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    return head[:1] == char
+
+
+def _json_array_records(path: str, text_field: str) -> Iterator[Parse]:
+    """A .json file that holds a JSON array: each element is a record. The array is parsed whole
+    (in every worker that reads the file); invalid JSON makes the file unreadable (counted)."""
+    with open(path, "rb") as f:
+        records = json.loads(f.read())
+    for index, record in enumerate(records):
+        yield partial(record_text, record, text_field, where=f"{path}[{index}]")
 
 
 def _hub_documents(source: DocumentSource, epoch: int, shard: int, n_shards: int):
@@ -545,6 +618,7 @@ class AlignedWindows(IterableDataset):
             raise ValueError(
                 f"--seq-len {seq_len} leaves no room after {len(self.prefix[0])} special tokens"
             )
+        check_teacher_cap(self.teacher_cap, self.teacher_toks)
         pad = [
             t.pad_token_id if t.pad_token_id is not None else t.eos_token_id or 0
             for t in [student_tok, *self.teacher_toks]

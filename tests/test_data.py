@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import unicodedata
 from collections import Counter
 from functools import partial
@@ -109,6 +110,75 @@ def test_a_glob_and_a_list_of_files_name_the_same_documents(corpus):
     assert data.resolve_files(os.path.join(corpus, "*.jsonl")) == [jsonl]
     assert data.resolve_files([jsonl, os.path.join(corpus, "note.txt")])[1] == jsonl
     assert data.resolve_files("someone/some-hub-dataset") is None
+
+
+def test_a_directory_reads_every_document_once_and_says_what_it_skips(tmp_path, caplog):
+    # the data reader's file rules (data.py's docstring, Files): a notebook's hidden checkpoint
+    # copies are never read (each document would train twice), other files are counted
+    write_jsonl(tmp_path / "a.jsonl", ["one", "two"])
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    write_jsonl(tmp_path / ".ipynb_checkpoints" / "a-checkpoint.jsonl", ["one", "two"])
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("three")
+    (tmp_path / ".hidden.jsonl").write_text('{"text": "secret"}\n')
+    (tmp_path / "README.md").write_text("# a dataset\n")
+    (tmp_path / "notes.csv").write_text("a,b\n")
+    with caplog.at_level(logging.WARNING, logger="data"):
+        data._warned.clear()
+        files = data.resolve_files(str(tmp_path))
+    assert files == [str(tmp_path / "a.jsonl"), str(tmp_path / "sub" / "b.txt")]
+    source = data.DocumentSource(str(tmp_path), files, shuffle=False)
+    assert [text for _, text in data.documents(source, 0, 0, 1, Counter())] == [
+        "one",
+        "two",
+        "three",
+    ]
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning == (
+        f"data: {tmp_path}: reads 2 files; skipped: 2 hidden (.hidden.jsonl, "
+        ".ipynb_checkpoints/), 2 of another kind (README.md, notes.csv)"
+    )
+    # a glob never matched hidden names: the same files
+    assert data.resolve_files(str(tmp_path / "**" / "*.*")) == files
+
+
+@pytest.mark.parametrize("name", ["b.jsonl.gz", "b.json.zst", "b.txt.bz2", "b.parquet.zip"])
+def test_a_compressed_data_file_is_an_error_not_skipped(tmp_path, name):
+    write_jsonl(tmp_path / "a.jsonl", ["one"])
+    (tmp_path / name).write_bytes(b"\x1f\x8b compressed")
+    message = f"holds 1 compressed data file(s) this reader does not read ({name}); decompress"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        data.resolve_files(str(tmp_path))
+    os.remove(tmp_path / "a.jsonl")  # alone, the same error (not "holds no ... files")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        data.resolve_files(str(tmp_path))
+    # naming only the files to read reads them
+    write_jsonl(tmp_path / "a.jsonl", ["one"])
+    assert data.resolve_files(str(tmp_path / "*.jsonl")) == [str(tmp_path / "a.jsonl")]
+
+
+def test_a_json_file_holding_an_array_is_read_as_records(tmp_path):
+    records = [{"text": "first"}, {"text": "second"}, {"body": "no text"}, {"text": "third"}]
+    (tmp_path / "a.json").write_text("\ufeff" + json.dumps(records, indent=2))  # BOM, pretty
+    write_jsonl(tmp_path / "b.json", ["JSON lines in a .json file"])  # still JSON lines
+    (tmp_path / "c.json").write_text('[{"text": "cut"}, {"te')  # invalid: counted, not fatal
+    source = data.DocumentSource(str(tmp_path), data.resolve_files(str(tmp_path)), shuffle=False)
+    issues = Counter()
+    texts = [text for _, text in data.documents(source, 0, 0, 1, issues)]
+    assert texts == ["first", "second", "third", "JSON lines in a .json file"]
+    assert issues == {"missing_text_field": 1, "unreadable_file": 1}
+
+
+def test_a_teacher_cap_that_leaves_no_aligned_chunk_is_an_error(tmp_path, llama, qwen):
+    write_jsonl(tmp_path / "a.jsonl", ["The cat sat on the mat."] * 4)
+    for teacher in (qwen, llama):  # no leading special token; a BOS (same tokenizer: kl)
+        with pytest.raises(ValueError, match="--teacher-cap 1 leaves .* no distillation signal"):
+            AlignedWindows(str(tmp_path), llama, [teacher], seq_len=32, teacher_cap=1)
+    # the smallest cap that can hold a chunk: Qwen3's second token (" cat", one piece on both
+    # sides; the first token is never predicted)
+    dataset = AlignedWindows(str(tmp_path), llama, [qwen], seq_len=32, teacher_cap=2, shuffle=False)
+    item = next(iter(dataset))
+    assert (item["teacher_chunk_0"] >= 0).any()
 
 
 def test_documents_gives_a_shards_usable_texts_and_a_resume_reads_nothing_twice(tmp_path):
