@@ -22,6 +22,8 @@ aligned with every teacher (align.py, METHOD.md section 4), tokenized inside Dat
   a same-tokenizer teacher gets the student's ids. Chunks never cross a segment; separators and
   special tokens belong to no chunk; a chunk holding a side's first token (no predictor position)
   is dropped on both sides. `pack=False`: one document per window.
+- Chat records (`messages`, or `prompt` and `completion`) are conversations, packed as documents
+  are; chat.py renders each in every side's own chat template and cuts it (METHOD.md 4.2).
 - Sharding: document i of the epoch's stream belongs to rank i % world_size and, within the rank,
   to DataLoader worker (i // world_size) % num_workers.
 - Resume: every window carries where its worker's next window starts (epoch, document, character);
@@ -32,9 +34,9 @@ aligned with every teacher (align.py, METHOD.md section 4), tokenized inside Dat
 
 Two halves. Where documents come from: `documents` (this worker's share of an epoch, in order, from
 a resume position; `resume_point` reads the saved state), the files read by `_records` and every
-record turned into text by `record_text`. How a window is made: `AlignedWindows` packs documents
-into windows (`_pack`), cuts a long document where the student allows (`_segments`) and aligns a
-window with each teacher (`_item`).
+record turned into text (or a Conversation) by `record_text`. How a window is made:
+`AlignedWindows` packs documents into windows (`_pack`), cuts a long document where the student
+allows (`_segments`) and aligns a window with each teacher (`_item`).
 """
 
 from __future__ import annotations
@@ -71,8 +73,10 @@ STATE_FORMAT = 2  # 2: packed windows; a resume state records where the next win
 # why a document, file or window was skipped, split or cut (counted, see issue_counts)
 REASONS = tuple(
     "empty_file unreadable_file bad_json missing_text_field empty_document invalid_utf8 "
-    "split_document too_short teacher_truncated unsplittable_text empty_shard".split()
+    "split_document too_short teacher_truncated unsplittable_text empty_shard "
+    "bad_conversation no_assistant_content chat_template".split()  # the last three: chat.py
 )
+CHAT_FIELDS = frozenset(("messages", "prompt", "completion"))  # a chat record's (record_text)
 _warned: set[str] = set()
 Parse = Callable[[Counter], "str | None"]  # a document's text (or None), read only when needed
 
@@ -300,9 +304,11 @@ def _txt_document(path: str) -> Iterator[Parse]:
 
 def _parquet_records(path: str, text_field: str) -> Iterator[Parse]:
     parquet = pq.ParquetFile(path)
-    if text_field not in parquet.schema_arrow.names:
-        raise LookupError(f"{path} has no column {text_field!r}")
-    for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):  # bounded
+    names = parquet.schema_arrow.names
+    columns = [c for c in (text_field, *sorted(CHAT_FIELDS)) if c in names]
+    if not columns:
+        raise LookupError(f"{path} has no column {text_field!r} (nor messages, prompt/completion)")
+    for batch in parquet.iter_batches(batch_size=1024, columns=columns):  # bounded
         for record in batch.to_pylist():
             yield partial(record_text, record, text_field, where=path)
 
@@ -352,12 +358,25 @@ def _hub_documents(source: DocumentSource, epoch: int, shard: int, n_shards: int
         yield partial(record_text, record, source.text_field, where=f"{name} row {index}")
 
 
-def record_text(record, text_field: str, issues: Counter, where: str) -> str | None:
-    """A record's document text (a JSON line's object, a parquet or hub dataset row), or None
-    (counted) when it has none. Every record becomes text here: another kind of record (a chat
-    conversation's `messages`, say) joins as a branch of this function."""
-    value = record.get(text_field) if isinstance(record, dict) else None
+def record_text(record, text_field: str, issues: Counter, where: str) -> str | Conversation | None:
+    """A record's document (a JSON line's object, a parquet or hub dataset row), or None (counted)
+    when it has none: its text, or a Conversation when it is a chat record (a list of messages in
+    the text field or `messages`, or TRL's `prompt` and `completion`), which chat.py reads."""
+    if not isinstance(record, dict):
+        return _text(None, issues, where)
+    value = record.get(text_field)
+    if isinstance(value, list) or value is None and not CHAT_FIELDS.isdisjoint(record):
+        return Conversation(record, text_field, where)
     return _text(value, issues, where)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A chat record as read; chat.py checks its messages and renders them on every side."""
+
+    record: dict
+    text_field: str
+    where: str
 
 
 def _json_text(line: bytes, text_field: str, issues: Counter, where: str) -> str | None:
@@ -463,6 +482,10 @@ class _Segment:
     student: TokenSpans
     text: str
     ends_document: bool
+    # a conversation's piece (chat.py): which student tokens are CE targets (None: a document's
+    # text tokens, and its end-of-document token follows), and every side's template tokens
+    target: np.ndarray | None = field(default=None, compare=False)
+    template: object = None  # (chat.Template; the segment has no text then)
 
 
 # the end of a document whose tail was dropped (no clean cut): no tokens, but the separator follows
@@ -556,7 +579,7 @@ class _Window:
         if seg is not None:
             self.segments.append(seg)
             self.room -= len(seg.student.ids)
-            self.room -= seg.ends_document and self.separator
+            self.room -= seg.ends_document and self.separator and seg.target is None
         done = seg is None or self.room <= 0 or (not self.pack and seg.ends_document)
         return done and bool(self.segments)
 
@@ -572,12 +595,15 @@ class AlignedWindows(IterableDataset):
     class packs them into windows and aligns every window with each teacher.
 
     Item (numpy arrays): student_ids [T], labels [T] (labels[p] = student_ids[p + 1], -100 at the
-    end and for special targets other than the end-of-document token), and per teacher i:
+    end and for special targets other than the end-of-document token), tokens [] (the student
+    tokens it trains on: T, or a conversation's targets, chat.py), and per teacher i:
     student_chunk_i [T], teacher_ids_i [Ti], teacher_chunk_i [Ti] (chunk ids after the predictor
     shift, -1 = none); position [7] = (rank, world_size, worker, num_workers, epoch, document,
     character) where this worker's NEXT window starts (document -1: the epoch's start); issues
     [len(REASONS)] = this worker's counts so far.
     `repeat=True` streams forever (epoch after epoch), as a trainer with --max-steps wants.
+    Conversations (chat records) are cut and aligned by `chat`, a chat.Chat that train.py sets
+    (chat.setup) when the data holds them; without it a conversation is counted and skipped.
     """
 
     def __init__(
@@ -606,6 +632,7 @@ class AlignedWindows(IterableDataset):
         self.student_tok, self.teacher_toks = student_tok, list(teacher_toks)
         self.seq_len, self.start, self.repeat, self.pack = seq_len, start, repeat, pack
         self.rank, self.world_size = rank, world_size
+        self.chat = None  # chat.setup: conversations are read in each side's chat template
         self.teacher_cap = teacher_cap or 2 * seq_len
         if shuffle_buffer < 0:
             raise ValueError(f"--shuffle-buffer {shuffle_buffer}: give 0 (off) or more documents")
@@ -675,11 +702,17 @@ class AlignedWindows(IterableDataset):
         """Adds one document from character `skip_to` to `window`: (segments, character where the
         next window starts) for each window it completes; the rest stays in `window`."""
         split_counted = skip_to > 0  # a resumed document was counted when it was first read
-        for seg, next_char in self._document_segments(text, skip_to, issues, window):
+        chat = isinstance(text, Conversation)  # chat.py cuts it, each side in its own template
+        if chat and self.chat is None:
+            _count(issues, "chat_template", "a conversation in a file that begins with text")
+            return
+        pieces = self.chat.segments if chat else self._document_segments
+        for seg, next_char in pieces(text, skip_to, issues, window):
             if not window.add(seg):
                 continue
             if not window.segments[-1].ends_document and not split_counted:
-                _count(issues, "split_document", f"{len(text)} characters, several windows")
+                size = "a conversation" if chat else f"{len(text)} characters"
+                _count(issues, "split_document", f"{size}, several windows")
                 split_counted = True  # once per document: it continues elsewhere
             yield window.take(), next_char
 
@@ -727,8 +760,8 @@ class AlignedWindows(IterableDataset):
         ids, target = [self.prefix[0]], [np.zeros(len(self.prefix[0]), dtype=bool)]
         for seg in segments:
             ids.append(seg.student.ids)
-            target.append(seg.student.text)
-            if seg.ends_document and self.eod[0] is not None:  # a CE target, in no chunk
+            target.append(seg.student.text if seg.target is None else seg.target)
+            if seg.ends_document and seg.target is None and self.eod[0] is not None:  # a target
                 ids.append([self.eod[0]])
                 target.append([True])
         ids = np.concatenate(ids).astype(np.int64)
@@ -738,7 +771,11 @@ class AlignedWindows(IterableDataset):
         target = np.concatenate(target).astype(bool)
         labels = np.full(len(ids), -100, dtype=np.int64)
         labels[:-1] = np.where(target[1:], ids[1:], -100)
-        item = {"student_ids": ids, "labels": labels}
+        # the student tokens it trains on: all but a conversation's untrained ones (chat: those of
+        # the assistant's contents and ends of turn), less the prefix before a conversation
+        chat = [len(s.target) - int(s.target.sum()) for s in segments if s.target is not None]
+        tokens = len(ids) - sum(chat) - len(self.prefix[0]) * (segments[0].target is not None)
+        item = {"student_ids": ids, "labels": labels, "tokens": np.array(tokens)}
         for i in range(len(self.teacher_toks)):
             s_chunk, teacher_ids, t_chunk = self._teacher_side(i, segments)
             _drop_unpredicted(s_chunk, t_chunk)
@@ -761,13 +798,21 @@ class AlignedWindows(IterableDataset):
         t_chunks.append(np.full(len(prefix), -1))
         first_free = 0
         for seg in segments:
-            if seg.text:
+            if seg.template is not None:  # chat: the teacher's own template tokens (chat.py)
+                s_chunk, teacher_ids, t_chunk = seg.template.side(i)
+            elif seg.text:
                 teacher = seg.student if same else _body(token_spans(tok, seg.text))
                 s_chunk, t_chunk = chunk_ids(seg.student, teacher)
+                teacher_ids = teacher.ids
+                if seg.target is not None and not seg.target.any():  # chat: an untrained content
+                    s_chunk, t_chunk = np.full_like(s_chunk, -1), np.full_like(t_chunk, -1)
+            if seg.text or seg.template is not None:
                 s_chunks.append(np.where(s_chunk >= 0, s_chunk + first_free, -1))
                 t_chunks.append(np.where(t_chunk >= 0, t_chunk + first_free, -1))
-                t_ids.append(teacher.ids)
+                t_ids.append(teacher_ids)
                 first_free += max(s_chunk.max(initial=-1), t_chunk.max(initial=-1)) + 1
+            if seg.target is not None:  # a conversation's end is its template's: no separator
+                continue
             if seg.ends_document and self.eod[0] is not None:
                 s_chunks.append([-1])
             if seg.ends_document and eod is not None:
@@ -801,11 +846,11 @@ def _capped(s_chunk, teacher_ids, t_chunk, cap: int, issues: Counter):
 
 def collate(batch: list[dict], pad_ids: dict[str, int]) -> dict[str, torch.Tensor]:
     """Pad each key to its longest row: ids with pad_ids[key] (+ a 0/1 mask: student_mask,
-    teacher_mask_i), labels with -100, chunks with -1; position and issues are stacked."""
+    teacher_mask_i), labels with -100, chunks with -1; position, issues and tokens are stacked."""
     out = {}
     for key in batch[0]:
         rows = [torch.as_tensor(item[key]) for item in batch]
-        if key in ("position", "issues"):
+        if key in ("position", "issues", "tokens"):
             out[key] = torch.stack(rows)
             continue
         is_ids = key in pad_ids  # student_ids, teacher_ids_i

@@ -30,9 +30,13 @@ RESUME_KEYS = (
     "grad_accum", "chunk_merge", "kd_scaling", "kd_weight", "ce_weight", "preset", "data",
     "data_config", "split", "pack", "shuffle", "shuffle_buffer", "seed", "vocab_topk", "uld_topk",
     "hkl_threshold", "temperature", "lr", "pkl_floor",
+    "assistant_only", "student_chat_template", "teacher_chat_template",
 )  # fmt: skip
 # Settings added since: what a run that predates them did (so that it can still be resumed).
-OLDER_DEFAULTS = {"pkl_floor": "clamp"}
+OLDER_DEFAULTS = {
+    "pkl_floor": "clamp", "assistant_only": True, "student_chat_template": None,
+    "teacher_chat_template": None,
+}  # fmt: skip
 # Presets build random models with the REAL tokenizers (no downloads). tiny: 2 layers, width 64,
 # for CPU tests and the demo. shapes-1b-4b: Llama-3.2-1B and Qwen3-4B shapes, for GPU throughput
 # (random weights: the speed of a step does not depend on them); 6 x 2,048 tokens per GPU per step
@@ -198,6 +202,32 @@ def _data_flags(p: ArgumentParser) -> None:
     a("--seq-len", type=int, default=2048, help="student tokens per window")
     a("--teacher-cap", type=int, help="teacher tokens per window (default: 2 x --seq-len)")
     a("--num-workers", type=int, default=2, help="DataLoader workers per rank")
+    # chat data (chat.py): records with messages, or prompt and completion
+    a(
+        "--student-chat-template",
+        metavar="FILE.jinja",
+        help="chat data: the student's chat template (default: its tokenizer's)",
+    )
+    a(
+        "--teacher-chat-template",
+        metavar="FILE.jinja",
+        action="append",
+        help="chat data: a teacher's chat template, per teacher in --teacher order ('': its "
+        "tokenizer's; default: each tokenizer's)",
+    )
+    a(
+        "--assistant-only",
+        action="store_true",
+        default=True,
+        help="chat data: CE and KD on the assistant's messages only (default)",
+    )
+    a(
+        "--no-assistant-only",
+        dest="assistant_only",
+        action="store_false",
+        default=True,
+        help="chat data: CE and KD on every message's content",
+    )
 
 
 def _optimizer_flags(p: ArgumentParser) -> None:

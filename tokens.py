@@ -94,6 +94,8 @@ def _special_tokens_from_config(directory: str) -> dict:
             value = value.get("content")
         if value:
             roles[f"{role}_token"] = value
+    if isinstance(config.get("chat_template"), str):  # kept, as a directory keeps it (pkg:qwen3)
+        roles["chat_template"] = config["chat_template"]
     return roles
 
 
@@ -110,8 +112,8 @@ def _guess_special_tokens(backend: Tokenizer) -> dict:
 
 
 def _from_tokenizer_json(path: str) -> PreTrainedTokenizerFast:
-    """A bare tokenizer.json file (pkg:llama-3.2, pkg:qwen3): roles from a tokenizer_config.json
-    beside it, else guessed; no chat template (a directory keeps it: _auto_tokenizer)."""
+    """A bare tokenizer.json file (pkg:llama-3.2, pkg:qwen3): roles and chat template from a
+    tokenizer_config.json beside it, else roles guessed."""
     roles = _special_tokens_from_config(os.path.dirname(path))
     try:  # tokenizer_file= parses once (tokenizer_object= would deep-copy the whole backend)
         tok = PreTrainedTokenizerFast(tokenizer_file=path, **roles)
@@ -119,7 +121,7 @@ def _from_tokenizer_json(path: str) -> PreTrainedTokenizerFast:
         if type(e) is not Exception:  # the tokenizers library's parse errors are plain Exception
             raise
         raise ValueError(f"{path} is not a tokenizer.json ({str(e)[:80]}); pass a tokenizer") from e
-    if not roles:  # a bare tokenizer.json: recognise the usual role names
+    if not roles.keys() - {"chat_template"}:  # a bare tokenizer.json: the usual role names
         _set_guessed_roles(tok)
     return tok
 

@@ -36,6 +36,7 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 import blocked
+import chat
 import losses
 import run_dir
 import sharding
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         dataset = job.together(
             make_dataset, args, source, student_tok, toks, start, job.rank, job.world_size
         )
+        chat.pair_end_of_turn(teachers, dataset.chat)  # chat data: W pairs the ends of turn
         job.together(lambda: job.master and run_dir.start_run(args))  # every check passed
         if job.master:
             describe(args, student, teachers, job.world_size)
@@ -592,8 +594,8 @@ def data_source(args, master: bool) -> str:
 
 def make_dataset(args, source, student_tok, teacher_toks, start=None, rank=0, world_size=1):
     """Windows of --seq-len student tokens aligned with every teacher (data.py): this rank's
-    share, from the resume state `start`."""
-    return AlignedWindows(
+    share, from the resume state `start`; conversations in each side's chat template (chat.py)."""
+    dataset = AlignedWindows(
         source,
         student_tok,
         teacher_toks,
@@ -611,6 +613,9 @@ def make_dataset(args, source, student_tok, teacher_toks, start=None, rank=0, wo
         shuffle_buffer=args.shuffle_buffer,
         seed=args.seed,
     )
+    templates = args.student_chat_template, args.teacher_chat_template, args.assistant_only
+    dataset.chat = chat.setup(dataset, *templates)  # None: no conversation in the data
+    return dataset
 
 
 def first_positions_only(chunk: torch.Tensor) -> torch.Tensor:
@@ -634,9 +639,9 @@ def prepare_batch(batch: dict, teachers: list[Teacher], chunk_merge: str) -> dic
     """A collated batch as the loop uses it, still on the host: --chunk-merge applied, and
     `counts` = [student tokens, labelled tokens, then per teacher the targets its KD term is a
     mean over (positions for KL, valid chunks otherwise)], `valid_union` for the logs."""
-    out = {k: v for k, v in batch.items() if k not in ("position", "issues")}
+    out = {k: v for k, v in batch.items() if k not in ("position", "issues", "tokens")}
     labelled = int((out["labels"] != -100).sum())
-    counts, valid_union = [int(out["student_mask"].sum()), labelled], []
+    counts, valid_union = [int(batch["tokens"].sum()), labelled], []  # chat: the trained ones
     for i, t in enumerate(teachers):
         s_chunk, t_chunk = out[f"student_chunk_{i}"], out[f"teacher_chunk_{i}"]
         if chunk_merge == "first":
