@@ -22,6 +22,7 @@ raw/; the parent writes the one table:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import difflib
 import errno
@@ -489,7 +490,72 @@ def load_lm(model: str, args: argparse.Namespace) -> LM:
     extra = {"batch_size": batch_size, "device": device if args.backend == "hf" else None}
     # dtype "auto" reaches from_pretrained as is: the checkpoint's config.json names the dtype
     own = {"pretrained": model, "dtype": args.dtype}
-    return get_model(args.backend).create_from_arg_obj(own | args.model_args, extra)
+    with weights_must_match():
+        return get_model(args.backend).create_from_arg_obj(own | args.model_args, extra)
+
+
+class CheckpointMismatch(Exception):
+    """A checkpoint whose config.json does not match its weights: transformers would evaluate it
+    with the config's weights that the checkpoint lacks drawn at random, and the checkpoint's
+    weights that the config has no place for dropped (a warning, then a score)."""
+
+
+@contextlib.contextmanager
+def weights_must_match():
+    """While a model loads with transformers (the hf backend): a load that leaves a weight of the
+    config missing from the checkpoint (randomly initialized), a weight of the checkpoint unused,
+    or a weight of another shape raises CheckpointMismatch, a row of "failed" cells that says so.
+    transformers' load report (5.x: modeling_utils.log_state_dict_report, which receives what it
+    found) only warns about the first two. Older transformers have no such report: no check."""
+    import transformers.modeling_utils as modeling
+
+    report = getattr(modeling, "log_state_dict_report", None)
+    if report is None:
+        yield
+        return
+
+    def strict(*args, **kwargs):
+        names = (
+            "model",
+            "pretrained_model_name_or_path",
+            "ignore_mismatched_sizes",
+            "loading_info",
+        )
+        given = dict(zip(names, args)) | kwargs
+        info, model = given.get("loading_info"), given.get("model")
+        problems = [
+            f"{len(keys)} {what} ({', '.join(sorted(map(str, keys))[:3])}"
+            + (", ...)" if len(keys) > 3 else ")")
+            for what, keys in (
+                (
+                    "weights the config names are not in the checkpoint (they would be random)",
+                    getattr(info, "missing_keys", ()),
+                ),
+                (
+                    "weights of the checkpoint fit nowhere in it (they would be dropped)",
+                    getattr(info, "unexpected_keys", ()),
+                ),
+                (
+                    "weights have another shape in the checkpoint",
+                    [k for k, *_ in getattr(info, "mismatched_keys", ())],
+                ),
+            )  # fmt: skip
+            if keys
+        ]
+        if problems:
+            config = getattr(model, "config", None)
+            kind = getattr(config, "model_type", None) or type(model).__name__
+            raise CheckpointMismatch(
+                f"its config.json ({kind}) does not match its weights: {'; '.join(problems)}; "
+                "fix config.json or evaluate the checkpoint it belongs to"
+            )
+        return report(*args, **kwargs)
+
+    modeling.log_state_dict_report = strict
+    try:
+        yield
+    finally:
+        modeling.log_state_dict_report = report
 
 
 def one_line(e: BaseException) -> str:
@@ -551,6 +617,8 @@ def evaluate_model(
     if todo:  # load the model once, and only when some task is not cached yet
         try:
             lm = load_lm(model, args)
+        except CheckpointMismatch as e:  # said in full in its one line: no traceback
+            load_error = f"model did not load: {e}"
         # Any exception: a model that does not load (bad weights, out of memory, a backend's own
         # error type) is a row of "failed" cells, and the other models' rows still get written;
         # the traceback goes to stderr, so a bug is not hidden.
@@ -942,6 +1010,14 @@ def run(args: argparse.Namespace) -> int:
     print(markdown)
     written = "results.md, results.csv" + (", results.png" if chart else "") + ", raw/"
     print(f"wrote {written} to {out_dir}/ in {time.time() - start:.0f}s")
+    if failures:  # the last line a script or a person sees, beside exit status 1
+        cells = len(models) * len(tasks)
+        first = failures[0].removeprefix("- ")
+        print(
+            f"evaluate.py: error: {len(failures)} of {cells} results failed ({first}); the table "
+            "marks them failed; a rerun retries them",
+            file=sys.stderr,
+        )
     return 1 if failures else 0
 
 

@@ -996,3 +996,70 @@ def test_model_that_fails_to_load_in_a_worker_is_a_row_of_failed_cells(
     assert (
         "- bad / xtoken_tiny_choice: failed: model did not load: RuntimeError: bad weights" in notes
     )
+
+
+# ---- a checkpoint whose config does not match its weights; a model that does not load ---------
+
+MISMATCHED = {  # config.json change -> what the failed row says
+    "another architecture": (
+        {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]},
+        "its config.json (qwen2) does not match its weights: 6 weights the config names are not "
+        "in the checkpoint (they would be random) (model.layers.0.self_attn.k_proj.bias, ",
+    ),
+    "another size": (
+        {"intermediate_size": 96},
+        "its config.json (llama) does not match its weights: 6 weights have another shape in the "
+        "checkpoint (model.layers.0.mlp.down_proj.weight, ",
+    ),
+}
+
+
+@pytest.mark.parametrize("what", list(MISMATCHED))
+def test_checkpoint_whose_config_does_not_match_its_weights_is_a_failed_row_and_exit_1(
+    what, tiny_model, task_dir, tmp_path, capsys
+):
+    # transformers loads such a checkpoint with a warning (random weights where the checkpoint
+    # has none): evaluate.py scored it as if it were fine and exited 0
+    changes, said = MISMATCHED[what]
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_model, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(config | changes))
+    out = tmp_path / "out"
+    argv = ["--model", f"bad={ckpt}", "--include-path", task_dir, "--tasks", "xtoken_tiny_choice"]
+    assert run_main(*argv, "--limit", "2", "--out-dir", out) == 1
+    assert md_rows(out / "results.md")["bad"] == ["failed", "-"]
+    notes = (out / "results.md").read_text()
+    assert f"- bad / xtoken_tiny_choice: failed: model did not load: {said}" in notes
+    assert "fix config.json or evaluate the checkpoint it belongs to" in notes
+    err = capsys.readouterr().err
+    assert "Traceback" not in err  # said in its line: no traceback
+    last = err.strip().splitlines()[-1]  # what a script calling it sees last, with exit 1
+    assert last.startswith(
+        "evaluate.py: error: 1 of 1 results failed (bad / xtoken_tiny_choice: failed: model did "
+        "not load: its config.json ("
+    )
+
+
+def test_model_that_fails_to_load_in_one_process_exits_1(
+    tiny_model, task_dir, tmp_path, monkeypatch, fake_evaluate
+):
+    def load_lm(model, args):
+        raise RuntimeError("bad weights")
+
+    monkeypatch.setattr(ev, "load_lm", load_lm)
+    out = tmp_path / "out"
+    assert run_main(*one_task_argv(tiny_model, task_dir, out)) == 1  # a script can tell
+    assert md_rows(out / "results.md")["tiny"] == ["failed", "-"]
+    assert "model did not load: RuntimeError: bad weights" in (out / "results.md").read_text()
+
+
+def test_weights_must_match_leaves_transformers_as_it_was():
+    import transformers.modeling_utils as modeling
+
+    before = modeling.log_state_dict_report
+    with pytest.raises(ev.CheckpointMismatch):
+        with ev.weights_must_match():
+            info = type("Info", (), {"missing_keys": {"a"}, "unexpected_keys": set()})()
+            modeling.log_state_dict_report(model=None, loading_info=info)
+    assert modeling.log_state_dict_report is before
