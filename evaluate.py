@@ -59,6 +59,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import get_model
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import handle_arg_string, handle_non_serializable
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from cli import atomic_write
@@ -264,9 +265,24 @@ def check_model(label: str, path: str) -> None:
             raise UsageError(f"{where}: no tokenizer in it; add one with tokenizer.save_pretrained")
         if not (any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin"))):
             raise UsageError(f"{where}: config.json but no weights (*.safetensors) in it")
+        for weights in sorted(p.glob("*.safetensors")):
+            problem = safetensors_problem(weights)
+            if problem:
+                raise UsageError(f"{where}: {weights.name} {problem}; save the checkpoint again")
     # A hub id is org/name; "out/step_1" where out/ exists here is a mistyped local path.
     elif p.exists() or not HUB_ID.fullmatch(path) or Path(path.split("/")[0]).is_dir():
         raise UsageError(f"{where}: not a model: no such directory and not a hub id like org/name")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a .safetensors file, from its header alone (no tensor is read), or
+    None: a file cut short or damaged fails here in a second, not as a failed row."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            empty = not list(f.keys())
+    except (OSError, SafetensorError) as e:
+        return f"is not a readable safetensors file (damaged or cut short: {one_line(e)})"
+    return "holds no tensors" if empty else None
 
 
 def check_out_dir(out_dir: Path) -> None:

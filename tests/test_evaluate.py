@@ -1041,6 +1041,30 @@ def test_checkpoint_whose_config_does_not_match_its_weights_is_a_failed_row_and_
     )
 
 
+@pytest.mark.parametrize("what", ["cut short", "no tensors"])
+def test_damaged_weights_file_is_one_line_and_exit_2_before_any_work(
+    what, tiny_model, task_dir, tmp_path, capsys, monkeypatch
+):
+    # a truncated model.safetensors was a failed row with a traceback after the model load began
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_model, ckpt)
+    weights = ckpt / "model.safetensors"
+    if what == "cut short":
+        os.truncate(weights, weights.stat().st_size // 2)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({}, str(weights))
+    monkeypatch.setattr(ev, "load_lm", lambda *a: pytest.fail("a model load began"))
+    err = one_error_line(capsys, "--model", f"x={ckpt}", "--out-dir", tmp_path / "out")
+    said = {
+        "cut short": "is not a readable safetensors file (damaged or cut short: SafetensorError:"
+    }
+    assert f"--model x={ckpt}: model.safetensors " in err
+    assert said.get(what, "holds no tensors") in err and "save the checkpoint again" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_model_that_fails_to_load_in_one_process_exits_1(
     tiny_model, task_dir, tmp_path, monkeypatch, fake_evaluate
 ):
