@@ -1,8 +1,8 @@
 """Chat data: each side reads a conversation in its own chat template, and only the assistant's
-answers are distilled (METHOD.md 4.2). An option beside data.py: data.py reads a chat record into a
-`data.Conversation` (record_text: `messages`, or TRL's `prompt` and `completion`) and asks this
-module for a conversation's pieces (`AlignedWindows.chat`, set by `setup`); train.py calls `setup`
-and `pair_end_of_turn`.
+answers are distilled (METHOD.md 4.2). An option beside data.py: data.py's record_text tells a
+chat record (`messages`, or TRL's `prompt` and `completion`) as a `data.Conversation`, and
+AlignedWindows asks this module for its pieces (`AlignedWindows.chat`, a Chat that `setup` makes;
+`messages` reads and checks the record); train.py calls `setup` and `prepare_run`.
 
 Rendering. Each side's template (the student's, each teacher's: its tokenizer's `chat_template` or a
 --student-chat-template / --teacher-chat-template file) renders the conversation with every
@@ -129,17 +129,27 @@ class Side:
 @dataclass(frozen=True)
 class Template:
     """Template tokens of one piece of a conversation on every side (0: the student, i + 1:
-    teacher i); the first n_end[k] tokens of side k are a trained end of turn (0: none), which is
-    one chunk: the student's and each teacher's ends of turn are paired."""
+    teacher i) and their chunk ids: 0 on a trained end of turn (the student's and each teacher's
+    ends of turn are one chunk: paired), -1 elsewhere."""
 
     ids: tuple[np.ndarray, ...]
-    n_end: tuple[int, ...]
+    chunks: tuple[np.ndarray, ...]
 
     def side(self, i: int):
-        """(student chunk ids, teacher i's ids, its chunk ids), chunk 0 = the end of turn."""
-        s, t = self.ids[0], self.ids[i + 1]
-        s_chunk = np.where(np.arange(len(s)) < self.n_end[0], 0, -1)
-        return s_chunk, t, np.where(np.arange(len(t)) < self.n_end[i + 1], 0, -1)
+        """(student chunk ids, teacher i's ids, its chunk ids) before the predictor shift."""
+        return self.chunks[0], self.ids[i + 1], self.chunks[i + 1]
+
+
+@dataclass
+class _Shape:
+    """The template segments of a conversation with given roles: per message its head and its end
+    (the last: with what follows the last message); the first head also without the tokens a
+    window's prefix holds."""
+
+    heads: list[_Segment]
+    first_head: _Segment  # at a window's start
+    ends: list[_Segment]
+    trained: list[bool]
 
 
 class Chat:
@@ -149,6 +159,7 @@ class Chat:
         self.windows = windows  # data.AlignedWindows: its student tokenizer
         self.sides = sides  # student, then each teacher (a same-tokenizer one: the student's)
         self.assistant_only = assistant_only
+        self.shapes: dict = {}  # by tuple of roles: a _Shape, or the ChatIssue it raised
         self.end_of_turn = []  # per side: the special token that ends an assistant's turn
         for side in sides:
             ends, n_end = side.layout(PROBE)[1:]
@@ -158,98 +169,100 @@ class Chat:
         """The pieces of one conversation for `window` from student token `skip_to` of its full
         rendering: (segment, position after it), or (None, position) when the window must close
         first, as data.AlignedWindows._pack takes them (see the module docstring, Cutting)."""
-        pieces = self._pieces(conv, issues)
-        if pieces is None:
+        found = self._read(conv, issues)
+        if found is None:
             return
-        heads, parts, ends = pieces
+        contents, shape = found
         pos = 0
-        for k, (head, part, end) in enumerate(zip(heads, parts, ends)):
-            n = len(part.spans.ids) if part else 0
-            body = pos + len(head.ids[0])  # where the content starts
+        for k, (content, spans) in enumerate(contents):
+            head, end, n = shape.heads[k], shape.ends[k], len(spans.ids) if spans else 0
+            e, body = len(end.student.ids), pos + len(head.student.ids)  # body: the content's
+            part = None  # the content's cuts, found only when it must be cut
             if skip_to <= pos:  # its head, with room for the content's first piece after it
-                if window.segments and not _fits(head, part, end, window.room):
-                    yield None, pos
-                yield self._template(head, start=k == 0 and not window.segments), body
+                room = window.room - len(head.student.ids)
+                if window.segments and n + e > room:
+                    part = _Part(content, spans) if n and room > 0 else None
+                    if part is None or part.fit(0, room, e) <= 0:
+                        yield None, pos
+                yield shape.first_head if k == 0 and not window.segments else head, body
             i = max(skip_to - body, 0)
             while i < n:  # the content, cut as a document is (data.AlignedWindows._segments)
-                j = part.fit(i, window.room, len(end.ids[0]))
-                if j > i:
-                    seg = replace(part.segment(i, j, False)[0], target=np.full(j - i, end.trained))
-                    yield seg, body + j
+                if i == 0 and n + e <= window.room:  # all of it, with its end
+                    seg, j = _Segment(spans, content, False), n
+                else:
+                    part = part or _Part(content, spans)
+                    j = part.fit(i, window.room, e)  # its end of turn kept with its last piece
+                    seg = part.segment(i, j, False)[0] if j > i else None
+                if seg is not None:
+                    yield replace(seg, target=np.full(j - i, shape.trained[k])), body + j
                     i = j
                 elif window.segments:
                     yield None, body + i
                 else:
                     _count(issues, "unsplittable_text", f"no clean cut in {window.room} tokens")
                     i = part.next_cut(i + window.room)
-            pos = body + n + len(end.ids[0])
+            pos = body + n + e
             if skip_to < pos:
-                yield self._template(end, last=k == len(heads) - 1), pos
+                yield end, pos
 
-    def _pieces(self, conv: Conversation, issues: Counter):
-        """Per message: head and end (_Piece), content (data._Part, None when empty); None
-        (counted) when a template cannot render it or it trains nothing."""
-        conv = messages(conv, issues)
-        if conv is None:
+    def _read(self, conv: Conversation, issues: Counter):
+        """(per message (content, the student's tokens of it or None when empty), its _Shape), or
+        None (counted) when a template cannot render it or it trains nothing."""
+        pairs = messages(conv, issues)
+        if pairs is None:
             return None
-        roles = tuple(r for r, _ in conv)
+        roles = tuple(r for r, _ in pairs)
         trained = [not self.assistant_only or r == "assistant" for r in roles]
-        if not any(t and c for t, (_, c) in zip(trained, conv)):
+        if not any(t and c for t, (_, c) in zip(trained, pairs)):
             _count(issues, "no_assistant_content", "a conversation with nothing to train on")
             return None
-        try:
-            if len(roles) > MAX_MESSAGES:
-                raise ChatIssue(f"{len(roles)} messages, more than {MAX_MESSAGES}")
-            layouts = [side.layout(roles) for side in self.sides]
-        except ChatIssue as e:
-            _count(issues, "chat_template", str(e))
+        shape = self.shapes.get(roles)
+        if shape is None:
+            try:
+                shape = self._shape(roles, trained)
+            except ChatIssue as e:
+                shape = e
+            if len(self.shapes) > 4096:  # bounded: roles are few in practice
+                self.shapes.clear()
+            self.shapes[roles] = shape
+        if isinstance(shape, ChatIssue):
+            _count(issues, "chat_template", str(shape))
             return None
-        if any(t and not n_end for t, n_end in zip(trained, layouts[0][2])):
-            _count(issues, "chat_template", f"{self.sides[0].name}: no special token ends a turn")
-            return None
-        heads, ends, parts = [], [], []
-        for k, (_, content) in enumerate(conv):
-            heads.append(_Piece(tuple(np.asarray(x[0][k]) for x in layouts), (0,) * len(layouts)))
-            n_end = tuple(x[2][k] * trained[k] for x in layouts)
-            ends.append(_Piece(tuple(np.asarray(x[1][k]) for x in layouts), n_end, trained[k]))
-            spans = _body(token_spans(self.windows.student_tok, content)) if content else None
-            parts.append(_Part(content, spans) if spans and len(spans.ids) else None)
-        return heads, parts, ends
+        tok = self.windows.student_tok
+        return [(c, _body(token_spans(tok, c)) if c else None) for _, c in pairs], shape
 
-    def _template(self, piece: _Piece, start: bool = False, last: bool = False) -> _Segment:
-        """A template piece as a window's segment; at a window's start without the leading
-        special tokens the window already holds (Llama's BOS: once per window)."""
-        ids = list(piece.ids)
-        if start:
-            for k, side in enumerate(self.sides):
-                lead = len(side.prefix)
-                if lead and list(ids[k][:lead]) == list(side.prefix):
-                    ids[k] = ids[k][lead:]
-        template = Template(tuple(np.asarray(x, dtype=np.int64) for x in ids), piece.n_end)
+    def _shape(self, roles: tuple[str, ...], trained: list[bool]) -> _Shape:
+        """Every side's template segments for these roles (ChatIssue when a template fails)."""
+        if len(roles) > MAX_MESSAGES:
+            raise ChatIssue(f"{len(roles)} messages, more than {MAX_MESSAGES}")
+        layouts = [side.layout(roles) for side in self.sides]
+        if any(t and not n for t, n in zip(trained, layouts[0][2])):
+            raise ChatIssue(f"{self.sides[0].name}: no special token ends a turn")
+        heads = [self._template([x[0][k] for x in layouts]) for k in range(len(roles))]
+        last = len(roles) - 1
+        ends = [
+            self._template([x[1][k] for x in layouts], [x[2][k] * t for x in layouts], k == last)
+            for k, t in enumerate(trained)
+        ]
+        lead = [
+            len(side.prefix) if x[0][0][: len(side.prefix)] == side.prefix else 0
+            for side, x in zip(self.sides, layouts)
+        ]
+        first = self._template([x[0][0][n:] for x, n in zip(layouts, lead)])
+        return _Shape(heads, first, ends, trained)
+
+    def _template(self, ids: list, n_end: list | None = None, last: bool = False) -> _Segment:
+        """Template tokens (per side) as a window's segment; the first n_end[k] tokens of side k
+        are a trained end of turn (a CE target on the student's side, one chunk)."""
+        ids = [np.asarray(x, dtype=np.int64) for x in ids]
+        n_end = n_end or [0] * len(ids)
+        chunks = tuple(np.where(np.arange(len(x)) < n, 0, -1) for x, n in zip(ids, n_end))
         n = len(ids[0])
         student = TokenSpans(
             ids[0], np.zeros(n, bool), np.full(n, -1), np.zeros(n, bool), np.zeros(1, np.int64), 0
         )
-        target = np.arange(n) < piece.n_end[0]
-        return _Segment(student, "", last, target=target, template=template)
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """A head or an end, on every side (`trained`: an end of turn to learn)."""
-
-    ids: tuple[np.ndarray, ...]
-    n_end: tuple[int, ...]
-    trained: bool = False
-
-
-def _fits(head: _Piece, part: _Part | None, end: _Piece, room: int) -> bool:
-    """Whether a head and its content's first piece (all of it with its end, when it cannot be
-    cut) fit in `room`."""
-    room -= len(head.ids[0])
-    if part is None:
-        return len(end.ids[0]) <= room
-    return room > 0 and part.fit(0, room, len(end.ids[0])) > 0
+        template = Template(tuple(ids), chunks)
+        return _Segment(student, "", last, target=chunks[0] >= 0, template=template)
 
 
 def messages(conv: Conversation, issues: Counter) -> list[tuple[str, str]] | None:
@@ -384,12 +397,15 @@ def _is_chat_record(record, text_field: str) -> bool:
     return isinstance(record_text(record, text_field, Counter(), ""), Conversation)
 
 
-def pair_end_of_turn(teachers, chat: Chat | None) -> None:
-    """Chat data: each teacher's W pairs the student's end of turn with the teacher's (an exact
-    entry, as W pairs ends of documents), and so do GOLD's and H-KL's common sets, so that the
-    KD term of the end-of-turn chunk has a target (METHOD.md 4.2). Only where both are unpaired."""
+def prepare_run(teachers, chat: Chat | None) -> None:
+    """What a train.py run on chat data changes: the student's tokenizer keeps its template (its
+    checkpoints are read with evaluate.py --apply-chat-template), and each teacher's W pairs the
+    student's end of turn with the teacher's (an exact entry, as W pairs ends of documents; GOLD's
+    and H-KL's common sets too), so that the end-of-turn chunk has a KD target (METHOD.md 4.2).
+    Only where both are unpaired."""
     if chat is None:
         return
+    chat.windows.student_tok.chat_template = chat.sides[0].template
     s = chat.end_of_turn[0]
     for i, t in enumerate(teachers):
         tt = chat.end_of_turn[i + 1]

@@ -802,10 +802,11 @@ class AlignedWindows(IterableDataset):
                 s_chunk, teacher_ids, t_chunk = seg.template.side(i)
             elif seg.text:
                 teacher = seg.student if same else _body(token_spans(tok, seg.text))
-                s_chunk, t_chunk = chunk_ids(seg.student, teacher)
                 teacher_ids = teacher.ids
-                if seg.target is not None and not seg.target.any():  # chat: an untrained content
-                    s_chunk, t_chunk = np.full_like(s_chunk, -1), np.full_like(t_chunk, -1)
+                if seg.target is None or seg.target.any():
+                    s_chunk, t_chunk = chunk_ids(seg.student, teacher)
+                else:  # chat: a content it does not train on is in no chunk
+                    s_chunk, t_chunk = (np.full(len(x.ids), -1) for x in (seg.student, teacher))
             if seg.text or seg.template is not None:
                 s_chunks.append(np.where(s_chunk >= 0, s_chunk + first_free, -1))
                 t_chunks.append(np.where(t_chunk >= 0, t_chunk + first_free, -1))

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         dataset = job.together(
             make_dataset, args, source, student_tok, toks, start, job.rank, job.world_size
         )
-        chat.pair_end_of_turn(teachers, dataset.chat)  # chat data: W pairs the ends of turn
+        chat.prepare_run(teachers, dataset.chat)  # chat data: W pairs the ends of turn
         job.together(lambda: job.master and run_dir.start_run(args))  # every check passed
         if job.master:
             describe(args, student, teachers, job.world_size)

@@ -280,7 +280,7 @@ def test_bad_templates_and_missing_ones_are_one_line_errors(tmp_path, llama, qwe
         assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def test_pair_end_of_turn_links_the_two_ends_in_W_and_the_common_set():
+def test_a_run_pairs_the_two_ends_of_turn_in_W_and_the_common_set():
     W = torch.sparse_coo_tensor(
         [[0, 1, 1], [0, 1, 2]], [1.0, 0.9, 0.1], (8, 9), check_invariants=True
     )
@@ -290,7 +290,11 @@ def test_pair_end_of_turn_links_the_two_ends_in_W_and_the_common_set():
         SimpleNamespace(W=losses.LearnableProjection(W), pairs=None),
         SimpleNamespace(W=None, pairs=torch.tensor([[0, 0]])),
     ]
-    chat.pair_end_of_turn(teachers, SimpleNamespace(end_of_turn=[5, 7, 7, 7]))
+    student = SimpleNamespace(chat_template=None)
+    sides, windows = [SimpleNamespace(template="T")], SimpleNamespace(student_tok=student)
+    run = SimpleNamespace(end_of_turn=[5, 7, 7, 7], sides=sides, windows=windows)
+    chat.prepare_run(teachers, run)
+    assert student.chat_template == "T"  # its checkpoints keep the template
     assert teachers[0].W.to_dense()[5].tolist() == [0.0] * 7 + [1.0, 0.0]
     assert teachers[1].W().to_dense()[5, 7].item() == 1.0
     assert teachers[2].pairs.tolist() == [[0, 0], [5, 7]]
