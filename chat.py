@@ -321,6 +321,13 @@ def setup(windows, student_template=None, teacher_templates=None, assistant_only
     sides = [student]
     for i, tok in enumerate(windows.teacher_toks):
         if windows.same[i]:  # it reads the student's ids (KL compares positions): its template
+            if files[i] and _side(tok, files[i], "", "--teacher-chat-template").template != (
+                student.template
+            ):
+                raise ValueError(
+                    f"--teacher-chat-template {files[i]}: teacher {i + 1} has the student's "
+                    "tokenizer and reads the student's ids, in the student's template: give it ''"
+                )
             sides.append(student)
             continue
         side = _side(tok, files[i] or None, f"teacher {i + 1}", "--teacher-chat-template")

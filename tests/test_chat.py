@@ -182,6 +182,25 @@ def test_prompt_completion_and_parquet_records_are_conversations(tmp_path, llama
     assert "Name a colour." in llama.decode(item["student_ids"])
 
 
+def test_a_hub_dataset_of_conversations(llama, qwen, monkeypatch):
+    import datasets
+
+    def exchange(question: str, answer: str) -> dict:
+        return {
+            "messages": [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": answer},
+            ]
+        }
+
+    rows = [exchange("0 + 1?", "1"), exchange("1 + 1?", "2")]
+    stream = datasets.IterableDataset.from_generator(lambda: iter(rows))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: stream)
+    dataset = windows("someone/chats", llama, [qwen], student_template=LLAMA)
+    item = next(iter(dataset))
+    assert text_bytes(llama, item["labels"][item["labels"] != -100]) == b"12"
+
+
 def test_a_long_conversation_is_cut_only_inside_contents_and_resumes_exactly(tmp_path, llama, qwen):
     rng = random.Random(3)
     convs = [
@@ -273,10 +292,12 @@ def test_bad_templates_and_missing_ones_are_one_line_errors(tmp_path, llama, qwe
         ({"student_template": LLAMA, "teacher_templates": ["/no/such.jinja"]},
          "--teacher-chat-template /no/such.jinja"),
         ({"student_template": LLAMA, "teacher_templates": [CHATML, CHATML]}, "one per teacher"),
+        ({"student_template": LLAMA, "teacher_templates": [CHATML], "same": True},
+         "reads the student's ids"),
     ]  # fmt: skip
     for kw, message in cases:
         with pytest.raises(ValueError) as info:
-            windows(path, llama, [qwen], **kw)
+            windows(path, llama, [llama if kw.pop("same", False) else qwen], **kw)
         assert message in str(info.value) and "\n" not in str(info.value)
 
 
