@@ -36,6 +36,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -392,10 +393,15 @@ def _is_chat_file(path: str, text_field: str) -> bool:
         if path.endswith(".txt"):
             return False
         with open(path, "rb") as f:
+            if f.read(1 << 16).lstrip().startswith(b"["):  # a .json array of records
+                f.seek(0)
+                records = json.load(f)
+                return bool(records) and _is_chat_record(records[0], text_field)
+            f.seek(0)
             for line in f:
                 if line.strip():
                     return _is_chat_record(json.loads(line), text_field)
-    except (OSError, ValueError, pq.lib.ArrowException):  # data.py counts it when it reads it
+    except (OSError, ValueError, pa.ArrowException):  # data.py counts it when it reads it
         return False
     return False
 

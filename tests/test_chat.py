@@ -182,6 +182,14 @@ def test_prompt_completion_and_parquet_records_are_conversations(tmp_path, llama
     assert "Name a colour." in llama.decode(item["student_ids"])
 
 
+def test_a_json_array_of_conversations_is_chat_and_a_damaged_parquet_is_no_traceback(tmp_path):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    (tmp_path / "a.json").write_text(json.dumps([{"messages": messages}] * 2, indent=1))
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 not a parquet file at all")
+    assert chat._is_chat_file(str(tmp_path / "a.json"), "text")
+    assert not chat._is_chat_file(str(tmp_path / "b.parquet"), "text")  # counted when read
+
+
 def test_a_hub_dataset_of_conversations(llama, qwen, monkeypatch):
     import datasets
 
