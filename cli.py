@@ -12,6 +12,7 @@ import errno
 import math
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 import zipfile
@@ -37,6 +38,21 @@ def os_error_line(e: OSError) -> str:
     """An OS error as one line that says what is wrong and what to do."""
     where = f"{e.filename}: " if e.filename else ""
     return f"{where}{e.strerror or e}; {HINTS.get(e.errno, 'check the path and its permissions')}"
+
+
+def free_space(path: str) -> str:
+    """The free space of the file system that holds path (or its nearest existing parent), in
+    words: "0 B free on /x", "3.2 GB free on /x"; "free space unknown" when it cannot be read."""
+    where = os.path.abspath(path)
+    while not os.path.isdir(where) and os.path.dirname(where) != where:
+        where = os.path.dirname(where)  # a file's directory, or the nearest existing parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return "free space unknown"
+    size = next(f"{free / 10**p:.1f} {u}" for p, u in ((9, "GB"), (6, "MB"), (3, "kB"), (0, "B"))
+                if free >= 10**p or u == "B")  # fmt: skip
+    return f"{size.replace('.0 B', ' B')} free on {where}"
 
 
 def one_line_errors(run: Callable[[], int]) -> int:
@@ -182,6 +198,8 @@ def atomic_write(path: str, write: Callable) -> None:
 
     def failure(e: OSError) -> ValueError:
         why = e.strerror or str(e) or type(e).__name__
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            why += f" ({free_space(path)})"
         hint = HINTS.get(e.errno, "choose a writable location")
         return ValueError(f"cannot write {path}: {why}; {hint}")
 

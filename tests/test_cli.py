@@ -56,8 +56,9 @@ def test_atomic_write_on_a_full_disk_keeps_the_old_file_and_no_temp_file(tmp_pat
         f.write(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    with pytest.raises(ValueError, match=f"cannot write {path}: No space left on device; free"):
+    with pytest.raises(ValueError, match=f"cannot write {path}: No space left on device") as e:
         atomic_write(str(path), full)
+    assert f"B free on {tmp_path}" in str(e.value) and "; free some space" in str(e.value)
     assert path.read_bytes() == b"one" and os.listdir(tmp_path) == ["f.txt"]
 
 
@@ -67,3 +68,11 @@ def test_atomic_write_over_a_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="cannot write .*out: Is a directory; name a file"):
         atomic_write(str(target), lambda f: f.write(b"x"))
     assert os.listdir(tmp_path) == ["out"] and os.listdir(target) == []
+
+
+def test_free_space_names_the_nearest_existing_directory(tmp_path, monkeypatch):
+    usage = type("usage", (), {"free": 0})
+    monkeypatch.setattr(cli.shutil, "disk_usage", lambda path: usage)
+    assert cli.free_space(str(tmp_path / "not" / "yet")) == f"0 B free on {tmp_path}"
+    usage.free = 3_210_000_000
+    assert cli.free_space(str(tmp_path)) == f"3.2 GB free on {tmp_path}"
