@@ -572,3 +572,32 @@ def test_logits_that_are_not_h_w_stop_the_run_at_once(tmp_path, cache, capsys, m
     monkeypatch.setattr(blocked.Head, "logits", lambda self, *a: real(self, *a) * 2)
     message = fails_with(capsys, cache, tmp_path, "--loss", "pkl")
     assert "--fused-head" in message and "--no-fused-head" in message
+
+
+def test_a_logit_multiplier_no_config_name_announces_stops_the_fused_head():
+    # Falcon-H1 multiplies its logits by lm_head_multiplier: at 0.9 on a fresh model the logits
+    # differ from h W^T by less than the old absolute tolerance (0.16); relatively, by 10%
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, head_dim=16)
+    mamba = dict(mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16)
+    for multiplier, problem in ((0.9, "differ by 0.1"), (1.0, None)):
+        torch.manual_seed(0)
+        config = FalconH1Config(
+            vocab_size=256, num_attention_heads=4, num_key_value_heads=2, mamba_chunk_size=16,
+            lm_head_multiplier=multiplier, **shape, **mamba,
+        )  # fmt: skip
+        student = FalconH1ForCausalLM(config)
+        head = fused_head.FusedHead(student, cuda=False)
+        assert head.problem is None  # no config name the fused head knows
+        ids = torch.randint(0, 256, (2, 16))
+        forward = head.forward_args(torch.device("cpu"))
+        logits = student(input_ids=ids, use_cache=False, **forward).logits
+        if problem is None:
+            head(logits, lambda error: error)
+            assert head.checked
+            continue
+        assert logits.abs().max() < 2  # small logits: an absolute tolerance would not see it
+        with pytest.raises(run_dir.RunError, match=problem) as stopped:
+            head(logits, lambda error: error)
+        assert "--no-fused-head" in str(stopped.value)
