@@ -20,27 +20,45 @@ from cli import ArgumentParser, atomic_write, check_output_file, one_line_errors
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    """The records of run_dir/metrics.jsonl; a half-written last line (a killed run) is left out."""
+    """The records of run_dir/metrics.jsonl: JSON objects with an integer step; any other line (a
+    half-written last line of a killed run, a damaged one) is left out, with a warning."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist: pass a train.py --out-dir that has logged a step")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    records, bad = [], []
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
             try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
+                record = json.loads(line)
+            except ValueError:  # not JSON, not UTF-8
+                record = None
+            step = record.get("step") if isinstance(record, dict) else None
+            if isinstance(step, int) and not isinstance(step, bool):
+                records.append(record)
+            elif line.strip():
+                bad.append(n)
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + " ..." * (len(bad) > 5)
+        print(f"warning: {path}: {len(bad)} line(s) not a step's record, left out: {shown}",
+              file=sys.stderr)  # fmt: skip
     if not records:
         raise ValueError(f"{path} holds no step yet: plot it once the run has logged one")
     return records
 
 
+def number(record: dict, key: str) -> float | None:
+    """record[key] if it is a finite number (not a bool), else None."""
+    value = record.get(key)
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return value
+    return None
+
+
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of a metric, leaving out the steps that lack it or whose value is not finite
     (a skipped step's loss is NaN)."""
-    pairs = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)]
-    pairs = [(s, v) for s, v in pairs if math.isfinite(v)]
+    pairs = [(r["step"], number(r, key)) for r in records]
+    pairs = [(s, v) for s, v in pairs if v is not None]
     return [s for s, _ in pairs], [v for _, v in pairs]
 
 
@@ -68,7 +86,11 @@ def plot_curves(run_dir: str, out: str | None = None) -> str:
     out = out or os.path.join(run_dir, "curves.png")
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), constrained_layout=True)
     pairs = zip([{}, *records], records)  # a logged step whose skipped count grew
-    skipped = [r["step"] for prev, r in pairs if r.get("skipped", 0) > prev.get("skipped", 0)]
+    skipped = [
+        r["step"]
+        for prev, r in pairs
+        if (number(r, "skipped") or 0) > (number(prev, "skipped") or 0)
+    ]
     for ax, (title, lines, log) in zip(axes.flat, panels(records)):
         for label, (steps, values) in lines.items():
             if steps:

@@ -29,14 +29,18 @@ RESUME_KEYS = (
     "student", "teacher", "loss", "teacher_weight", "learn_projection", "seq_len", "batch_size",
     "grad_accum", "chunk_merge", "kd_scaling", "kd_weight", "ce_weight", "preset", "data",
     "data_config", "split", "pack", "shuffle", "shuffle_buffer", "seed", "vocab_topk", "uld_topk",
-    "hkl_threshold", "temperature", "lr", "pkl_floor",
+    "hkl_threshold", "temperature", "lr", "pkl_floor", "text_field",
     "assistant_only", "student_chat_template", "teacher_chat_template",
 )  # fmt: skip
+# (a resume also matches the processes, the DataLoader workers, each W file's sha256 and the local
+# data's files and sizes: run_dir.fingerprint)
 # Settings added since: what a run that predates them did (so that it can still be resumed).
 OLDER_DEFAULTS = {
     "pkl_floor": "clamp", "assistant_only": True, "student_chat_template": None,
     "teacher_chat_template": None,
 }  # fmt: skip
+# Settings that name files or directories: a config file's "~/x" is expanded as a shell would
+PATH_SETTINGS = ("out_dir", "student", "teacher", "projection", "projection_cache", "data")
 # Presets build random models with the REAL tokenizers (no downloads). tiny: 2 layers, width 64,
 # for CPU tests and the demo. shapes-1b-4b: Llama-3.2-1B and Qwen3-4B shapes, for GPU throughput
 # (random weights: the speed of a step does not depend on them); 6 x 2,048 tokens per GPU per step
@@ -354,10 +358,15 @@ def config_argv(parser: ArgumentParser, path: str, argv: list[str]) -> list[str]
     repeated flag that the command line also gives is the command line's alone. A run's
     run_config.json is a config too: its "args", less --resume and --overwrite."""
     try:
-        with open(path, encoding="utf-8") as f:
-            settings = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            settings = yaml.safe_load(f.read().decode("utf-8"))
     except OSError as e:
         parser.error(f"--config {path}: {e.strerror}")
+    except UnicodeDecodeError as e:
+        parser.error(
+            f"--config {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+            f"{e.start}): save it as UTF-8"
+        )
     except yaml.YAMLError as e:
         parser.error(f"--config {path} is not valid YAML ({str(e).splitlines()[0]})")
     skip = set()
@@ -386,8 +395,37 @@ def config_argv(parser: ArgumentParser, path: str, argv: list[str]) -> list[str]
         if value is None or (repeated and given & set(action.option_strings)):
             continue  # the command line's own list of it replaces the config's
         as_flag = name != action.dest  # no-pack: true gives --no-pack
+        if action.dest in PATH_SETTINGS:  # out-dir: ~/runs/x, as the shell expands it
+            value = [*map(expand_home, value)] if isinstance(value, list) else expand_home(value)
         tokens += flag_tokens(parser, action, value, f"--config {path}: {key}", as_flag)
     return tokens
+
+
+def expand_home(value):
+    """A config file's "~/x" (or "~user/x") as the shell expands it on a command line; anything
+    else as it is."""
+    return os.path.expanduser(value) if isinstance(value, str) else value
+
+
+def as_flags(dest: str, value) -> str:
+    """A setting's value as the command line gives it: `--seq-len 64`, `--teacher A --teacher
+    B`, `--no-pack`, `no --learn-projection` (for messages that say which flag to change)."""
+    actions = [a for a in build_parser()._actions if a.dest == dest and a.option_strings]
+    if not actions:
+        return f"{dest} {value}"
+    on_off = [a for a in actions if isinstance(a, argparse._StoreTrueAction)]
+    on_off += [a for a in actions if isinstance(a, argparse._StoreFalseAction)]
+    if on_off:  # the flag whose effect the value is, given or not
+        given = next((a for a in on_off if a.const == value), None)
+        return given.option_strings[0] if given else f"no {on_off[0].option_strings[0]}"
+    flag = actions[0].option_strings[0]
+    if value is None or value == []:
+        return f"no {flag}"
+    if isinstance(actions[0], argparse._AppendAction):
+        return " ".join(f"{flag} {v}" for v in value)
+    if isinstance(value, list | tuple):
+        return " ".join([flag, *map(str, value)])
+    return f"{flag} {value}"
 
 
 def flag_tokens(
@@ -402,6 +440,12 @@ def flag_tokens(
         on = as_flag or isinstance(action, argparse._StoreTrueAction)
         return [flag] if value == on else []
     values = value if isinstance(value, list | tuple) else [value]
+    if any(isinstance(v, dict | list | tuple) for v in values):
+        parser.error(f"{where}: give a value or a list of values, not {value!r}")
+    if not values and action.nargs == "+":  # run_config.json's report_to: [] is "none"
+        if "none" not in (action.choices or ()):
+            parser.error(f"{where}: give at least one value")
+        return [flag, "none"]
     if isinstance(action, argparse._AppendAction):
         return [token for v in values for token in (flag, str(v))]
     if action.nargs is None and len(values) != 1:
@@ -429,6 +473,11 @@ def check_settings(args) -> Settings:
                 raise ValueError(f"--{name.replace('_', '-')} {v}: must be {what}")
     if args.min_lr > args.lr:
         raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
+    if args.resume and args.overwrite:
+        raise ValueError(
+            "--resume and --overwrite together: --resume continues the run in --out-dir, "
+            "--overwrite replaces it; give one of them"
+        )
     if args.fsdp and "RANK" not in os.environ:
         raise ValueError(
             "--fsdp shards over the processes of a torchrun job: start it with torchrun "
@@ -448,6 +497,8 @@ def check_settings(args) -> Settings:
     if args.learn_projection and not loss_names.count("pkl") and "auto" not in loss_names:
         raise ValueError("--learn-projection learns W for P-KL: use it with --loss pkl")
     for path in files:
+        if path and os.path.isdir(path):
+            raise ValueError(f"projection file {path} is a directory: pass the W file in it")
         if path and not os.path.isfile(path):
             raise ValueError(f"projection file {path} does not exist")
     return Settings(names, loss_names, weights, files)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -46,11 +47,15 @@ from tqdm import tqdm
 
 import curves
 import sharding
-from cli import LOAD_ERRORS, atomic_write, os_error_line
-from flags import OLDER_DEFAULTS, RESUME_KEYS
+from cli import LOAD_ERRORS, atomic_write, free_space, os_error_line
+from data import resolve_files
+from flags import OLDER_DEFAULTS, RESUME_KEYS, as_flags
 
 LOCK = "run.lock"
 OVERWRITTEN = ".overwritten"
+# What --overwrite moves aside besides the checkpoints: the rest of a run (not its lock, not the
+# tiny preset's generated corpus, not files the run did not write)
+RUN_FILES = ("metrics.jsonl", "run_config.json", "curves.png", "tensorboard", "wandb_run_id")
 MASTER_WEIGHTS = "master_weights.pt"  # fp32 weights, beside bf16 model weights: exact resume
 
 
@@ -84,12 +89,21 @@ def _safetensors_problem(path: str) -> str | None:
     return None
 
 
-def checkpoint_problem(path: str, world_size: int) -> str | None:
-    """Why a checkpoint cannot be resumed from, or None: every file present and loadable."""
+def checkpoint_problem(path: str, world_size: int | None = None) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None: every file present and loadable, a
+    rank_R.pt for each of `world_size` ranks (default: the ranks that wrote it)."""
     problem = _safetensors_problem(os.path.join(path, "model.safetensors"))
     if problem:
         return problem
-    names = ["trainer_state.pt", *(f"rank_{r}.pt" for r in range(world_size))]
+    try:
+        state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, mmap=True)
+    except FileNotFoundError:
+        return "trainer_state.pt is missing"
+    except (OSError, *LOAD_ERRORS) as e:
+        return f"trainer_state.pt is unreadable ({type(e).__name__})"
+    if not isinstance(state, dict) or not isinstance(state.get("world_size"), int):
+        return "trainer_state.pt holds no world_size"
+    names = [f"rank_{r}.pt" for r in range(world_size or state["world_size"])]
     sharded = os.path.join(path, sharding.SHARDED)
     if os.path.isdir(sharded):  # --fsdp: the fp32 weights and optimizer state, in shards
         problem = sharding.problem(sharded)
@@ -117,12 +131,13 @@ def saved_dtype(path: str) -> str:
     return config.get("dtype") or config.get("torch_dtype") or "float32"
 
 
-def newest_good_checkpoint(out_dir: str, world_size: int) -> tuple[tuple[int, str] | None, list]:
+def newest_good_checkpoint(out_dir: str) -> tuple[tuple[int, str] | None, list]:
     """(the newest checkpoint that verifies, or None; warnings about the newer ones that do
-    not)."""
+    not). Each is verified for the ranks that wrote it: another number of processes is not
+    damage (inspect_run_dir says what differs)."""
     warnings = []
     for step, path in reversed(checkpoints(out_dir)):
-        problem = checkpoint_problem(path, world_size)
+        problem = checkpoint_problem(path)
         if problem is None:
             return (step, path), warnings
         warnings.append(f"checkpoint {path} is damaged ({problem}): skipped")
@@ -197,14 +212,20 @@ class RunLock:
 
 
 def move_aside(out_dir: str) -> str | None:
-    """--overwrite: move the previous run's checkpoints and metrics into out_dir/.overwritten
-    (deleted once the new run has a checkpoint: `drop_overwritten`); None if there was none."""
+    """--overwrite: move the previous run (checkpoints, metrics.jsonl, run_config.json, ...:
+    RUN_FILES) into out_dir/.overwritten, deleted once the new run has a checkpoint
+    (`drop_overwritten`); returns where, or None if there was none. When .overwritten already
+    holds a run (an earlier --overwrite's replacement stopped before its first checkpoint), that
+    run stays and this one goes beside it, into .overwritten/later-N: nothing is deleted before
+    a new checkpoint exists."""
     old = [p for _, p in checkpoints(out_dir)]
-    old += [p for p in [os.path.join(out_dir, "metrics.jsonl")] if os.path.exists(p)]
+    old += [p for p in (os.path.join(out_dir, name) for name in RUN_FILES) if os.path.lexists(p)]
     if not old:
         return None
     aside = os.path.join(out_dir, OVERWRITTEN)
-    shutil.rmtree(aside, ignore_errors=True)  # a run overwritten before and never replaced
+    n = 1
+    while os.path.lexists(aside):
+        aside, n = os.path.join(out_dir, OVERWRITTEN, f"later-{n}"), n + 1
     os.makedirs(aside)
     for path in old:
         os.replace(path, os.path.join(aside, os.path.basename(path)))
@@ -308,8 +329,11 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 def inspect_run_dir(args, job: Job) -> dict:
     """Rank 0: take the directory's lock, check that this run may use it (one configuration per
-    directory; an existing run needs --resume or --overwrite) and pick the checkpoint to resume
-    from (the newest that verifies). Writes nothing but the lock."""
+    directory; an existing run needs --resume or --overwrite; a run that an --overwrite moved
+    aside is replaced only by another --overwrite) and pick the checkpoint to resume from (the
+    newest that verifies), whose record must agree with these flags (the rest of the
+    fingerprint, W files and data, is compared by check_fingerprint once they are known).
+    Writes nothing but the lock."""
     out_dir = args.out_dir
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out-dir {out_dir} is a file: pick a directory")
@@ -320,65 +344,244 @@ def inspect_run_dir(args, job: Job) -> dict:
     problem = job.lock.acquire()
     if problem:
         raise ValueError(problem)
-    if not args.overwrite:
-        check_same_configuration(args)
+    decision = {"resume": None, "warnings": [], "created": created, "records": []}
+    config = os.path.join(out_dir, "run_config.json")
+    if not args.overwrite and os.path.exists(config):
+        decision["records"].append((f"{out_dir} holds a run", recorded_fingerprint(config)))
+        compare_fingerprint(fingerprint(args), decision["records"], args.resume, RESUME_KEYS)
     previous = checkpoints(out_dir)
+    aside = os.path.join(out_dir, OVERWRITTEN)
     if previous and not args.resume and not args.overwrite:
         raise ValueError(
             f"{out_dir} holds a run (step {previous[-1][0]}): pass --resume to "
             "continue it or --overwrite to replace it"
         )
-    decision = {"resume": None, "warnings": [], "created": created}
-    if args.resume and not args.overwrite:
-        found, decision["warnings"] = newest_good_checkpoint(out_dir, job.world_size)
-        if found is None:
-            damaged = f" ({len(previous)} damaged)" if previous else ""
+    if not previous and not args.overwrite and os.path.isdir(aside):
+        raise ValueError(
+            f"{out_dir} holds no checkpoint, and {aside} the run that an earlier --overwrite "
+            "replaced (its replacement stopped before its first checkpoint): pass --overwrite "
+            f"to replace it, or move its files back into {out_dir} and --resume it"
+        )
+    if args.resume:
+        found, decision["warnings"] = newest_good_checkpoint(out_dir)
+        if found is None and previous:
+            step, path = previous[-1]
             raise ValueError(
-                f"--resume: {out_dir} holds no complete checkpoint{damaged}: drop "
-                "--resume to start a new run"
+                f"--resume: {out_dir} holds no complete checkpoint ({len(previous)} damaged; "
+                f"step_{step}: {checkpoint_problem(path)}): repair it, or pass --overwrite "
+                "instead of --resume to start a new run (it keeps them aside until its first "
+                "checkpoint)"
+            )
+        if found is None:
+            raise ValueError(
+                f"--resume: {out_dir} holds no complete checkpoint: drop --resume to start a "
+                "new run"
             )
         decision["resume"] = found
+        decision["records"].append((f"checkpoint {found[1]} was written", saved_record(found[1])))
+        compare_fingerprint(fingerprint(args, job.world_size), decision["records"], True)
     return decision
 
 
-def check_same_configuration(args) -> None:
-    """A directory holds one run: its run_config.json must agree with these flags on RESUME_KEYS."""
-    path = os.path.join(args.out_dir, "run_config.json")
-    if not os.path.exists(path):
-        return
+def fingerprint(args, world_size: int | None = None, w_paths=None, source=None) -> dict:
+    """The settings a --resume must match, as JSON values: every flags.RESUME_KEYS flag; with
+    world_size the number of processes (each rank's data position is saved apart) and of
+    DataLoader workers per rank; with w_paths (per teacher; None for a same-tokenizer teacher)
+    the sha256 of each W's content, whichever file holds it (--projection or the cache); with
+    source (--data as resolved) its local files and their sizes (None for a hub dataset; names
+    and sizes, not contents: hashing a corpus of hundreds of GB at every start is not
+    affordable, so an edit in place that keeps a file's size goes unseen). Recorded in
+    run_config.json and in each checkpoint's trainer_state.pt, so that a copied checkpoint is
+    checked against its own record."""
+    record = {k: getattr(args, k) for k in RESUME_KEYS}
+    if world_size is not None:
+        record["processes"] = world_size
+        record["data_workers"] = max(args.num_workers, 1)  # 0: the rank itself, one worker too
+    if w_paths is not None:
+        record["projection_sha256"] = [content_sha256(p) if p else None for p in w_paths]
+    if source is not None:
+        record["data_files"] = data_files(source)
+    return json.loads(json.dumps(record, default=str))  # as read back: tuples are lists
+
+
+def content_sha256(path: str) -> str:
+    """The sha256 of what a torch.save file holds (its keys, values, tensors' dtypes, shapes and
+    bytes), not of the file: torch.save writes a random id into each file, so a W rebuilt the same
+    is the same W."""
+    digest = hashlib.sha256()
+
+    def add(x) -> None:
+        if isinstance(x, dict):
+            for key in sorted(x, key=str):
+                digest.update(repr(key).encode())
+                add(x[key])
+        elif isinstance(x, list | tuple):
+            digest.update(f"[{len(x)}".encode())
+            for value in x:
+                add(value)
+        elif isinstance(x, torch.Tensor):
+            x = x.coalesce() if x.layout == torch.sparse_coo else x
+            for part in [x.indices(), x.values()] if x.layout == torch.sparse_coo else [x]:
+                digest.update(repr((part.dtype, tuple(part.shape))).encode())
+                digest.update(part.contiguous().numpy().tobytes())
+        else:
+            digest.update(repr(x).encode())
+
+    add(torch.load(path, weights_only=True, map_location="cpu"))
+    return digest.hexdigest()
+
+
+def data_files(source: str) -> dict[str, int] | None:
+    """{name: size in bytes} of the local files --data reads (names relative to the directory or
+    the glob's fixed part, so that the tiny preset's corpus, written into each --out-dir, compares
+    equal); None for a hub dataset."""
+    files = resolve_files(source)
+    if files is None:
+        return None
+    if os.path.isdir(source):
+        root = source
+    elif glob.has_magic(source):
+        fixed = source.split(os.sep)
+        fixed = fixed[: next(i for i, p in enumerate(fixed) if glob.has_magic(p))]
+        root = os.sep.join(fixed) or "."
+    else:
+        root = os.path.dirname(source) or "."
+    return {os.path.relpath(f, root): os.path.getsize(f) for f in files}
+
+
+def recorded_fingerprint(path: str) -> dict:
+    """The fingerprint a run_config.json records (runs before it: their flags alone)."""
     try:
-        with open(path) as f:
+        with open(path, "rb") as f:
             saved = json.load(f)
     except ValueError:
         raise ValueError(f"{path} is not valid JSON: repair or delete it") from None
-    if isinstance(saved.get("args"), dict):  # the whole configuration (older runs: the keys only)
-        saved = saved["args"]
-    saved = OLDER_DEFAULTS | saved
-    if not set(RESUME_KEYS) <= saved.keys():
-        raise ValueError(
-            f"{args.out_dir} holds a run of an older train.py (its settings lack "
-            f"{sorted(set(RESUME_KEYS) - saved.keys())}): it cannot be resumed; "
-            "pick another --out-dir, or pass --overwrite to replace it"
-        )
-    same = lambda k: json.dumps(saved.get(k)) == json.dumps(getattr(args, k))  # noqa: E731
-    changed = [k for k in RESUME_KEYS if not same(k)]
-    if changed:
-        raise ValueError(
-            f"{args.out_dir} holds a run with another configuration "
-            f"({', '.join(sorted(changed))} differ): pick another --out-dir, or pass "
-            "--overwrite to replace it"
-        )
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is not a train.py run_config.json: repair or delete it")
+    if isinstance(saved.get("fingerprint"), dict):
+        return saved["fingerprint"]
+    args = saved.get("args") if isinstance(saved.get("args"), dict) else saved  # older: the keys
+    return {k: args[k] for k in RESUME_KEYS if k in args}
 
 
-def start_run(args) -> None:
-    """Rank 0, once every check has passed: --overwrite moves the old run aside (deleted at the
-    new run's first checkpoint), and run_config.json is written."""
-    if args.overwrite and move_aside(args.out_dir):
+def saved_record(path: str) -> dict:
+    """The fingerprint a checkpoint records in its trainer_state.pt; for a checkpoint written
+    before there was one, what it holds of it: its flags, processes and DataLoader workers."""
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, mmap=True)
+    if isinstance(state.get("fingerprint"), str):
+        return json.loads(state["fingerprint"])
+    try:
+        args = json.loads(state.get("args") or "{}")
+    except ValueError:
+        args = {}
+    record = {k: args[k] for k in RESUME_KEYS if k in args}
+    record["processes"] = state["world_size"]
+    rank_0 = torch.load(os.path.join(path, "rank_0.pt"), weights_only=True)
+    if isinstance(rank_0.get("data_state"), dict) and "num_workers" in rank_0["data_state"]:
+        record["data_workers"] = rank_0["data_state"]["num_workers"]
+    return record
+
+
+def compare_fingerprint(now: dict, records: list, resume: bool, keys=None) -> None:
+    """ValueError naming each setting of `now` (on `keys`, default all) that a record (where,
+    fingerprint) gives another value, as the flag to change; a record that lacks a setting does
+    not decide it (unchecked_settings names those)."""
+    for where, saved in records:
+        saved = OLDER_DEFAULTS | saved
+        differ = [
+            difference(k, now[k], saved[k], now)
+            for k in keys or now
+            if k in saved
+            and json.dumps(saved[k], sort_keys=True) != json.dumps(now[k], sort_keys=True)
+        ]
+        if differ:
+            todo = "resume it with its settings, or " if resume else ""
+            raise ValueError(
+                f"{where} with another configuration ({'; '.join(differ)}): {todo}pass "
+                "--overwrite to replace it, or pick another --out-dir"
+            )
+
+
+def difference(key: str, value, was, now: dict) -> str:
+    """What differs of one fingerprint setting, as the flag that sets it."""
+    if key in RESUME_KEYS:
+        return f"{as_flags(key, value)} (the run: {as_flags(key, was)})"
+    if key == "processes":
+        return (
+            f"{value} process{'es' * (value != 1)} (the run: {was}; each rank's data position is "
+            f"saved apart: resume with {was}: torchrun --nnodes N --nproc_per_node M, N x M={was})"
+        )
+    if key == "data_workers":
+        return f"--num-workers {value} (the run: --num-workers {was}; 0 and 1 are one worker)"
+    if key == "projection_sha256":
+        teachers = now.get("teacher") or []
+        changed = [
+            f"teacher {name}'s W is another (content sha256 {a[:12]}.., the run's {b[:12]}..)"
+            for name, a, b in zip(teachers, value, was if isinstance(was, list) else [])
+            if a != b and a and b
+        ]
+        return f"--projection: {', '.join(changed) or 'another W file'}: give the run's W file"
+    if key == "data_files":
+        if value is None or was is None:
+            return "--data: local files here, a hub dataset in the run (or the reverse)"
+        added, removed = sorted(set(value) - set(was)), sorted(set(was) - set(value))
+        resized = [
+            f"{n} {was[n]:,} -> {value[n]:,} bytes"
+            for n in sorted(value)
+            if n in was and value[n] != was[n]
+        ]
+        parts = [
+            f"{what} {', '.join(names[:3])}{' ...' * (len(names) > 3)}"
+            for what, names in (("added", added), ("removed", removed), ("changed", resized))
+            if names
+        ]
+        return (
+            f"--data: its files changed since the run read them ({'; '.join(parts)}): restore them"
+        )
+    return f"{key} {value} (the run: {was})"
+
+
+def unchecked_settings(now: dict, records: list) -> list[str]:
+    """The settings of `now` that no record holds (a run or checkpoint of an older train.py)."""
+    held = {k for _, saved in records for k in saved} | set(OLDER_DEFAULTS)
+    return [k for k in now if k not in held]
+
+
+def check_fingerprint(args, job: Job, decision: dict, teachers: list, source: str) -> dict | None:
+    """Once train.py's teachers have their W files (t.w_path) and the data is resolved, rank 0
+    (the others return None): this run's whole fingerprint, which a --resume must match in every
+    record (run_config.json's, the checkpoint's own); what the records predate cannot be checked
+    and is a warning. Returns the fingerprint (recorded by start_run and save)."""
+    if not job.master:
+        return None
+    now = fingerprint(args, job.world_size, [t.w_path for t in teachers], source)
+    if decision["resume"]:
+        compare_fingerprint(now, decision["records"], True)
+        missing = unchecked_settings(now, decision["records"])
+        if missing:
+            decision["warnings"].append(
+                f"the run's record predates {', '.join(missing)}: not checked against it"
+            )
+    return now
+
+
+def start_run(args, fingerprint: dict) -> None:
+    """Rank 0, once every check has passed: the temp directories of saves that never finished
+    (a killed run's) go; --overwrite moves the old run aside (deleted at the new run's first
+    checkpoint); run_config.json is written, with the run's fingerprint."""
+    for tmp in glob.glob(os.path.join(args.out_dir, ".tmp_step_*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+    aside = move_aside(args.out_dir) if args.overwrite else None
+    if aside:
+        where = os.path.relpath(aside, args.out_dir)
+        earlier = f" (beside the run an earlier --overwrite moved to {OVERWRITTEN}/)" * (
+            where != OVERWRITTEN
+        )
         print(
-            f"--overwrite: the previous run in {args.out_dir} is moved to "
-            f"{OVERWRITTEN}/ until this run's first checkpoint"
+            f"--overwrite: the previous run in {args.out_dir} is moved to {where}/{earlier} "
+            "until this run's first checkpoint"
         )
-    config = json.dumps(run_config(args), indent=2)
+    config = json.dumps({**run_config(args), "fingerprint": fingerprint}, indent=2)
     atomic_write(os.path.join(args.out_dir, "run_config.json"), lambda f: f.write(config.encode()))
 
 
@@ -420,10 +623,11 @@ def git_state() -> dict | None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save(args, job: Job, m, step: int, data_state, skipped: int, streak_start: int | None):
-    """A checkpoint of the models `m` (train.py's Models), never from non-finite weights; rotation
-    keeps the newest checkpoint from before the current run of skipped steps. A failed write stops
-    the run in one line (RunError)."""
+def save(args, job: Job, m, step: int, data_state, skipped, streak_start, fingerprint: dict):
+    """A checkpoint of the models `m` (train.py's Models) with the run's fingerprint, never from
+    non-finite weights; rotation keeps the newest checkpoint from before the current run of
+    skipped steps. A failed write stops the run in one line (RunError): the checkpoint, the
+    reason, the free space."""
     params = m.student.parameters()
     finite = all(bool(torch.isfinite(sharding.local(p)).all()) for p in params)
     if job.agree(None if finite else "non-finite") is not None:  # FSDP: any rank's shard
@@ -435,16 +639,23 @@ def save(args, job: Job, m, step: int, data_state, skipped: int, streak_start: i
         "world_size": job.world_size,
         "projections": [p.state_dict() for p in m.learned],
         "args": json.dumps(vars(args), default=str),
+        "fingerprint": json.dumps(fingerprint),  # what a --resume must match (rank 0's)
     }
     if not args.fsdp:  # --fsdp: each rank writes its shard of it (save_checkpoint)
         state["optimizer"] = m.optimizer.state_dict()
     error = save_checkpoint(args, job, m, step, state, data_state, max(before, default=None))
     if error:
         latest = checkpoints(args.out_dir)
-        latest = f"step_{latest[-1][0]}" if latest else "none"
+        then = (
+            f"the latest complete checkpoint is step_{latest[-1][0]}: free some space (or fix "
+            "the error), then --resume"
+            if latest
+            else "no checkpoint of this run exists yet: free some space (or fix the error), "
+            "then run it again"
+        )
         raise RunError(
-            f"checkpoint step_{step} could not be written ({error}); the latest "
-            f"complete checkpoint is {latest}: fix that, then --resume"
+            f"checkpoint {os.path.join(args.out_dir, f'step_{step}')} could not be written "
+            f"({error}; {free_space(args.out_dir)}); {then}"
         )
     return None
 
@@ -497,16 +708,24 @@ def save_checkpoint(args, job: Job, m, step: int, state: dict, data_state, prote
         error = None
         try:
             part()
-        except OSError as e:
-            error = os_error_line(e)
         except CheckpointException as e:  # DCP's save: every rank learns each rank's failure
             error = sharding.failure_line(e)
+        except Exception as e:  # any failure of a write is a failed save: a full disk is an
+            error = write_failure(e)  # OSError, torch.save's RuntimeError, a SafetensorError
         error = job.agree(error)
         if error:
             if job.master:
                 shutil.rmtree(tmp, ignore_errors=True)
             return error
     return None
+
+
+def write_failure(e: Exception) -> str:
+    """Why a write failed, in one line (an OS error's hint; another error's type and first
+    line)."""
+    if isinstance(e, OSError):
+        return os_error_line(e)
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
 
 
 def save_weights(student, weights: dict, directory: str, dtype: torch.dtype, master: bool) -> None:
@@ -583,7 +802,7 @@ def load_resume(decision: dict, student, learned: list, job: Job, fsdp: bool) ->
 # ----------------------------------------------------------------------------- logs
 
 
-def _logged_step(line: str) -> float:
+def _logged_step(line: bytes) -> float:
     """A metrics.jsonl line's step; inf for a line that is not a record (half-written by a
     killed run: dropped on resume)."""
     try:
@@ -597,17 +816,22 @@ class Logger:
     --report-to (Weights & Biases, a --resume continuing the same wandb run; TensorBoard), the
     progress bar (the loss, CE, each teacher's KD, the applied KD/CE scale) and warnings above it.
     Trackers get scalars only (nested values flattened: data_issues/split_document). On resume,
-    lines past the resumed step are dropped."""
+    lines past the resumed step are dropped. A tracker that fails (no login, no network) is a
+    warning and the run goes on without it; a record that cannot be appended (a full disk)
+    waits in memory, with a warning, and goes in with the next one that can."""
 
     def __init__(self, args, master: bool, start_step: int, teacher_names: list[str]):
         self.master, self.path = master, os.path.join(args.out_dir, "metrics.jsonl")
         self.trackers: list = []
-        self.teacher_names, self.bar = teacher_names, None
+        self.teacher_names, self.bar, self.unwritten = teacher_names, None, []
         if not master:
             return
         if os.path.exists(self.path):
-            kept = [line for line in open(self.path) if _logged_step(line) <= start_step]
-            atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
+            with open(self.path, "rb") as f:  # a damaged line (a killed run's) is no record
+                kept = [
+                    line.rstrip(b"\n") + b"\n" for line in f if _logged_step(line) <= start_step
+                ]
+            atomic_write(self.path, lambda f: f.write(b"".join(kept)))
         for name in args.report_to:
             tracker = {"wandb": WandbTracker, "tensorboard": TensorBoardTracker}[name]
             try:
@@ -618,16 +842,41 @@ class Logger:
                     "logging to metrics.jsonl only",
                     file=sys.stderr,
                 )
+            except Exception as e:  # no login, no network, a full disk: the run goes on
+                print(
+                    f"warning: --report-to {name} could not start ({write_failure(e)}); "
+                    "logging to metrics.jsonl only",
+                    file=sys.stderr,
+                )
         self.bar = tqdm(total=args.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
     def log(self, record: dict) -> None:
         if not self.master:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.unwritten.append(json.dumps(record) + "\n")
+        self.write_unwritten()
         values = scalars({k: v for k, v in record.items() if k != "step"})
-        for tracker in self.trackers:
-            tracker.log(values, record["step"])
+        for tracker in list(self.trackers):
+            try:
+                tracker.log(values, record["step"])
+            except Exception as e:  # the run goes on; metrics.jsonl has every record
+                self.warn(f"--report-to: {tracker.name} failed ({write_failure(e)}): dropped")
+                self.trackers.remove(tracker)
+
+    def write_unwritten(self) -> bool:
+        """Append the records not written yet to metrics.jsonl; a failure (a full disk) is a
+        warning (the first time) and they wait for the next try."""
+        try:
+            append(self.path, "".join(self.unwritten).encode())
+        except OSError as e:
+            if len(self.unwritten) == 1:
+                self.warn(
+                    f"cannot append to {self.path} ({e.strerror or e}; "
+                    f"{free_space(self.path)}): records wait in memory until it can be written"
+                )
+            return False
+        self.unwritten = []
+        return True
 
     def show(self, record: dict) -> None:
         """One step more on the progress bar, with the step's figures."""
@@ -657,9 +906,33 @@ class Logger:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        if self.unwritten and not self.write_unwritten():
+            steps = [json.loads(r)["step"] for r in self.unwritten]
+            self.warn(f"steps {steps[0]}-{steps[-1]} never got into {self.path} (no space)")
+            self.unwritten = []
         for tracker in self.trackers:
-            tracker.close()
+            try:
+                tracker.close()
+            except Exception as e:
+                self.warn(f"--report-to: {tracker.name} did not close ({write_failure(e)})")
         self.trackers = []
+
+
+def append(path: str, data: bytes) -> None:
+    """Append data to path whole or not at all: a failed write (a full disk) cuts the file back
+    to where it ended, so no half line is left for the next append to continue."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
 
 
 def scalars(record: dict, prefix: str = "") -> dict[str, float]:
@@ -676,6 +949,8 @@ def scalars(record: dict, prefix: str = "") -> dict[str, float]:
 class WandbTracker:
     """One Weights & Biases run per run directory: its id is kept in out_dir/wandb_run_id, so a
     --resume logs into the same run (from the resumed step on)."""
+
+    name = "wandb"
 
     def __init__(self, args, start_step: int):
         import wandb  # optional: only --report-to wandb needs it
@@ -706,6 +981,8 @@ class WandbTracker:
 
 class TensorBoardTracker:
     """out_dir/tensorboard; a --resume purges the events past the resumed step first."""
+
+    name = "tensorboard"
 
     def __init__(self, args, start_step: int):
         from torch.utils.tensorboard import SummaryWriter  # optional: needs tensorboard
@@ -748,3 +1025,5 @@ def draw_curves(out_dir: str) -> None:
         print(f"training curves: {curves.plot_curves(out_dir)}")
     except ImportError:
         print("no curves.png: pip install matplotlib (then python curves.py OUT_DIR)")
+    except Exception as e:  # a picture is never worth a traceback at the end of a run
+        print(f"warning: no curves.png ({write_failure(e)}): python curves.py {out_dir} draws it")

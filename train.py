@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.fsdp:  # each rank keeps its shard of every model (sharding.py)
             for model in [student, *(t.model for t in teachers)]:
                 job.together(sharding.shard_model, model, job.cuda, model is student)
+        source = job.together(data_source, args, job.master)
+        # ---- what a --resume must match: the flags, each W (its content), the data's files
+        fingerprint = job.together(run_dir.check_fingerprint, args, job, decision, teachers, source)
         resume = {}
         if decision["resume"]:
             resume = job.together(run_dir.load_resume, decision, student, learned, job, args.fsdp)
@@ -82,13 +85,12 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"warning: {warning}", file=sys.stderr)
                 print(f"resuming from {decision['resume'][1]}")
         # ---- data: tokenization and alignment run in DataLoader workers
-        source = job.together(data_source, args, job.master)
         toks, start = [t.tok for t in teachers], resume.get("data_state")
         dataset = job.together(
             make_dataset, args, source, student_tok, toks, start, job.rank, job.world_size
         )
         chat.prepare_run(teachers, dataset.chat)  # chat data: W pairs the ends of turn
-        job.together(lambda: job.master and run_dir.start_run(args))  # every check passed
+        job.together(lambda: job.master and run_dir.start_run(args, fingerprint))  # checks passed
         if job.master:
             describe(args, student, teachers, job.world_size)
         loader = torch.utils.data.DataLoader(
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             head = None if head.problem else head
         m = Models(model, student, student_tok, teachers, learned, optimizer, head)
         # ---- the loop; checkpoints as it goes
-        train(args, job, m, iter(loader), resume)
+        train(args, job, m, iter(loader), resume, fingerprint)
     finally:  # whatever ends the run in this process; a killed process leaves a stale lock
         job.lock.release()
         for sig, handler in handlers.items():
@@ -136,14 +138,14 @@ class Models:
     head: FusedHead | None  # --fused-head: the losses compute the logits h W^T block by block
 
 
-def train(args, job: Job, m: Models, batches, resume: dict) -> None:
-    """Steps until --max-steps (or --stop-step), each logged, checkpoints every --save-every. A
-    signal (SIGTERM, SIGINT) finishes the step, saves and stops; so many non-finite steps in a row
-    stop the run."""
+def train(args, job: Job, m: Models, batches, resume: dict, fingerprint: dict) -> None:
+    """Steps until --max-steps (or --stop-step), each logged, checkpoints (with the run's
+    fingerprint) every --save-every. A signal (SIGTERM, SIGINT) finishes the step, saves and
+    stops; so many non-finite steps in a row stop the run."""
     step, data_state = resume.get("step", 0), resume.get("data_state")
     skipped, bad_in_a_row, streak_start = resume.get("skipped", 0), 0, None
     last_step = min(args.max_steps, args.stop_step or args.max_steps)
-    log = run_dir.Logger(args, job.master, step, [t.name for t in m.teachers])
+    log = job.together(run_dir.Logger, args, job.master, step, [t.name for t in m.teachers])
     signalled = run_dir.catch_stop_signals()
     try:
         while step < last_step:
@@ -172,7 +174,8 @@ def train(args, job: Job, m: Models, batches, resume: dict) -> None:
                 )
             log.show(record)
             if args.save_every and (step % args.save_every == 0 or step == last_step) or stop_asked:
-                warning = run_dir.save(args, job, m, step, data_state, skipped, streak_start)
+                state = (data_state, skipped, streak_start, fingerprint)
+                warning = run_dir.save(args, job, m, step, *state)
                 if warning:
                     log.warn(warning)
             if stop_asked:

@@ -5,6 +5,7 @@ several ranks. Real processes and signals where the fault is a process fault."""
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import shutil
@@ -59,6 +60,7 @@ BAD_FLAGS = [
     (["--shuffle-buffer", "-5"], "--shuffle-buffer -5: must be 0 (no buffer) or more"),
     (["--projection", "no/such/W.pt"], "projection file no/such/W.pt does not exist"),
     (["--loss", "pkl", "--loss", "gold"], "2 values of --loss for 1 teachers"),
+    (["--resume", "--overwrite"], "--resume and --overwrite together"),
 ]
 
 
@@ -337,10 +339,12 @@ def test_a_run_from_before_pkl_floor_resumes_with_clamp_and_refuses_add(tmp_path
 
     settings = {k: f"value of {k}" for k in flags.RESUME_KEYS if k != "pkl_floor"}
     (tmp_path / "run_config.json").write_text(json.dumps({"args": settings}))
-    args = SimpleNamespace(out_dir=str(tmp_path), **settings)
-    run_dir.check_same_configuration(SimpleNamespace(**vars(args), pkl_floor="clamp"))
-    with pytest.raises(ValueError, match=r"\(pkl_floor differ\)"):
-        run_dir.check_same_configuration(SimpleNamespace(**vars(args), pkl_floor="add"))
+    records = [("the run", run_dir.recorded_fingerprint(str(tmp_path / "run_config.json")))]
+    now = SimpleNamespace(**settings, pkl_floor="clamp")
+    run_dir.compare_fingerprint(run_dir.fingerprint(now), records, resume=True)
+    now.pkl_floor = "add"
+    with pytest.raises(ValueError, match=r"--pkl-floor add \(the run: --pkl-floor clamp\)"):
+        run_dir.compare_fingerprint(run_dir.fingerprint(now), records, resume=True)
 
 
 def test_kd_pkl_passes_the_floor_to_the_loss(monkeypatch):
@@ -353,3 +357,171 @@ def test_kd_pkl_passes_the_floor_to_the_loss(monkeypatch):
     teacher = SimpleNamespace(W=None, loss="pkl", vocab=3)
     train.kd_loss(teacher, None, torch.zeros(1, 1, 3), batch, 0, args)
     assert seen == {"vocab_topk": 8, "temperature": 1.0, "floor": "add"}
+
+
+# ---- issue 27: nothing lost, nothing silent (a run of 2 steps, copied by each test) ------------
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, cache) -> str:
+    """A tiny run of 2 steps with its checkpoint step_2, copied by the tests below."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    train.main(argv(out, cache, "--max-steps", "2", "--save-every", "2"))
+    return str(out)
+
+
+def copy_of(base_run: str, tmp_path) -> str:
+    out = str(tmp_path / "run")
+    shutil.copytree(base_run, out)
+    return out
+
+
+def test_an_overwrite_that_dies_before_its_first_checkpoint_loses_nothing_to_the_next(
+    base_run, tmp_path, cache, capsys
+):
+    out = copy_of(base_run, tmp_path)
+    aside = os.path.join(out, run_dir.OVERWRITTEN)
+    # an --overwrite run that ends before its first checkpoint (as one killed before it would)
+    no_checkpoint = ("--overwrite", "--max-steps", "1", "--save-every", "0", "--seed", "5")
+    train.main(argv(out, cache, *no_checkpoint))
+    assert os.path.isdir(os.path.join(aside, "step_2")) and len(metrics(out)) == 1
+    # neither a --resume nor a plain start replaces the run waiting aside; both say where it is
+    assert aside in fails(capsys, argv(out, cache, "--resume", "--seed", "5"))
+    assert "--overwrite" in fails(capsys, argv(out, cache, "--seed", "5"))
+    train.main(argv(out, cache, *no_checkpoint))  # the next --overwrite keeps it, and the dead one
+    assert "beside the run an earlier --overwrite moved" in capsys.readouterr().out
+    assert os.path.isdir(os.path.join(aside, "step_2"))
+    assert {"metrics.jsonl", "run_config.json"} <= set(os.listdir(os.path.join(aside, "later-1")))
+    assert json.load(open(os.path.join(aside, "run_config.json")))["args"]["seed"] == 1337
+    train.main(argv(out, cache, "--overwrite", "--max-steps", "1", "--save-every", "1"))
+    assert not os.path.exists(aside) and [s for s, _ in run_dir.checkpoints(out)] == [1]
+
+
+def test_a_full_disk_in_torch_save_is_one_line_with_the_free_space_and_leaves_no_temp(
+    base_run, tmp_path, cache, capsys, monkeypatch
+):
+    out = copy_of(base_run, tmp_path)
+    os.makedirs(os.path.join(out, ".tmp_step_7"))  # a save a kill interrupted: removed at start
+    save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):  # what torch.save raises on a full disk
+        if str(f).endswith("rank_0.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    message = fails(capsys, argv(out, cache, "--resume", "--max-steps", "3", "--save-every", "1"))
+    assert os.path.join(out, "step_3") in message and "RuntimeError: [enforce fail" in message
+    assert " free on " in message and "the latest complete checkpoint is step_2" in message
+    assert [p for p in os.listdir(out) if p.startswith(".tmp_step")] == []
+    assert [s for s, _ in run_dir.checkpoints(out)] == [2]
+
+
+def test_a_full_disk_while_appending_metrics_is_a_warning_and_the_record_waits(
+    base_run, tmp_path, cache, capsys, monkeypatch
+):
+    out = copy_of(base_run, tmp_path)
+    append, calls = run_dir.append, []
+
+    def full_once(path, data):
+        calls.append(data)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return append(path, data)
+
+    monkeypatch.setattr(run_dir, "append", full_once)
+    train.main(argv(out, cache, "--resume", "--max-steps", "4", "--save-every", "0"))
+    err = capsys.readouterr().err
+    assert "cannot append to" in err and "No space left on device" in err and " free on " in err
+    assert "Traceback" not in err and [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+
+
+def test_append_cuts_a_failed_write_back_to_the_last_whole_line(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n')
+    write = os.write
+
+    def half_then_full(fd, data):
+        if len(data) > 4:
+            return write(fd, bytes(data[:4]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(OSError):
+        run_dir.append(str(path), b'{"step": 2}\n')
+    monkeypatch.undo()
+    assert path.read_text() == '{"step": 1}\n'
+
+
+def test_a_copied_checkpoint_resumes_only_with_its_own_settings(base_run, tmp_path, cache, capsys):
+    copied = tmp_path / "copied"  # no run_config.json: the checkpoint's own record decides
+    shutil.copytree(os.path.join(base_run, "step_2"), copied / "step_2")
+    extra = ("--resume", "--seq-len", "32", "--loss", "hkl", "--text-field", "body")
+    message = fails(capsys, argv(copied, cache, *extra))
+    assert f"checkpoint {copied / 'step_2'} was written with another configuration" in message
+    for flag in ("--seq-len 32 (the run: --seq-len 64)", "--loss hkl", "--text-field body"):
+        assert flag in message
+    assert "--overwrite" in message
+    message = fails(capsys, argv(copied, cache, "--resume", "--num-workers", "2"))
+    assert "--num-workers 2 (the run: --num-workers 1" in message
+
+
+def test_another_w_file_or_changed_data_is_refused_on_resume(base_run, tmp_path, cache, capsys):
+    out = copy_of(base_run, tmp_path)
+    (w_file,) = glob.glob(os.path.join(cache, "W-*-128320x151669.pt"))  # Llama-3.2 -> Qwen3
+    projection = torch.load(w_file, weights_only=True)
+    projection["params"] = {**projection["params"], "rebuilt": 1}  # another W, the same shape
+    other = str(tmp_path / "W_other.pt")
+    torch.save(projection, other)
+    message = fails(capsys, argv(out, cache, "--resume", "--projection", other))
+    assert "--projection: teacher pkg:qwen3's W is another (content sha256" in message
+    with open(os.path.join(out, "tiny_corpus", "more.txt"), "w") as f:
+        f.write("a document the run never saw")
+    message = fails(capsys, argv(out, cache, "--resume"))
+    assert "--data: its files changed since the run read them (added more.txt)" in message
+
+
+def test_a_run_and_checkpoint_from_before_the_fingerprint_resume_with_a_warning(
+    base_run, tmp_path, cache, capsys
+):
+    out = copy_of(base_run, tmp_path)
+    config = json.load(open(os.path.join(out, "run_config.json")))
+    del config["fingerprint"]
+    json.dump(config, open(os.path.join(out, "run_config.json"), "w"))
+    state_path = os.path.join(out, "step_2", "trainer_state.pt")
+    state = torch.load(state_path, weights_only=True)
+    del state["fingerprint"]
+    torch.save(state, state_path)
+    message = fails(capsys, argv(out, cache, "--resume", "--seq-len", "32"))  # flags: checked
+    assert "--seq-len 32 (the run: --seq-len 64)" in message
+    train.main(argv(out, cache, "--resume", "--max-steps", "3", "--save-every", "0"))
+    err = capsys.readouterr().err
+    assert "predates projection_sha256, data_files: not checked against it" in err
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+    assert "fingerprint" in json.load(open(os.path.join(out, "run_config.json")))
+
+
+def test_a_checkpoint_of_another_number_of_processes_is_not_called_damaged(
+    base_run, tmp_path, cache, capsys
+):
+    from types import SimpleNamespace
+
+    out = copy_of(base_run, tmp_path)
+    args = train.parse_args(argv(out, cache, "--resume"))
+    job = SimpleNamespace(world_size=2, lock=run_dir.RunLock(out))  # a 2-process resume of it
+    with pytest.raises(ValueError) as error:
+        run_dir.inspect_run_dir(args, job)
+    job.lock.release()
+    message = str(error.value)
+    assert "2 processes (the run: 1;" in message and "--nproc_per_node" in message
+    assert "damaged" not in message and "drop --resume" not in message
+    # a checkpoint of 2 processes resumed by 1: the same, the other way
+    step = os.path.join(out, "step_2")
+    shutil.copy(os.path.join(step, "rank_0.pt"), os.path.join(step, "rank_1.pt"))
+    state = torch.load(os.path.join(step, "trainer_state.pt"), weights_only=True)
+    fingerprint = json.loads(state["fingerprint"])
+    state["world_size"], state["fingerprint"] = 2, json.dumps({**fingerprint, "processes": 2})
+    torch.save(state, os.path.join(step, "trainer_state.pt"))
+    os.remove(os.path.join(out, "run_config.json"))
+    message = fails(capsys, argv(out, cache, "--resume"))
+    assert "1 process (the run: 2;" in message and "damaged" not in message

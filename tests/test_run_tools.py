@@ -21,7 +21,7 @@ import curves
 import flags
 import run_dir
 import train
-from conftest import ROOT, tiny_argv
+from conftest import ROOT, read_metrics, tiny_argv
 
 CONFIGS = os.path.join(ROOT, "configs")
 # The paper's rows (docs/paper_results.md), the tiny CPU run: teachers, losses, weights, learned W
@@ -95,6 +95,25 @@ def test_a_bad_config_is_one_line_and_exit_2(text, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--config", str(tmp_path / "missing.yaml")])
     assert "No such file" in capsys.readouterr().err
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_bytes(b"lr: 0.001\nrun-name: caf\xe9\n")  # Latin-1
+    with pytest.raises(SystemExit) as info:
+        train.parse_args(["--config", str(config)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert "is not UTF-8 text (byte 0xe9 at offset 23)" in err
+
+
+def test_a_config_expands_home_in_paths_as_a_shell_would(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = tmp_path / "c.yaml"
+    config.write_text("out-dir: ~/runs/x\nprojection: [~/W.pt]\nrun-name: ~literal\n")
+    args = train.parse_args(["--config", str(config)])
+    assert args.out_dir == str(tmp_path / "runs" / "x")
+    assert args.projection == [str(tmp_path / "W.pt")] and args.run_name == "~literal"
 
 
 def test_help_gives_every_flag_a_text_and_every_set_default(capsys):
@@ -240,6 +259,54 @@ def test_curves_draw_every_panel_and_the_cli_is_one_line_on_bad_input(tracked_ru
     assert "metrics.jsonl does not exist" in capsys.readouterr().err
 
 
+def test_run_config_of_a_run_without_trackers_replays_it(tmp_path, cache):
+    first = tmp_path / "first"
+    train.main(tiny_argv(first, cache, "--max-steps", "1", "--save-every", "0"))
+    config = str(first / "run_config.json")
+    assert json.load(open(config))["args"]["report_to"] == []
+    for extra in ([], ["--report-to", "none"]):
+        assert train.parse_args(["--config", config, *extra]).report_to == []
+    train.main(["--config", config, "--out-dir", str(tmp_path / "again")])
+    (replayed,) = read_metrics(tmp_path / "again")
+    (original,) = read_metrics(first)
+    for key in ("loss", "ce", "kd", "grad_norm"):
+        assert replayed[key] == pytest.approx(original[key], rel=1e-6), key
+
+
+def test_a_tracker_that_cannot_start_or_log_is_a_warning_and_the_run_goes_on(
+    tmp_path, cache, capsys, monkeypatch
+):
+    import wandb
+
+    def no_network(*args, **kwargs):
+        raise wandb.errors.CommError("Network error (ConnectionError), entering retry loop")
+
+    monkeypatch.setattr(wandb, "init", no_network)
+    monkeypatch.setattr(run_dir.TensorBoardTracker, "log", lambda *a: 1 / 0)
+    extra = ("--max-steps", "2", "--save-every", "0", "--report-to", "wandb", "tensorboard")
+    train.main(tiny_argv(tmp_path, cache, *extra))
+    err = capsys.readouterr().err
+    assert "--report-to wandb could not start (CommError: Network error" in err
+    assert "--report-to: tensorboard failed (ZeroDivisionError: division by zero): dropped" in err
+    assert "Traceback" not in err and len(read_metrics(tmp_path)) == 2
+
+
+def test_curves_leave_out_malformed_lines_with_a_warning(tmp_path, capsys):
+    good = [{"step": s, "loss": 2.0 / s, "skipped": 0, "lr": 1e-3} for s in (1, 2, 3)]
+    lines = [json.dumps(r).encode() for r in good]
+    lines[1:1] = [b"[1, 2]", b'{"loss": 1}', b'{"step": "x"}', b"\xff\xfe", b'{"step": 3, "lo']
+    lines.append(b'{"step": 4, "skipped": "many", "loss": "nan", "kd/t": true}')
+    (tmp_path / "metrics.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    assert curves.main([str(tmp_path)]) == 0 and (tmp_path / "curves.png").exists()
+    err = capsys.readouterr().err
+    assert (
+        "5 line(s) not a step's record, left out: 2, 3, 4, 5, 6" in err and "Traceback" not in err
+    )
+    records = curves.read_metrics(str(tmp_path))
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert curves.series(records, "loss") == ([1, 2, 3], [2.0, 1.0, 2.0 / 3])
+
+
 def test_a_config_file_runs_the_tiny_preset(tmp_path, cache):
     config = yaml.safe_load(open(os.path.join(CONFIGS, "tiny.yaml")))
     config.update(
@@ -251,3 +318,33 @@ def test_a_config_file_runs_the_tiny_preset(tmp_path, cache):
     saved = json.load(open(tmp_path / "run_config.json"))["args"]
     assert saved["config"] == str(path) and saved["preset"] == "tiny" and saved["max_steps"] == 1
     assert (tmp_path / "step_1").is_dir()
+
+
+def test_the_campaign_tells_our_tracebacks_from_torchruns_and_checks_what_errors_say(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("campaign", f"{ROOT}/bench/campaign.py")
+    campaign = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "campaign", campaign)  # its dataclasses look it up
+    spec.loader.exec_module(campaign)
+    Result, Case = campaign.Result, campaign.Case
+    ours = f'Traceback (most recent call last):\n  File "{ROOT}/run_dir.py", line 3\nKeyError: 1'
+    torchrun = f'Traceback (most recent call last):\n  File "{ROOT}/.venv/lib/x.py", line 9\n'
+    error = Case("c", "k", None, "error", ("--seq-len 32",))
+    ok = Case("c", "k", None, "ok", ("warning: x",))
+    outcomes = [
+        campaign.classify(error, Result(2, "", "error: --seq-len 32 (the run: 64)\n", 1), None),
+        campaign.classify(error, Result(1, "", torchrun + "error: --seq-len 32 ...\n", 1), None),
+        campaign.classify(error, Result(2, "", "error: something else\n", 1), None),
+        campaign.classify(error, Result(0, "", "", 1), None),
+        campaign.classify(ok, Result(1, "", ours, 1), None),
+        campaign.classify(ok, Result(None, "", "", 1), None),
+        campaign.classify(ok, Result(0, "", "warning: x\n", 1), "lost: step_2 is gone"),
+        campaign.classify(ok, Result(0, "", "", 1), None),
+        campaign.classify(ok, Result(0, "warning: x\n", "", 1), "loss 1.0 != 2.0"),
+    ]
+    assert outcomes == [
+        "handled", "handled", "unclear", "silent wrong", "traceback", "hang", "lost run",
+        "silent wrong", "silent wrong",
+    ]  # fmt: skip
+    assert len(campaign.base_cases()) >= 60
