@@ -549,8 +549,9 @@ def drop_padded_columns(W: torch.Tensor, vocab: int, path: str) -> torch.Tensor:
     W = W.coalesce()
     if bool((W.indices()[1] >= vocab).any()):
         raise ValueError(
-            f"{path} maps student ids to teacher ids >= {vocab}, which the teacher's "
-            "tokenizer does not have: rebuild W for this teacher"
+            f"{path} maps student ids to teacher ids >= {vocab}, where the teacher's tokenizer "
+            "or its model's output rows end (fewer rows than ids: the model and its tokenizer "
+            "disagree, use the tokenizer saved with the model; else rebuild W for this teacher)"
         )
     return torch.sparse_coo_tensor(W.indices(), W.values(), (W.shape[0], vocab)).coalesce()
 
