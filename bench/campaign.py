@@ -51,6 +51,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 PY = sys.executable
 CLASSES = ("handled", "lost run", "traceback", "silent wrong", "hang", "unclear", "skipped")
+ERROR_LINE = re.compile(r"(?:[\w.-]+: )?error: ")  # "error: ..." or argparse's "prog: error: ..."
 REPO_FRAME = re.compile(
     r'File "(?!' + re.escape(os.path.join(ROOT, ".venv")) + ")" + re.escape(ROOT)
 )
@@ -220,7 +221,7 @@ def classify(case: Case, result: Result, problem: str | None) -> str:
     if case.expect == "error":
         if result.code == 0:
             return "silent wrong"  # it went on where it had to stop
-        errors = [line for line in result.err.splitlines() if line.startswith("error:")]
+        errors = [line for line in result.err.splitlines() if ERROR_LINE.match(line)]
         if result.code not in (1, 2) or len(set(errors)) != 1:
             return "unclear"  # (torchrun exits 1 when its ranks exit 2)
         if not all(s in errors[0] for s in case.says):
@@ -1175,7 +1176,7 @@ def run_case(case: Case, work: str, base: str, cache: str, reference, mount: boo
         for path in reversed(c.mounts):
             subprocess.run(["umount", "-l", path], capture_output=True)
     outcome = classify(case, result, problem)
-    lines = [x for x in result.err.splitlines() if x.startswith(("error:", "warning:"))]
+    lines = [x for x in result.err.splitlines() if ERROR_LINE.match(x) or x.startswith("warning:")]
     why = problem or next(iter(lines or result.err.strip().splitlines()[-1:]), "")
     return {"outcome": outcome, "why": str(why)[:300], "seconds": time.time() - started}
 

@@ -335,6 +335,7 @@ def test_the_campaign_tells_our_tracebacks_from_torchruns_and_checks_what_errors
     outcomes = [
         campaign.classify(error, Result(2, "", "error: --seq-len 32 (the run: 64)\n", 1), None),
         campaign.classify(error, Result(1, "", torchrun + "error: --seq-len 32 ...\n", 1), None),
+        campaign.classify(error, Result(1, "", "evaluate.py: error: --seq-len 32 x\n", 1), None),
         campaign.classify(error, Result(2, "", "error: something else\n", 1), None),
         campaign.classify(error, Result(0, "", "", 1), None),
         campaign.classify(ok, Result(1, "", ours, 1), None),
@@ -344,7 +345,7 @@ def test_the_campaign_tells_our_tracebacks_from_torchruns_and_checks_what_errors
         campaign.classify(ok, Result(0, "warning: x\n", "", 1), "loss 1.0 != 2.0"),
     ]
     assert outcomes == [
-        "handled", "handled", "unclear", "silent wrong", "traceback", "hang", "lost run",
+        "handled", "handled", "handled", "unclear", "silent wrong", "traceback", "hang", "lost run",
         "silent wrong", "silent wrong",
     ]  # fmt: skip
     assert len(campaign.base_cases()) >= 60
