@@ -2,7 +2,7 @@
 processes, each run as a user would run it (a subprocess of train.py, curves.py or torchrun), its
 outcome classified, and one markdown table of counts per class.
 
-    python bench/campaign.py                   # every case (~15 min on 2 CPU cores)
+    python bench/campaign.py                   # every case (~30 min on 2 CPU cores)
     python bench/campaign.py --only resume     # the cases whose name or class contains "resume"
     python bench/campaign.py --list            # the cases, not run
 
