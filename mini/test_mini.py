@@ -409,8 +409,9 @@ def test_read_only_out_is_refused_before_any_work(request, capsys, monkeypatch):
 def test_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, capsys):
     out = tmp_path / "out"
     code, err = run_main(mini.main, ["--out", str(out), "--smoke"], capsys)
-    expected = f"cannot write {out / 'data' / 'teacher.jsonl'}: No space left on device; free"
+    expected = f"cannot write {out / 'data' / 'teacher.jsonl'}: No space left on device ("
     assert_one_line_error(code, err, expected)
+    assert " free on " in err and "); free" in err  # the free space, then what to do
     assert [files for _, _, files in os.walk(out)] == [[], []]  # out/ and out/data/: no file
 
 
