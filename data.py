@@ -486,6 +486,10 @@ class _Segment:
     # text tokens, and its end-of-document token follows), and every side's template tokens
     target: np.ndarray | None = field(default=None, compare=False)
     template: object = None  # (chat.Template; the segment has no text then)
+    # a document's piece: the part it was cut from and its first student token there (the
+    # teacher reads the part in its own windows, whatever the student's cut: METHOD.md 4.3)
+    part: _Part | None = field(default=None, compare=False, repr=False)
+    lo: int = 0
 
 
 # the end of a document whose tail was dropped (no clean cut): no tokens, but the separator follows
@@ -504,8 +508,11 @@ class _Part:
 
     text: str
     spans: TokenSpans  # its text tokens
+    document: str | None = None  # a document's part: the document, and where the part starts
+    offset: int = 0
     char_bytes: np.ndarray = field(init=False)  # the byte offset of every character offset
     cuts: np.ndarray = field(init=False)  # the tokens a segment may start at, sorted
+    views: dict = field(init=False, default_factory=dict)  # per teacher: _teacher_view
 
     def __post_init__(self):
         self.char_bytes = char_byte_offsets(self.text)
@@ -557,7 +564,8 @@ class _Part:
             boundaries=np.union1d(bounds - byte_lo, [0, byte_hi - byte_lo]),
             n_bytes=int(byte_hi - byte_lo),
         )
-        return _Segment(student, self.text[char_lo:char_hi], ends_document), char_hi
+        segment = _Segment(student, self.text[char_lo:char_hi], ends_document, part=self, lo=i)
+        return segment, char_hi
 
 
 @dataclass
@@ -618,6 +626,7 @@ class AlignedWindows(IterableDataset):
         world_size=1,
         start=None,
         teacher_cap=None,
+        teacher_window=None,
         repeat=False,
         data_config=None,
         split="train",
@@ -633,7 +642,9 @@ class AlignedWindows(IterableDataset):
         self.seq_len, self.start, self.repeat, self.pack = seq_len, start, repeat, pack
         self.rank, self.world_size = rank, world_size
         self.chat = None  # chat.setup: conversations are read in each side's chat template
-        self.teacher_cap = teacher_cap or 2 * seq_len
+        self.teacher_window = teacher_window or None  # None: the teacher reads the student's window
+        self.teacher_cap = teacher_cap or 2 * seq_len + (teacher_window or 0)
+        self.caches = None  # per teacher, a cache_teacher.TeacherCache (train.py --teacher-cache)
         if shuffle_buffer < 0:
             raise ValueError(f"--shuffle-buffer {shuffle_buffer}: give 0 (off) or more documents")
         # a same-tokenizer teacher reads the student's ids, bit for bit (no re-tokenization)
@@ -724,10 +735,12 @@ class AlignedWindows(IterableDataset):
                 continue
             ends_document = part_start + len(part) == len(text)
             start_char = max(skip_to - part_start, 0)
-            pieces = self._segments(part, ends_document, issues, start_char, window)
+            pieces = self._segments(
+                part, ends_document, issues, start_char, window, text, part_start
+            )
             yield from ((seg, part_start + next_char) for seg, next_char in pieces)
 
-    def _segments(self, part, ends_document, issues, start_char, window):
+    def _segments(self, part, ends_document, issues, start_char, window, document=None, offset=0):
         """The pieces of one document part for the window being filled, from character
         `start_char`: (segment, character after it), or (None, character of the next piece) when
         the window has no room for that piece (the caller closes it and the window is empty)."""
@@ -735,7 +748,7 @@ class AlignedWindows(IterableDataset):
         n = len(spans.ids)
         if n == 0:
             return
-        tokens = _Part(part, spans)
+        tokens = _Part(part, spans, document, offset)
         separator = int(ends_document and self.eod[0] is not None)  # it needs a place too
         i = tokens.token_at(start_char) if start_char else 0
         ended = False
@@ -776,7 +789,11 @@ class AlignedWindows(IterableDataset):
         chat = [len(s.target) - int(s.target.sum()) for s in segments if s.target is not None]
         tokens = len(ids) - sum(chat) - len(self.prefix[0]) * (segments[0].target is not None)
         item = {"student_ids": ids, "labels": labels, "tokens": np.array(tokens)}
+        own = self.teacher_window and all(seg.target is None for seg in segments)
         for i in range(len(self.teacher_toks)):
+            if own:  # documents: each teacher reads them in its own context (METHOD.md 4.3)
+                item.update(self._own_context(i, segments, issues))
+                continue
             s_chunk, teacher_ids, t_chunk = self._teacher_side(i, segments)
             _drop_unpredicted(s_chunk, t_chunk)
             s_chunk, teacher_ids, t_chunk = _capped(
@@ -786,6 +803,134 @@ class AlignedWindows(IterableDataset):
             item[f"teacher_ids_{i}"] = teacher_ids
             item[f"teacher_chunk_{i}"] = predictor_chunks(t_chunk)
         return item
+
+    def _teacher_view(self, i: int, part: _Part):
+        """(teacher i's tokens of a document part, the part's chunks on the student's side and on
+        the teacher's), made once per part: the part's segments share them."""
+        view = part.views.get(i)
+        if view is None:
+            tok = self.teacher_toks[i]
+            teacher = part.spans if self.same[i] else _body(token_spans(tok, part.text))
+            view = part.views[i] = (teacher, *chunk_ids(part.spans, teacher))
+        return view
+
+    def _own_context(self, i: int, segments: list[_Segment], issues: Counter) -> dict:
+        """Teacher i's side of a window of documents by the teacher's own context (METHOD.md
+        4.3): per segment, rows of [the teacher's prefix, its tokens of the part from the start
+        of the teacher window (--teacher-window tokens) up to the segment's end]; the positions
+        that predict the segment's whole chunks carry their chunk ids. The rows run one after the
+        other, `teacher_pos_i` restarting at 0 with each: a row attends only to itself."""
+        prefix, L = self.prefix[0] if self.same[i] else self.prefix[i + 1], self.teacher_window
+        s_chunks, rows, first_free = [np.full(len(self.prefix[0]), -1)], [], 0
+        for k, seg in enumerate(segments):
+            s_chunk = np.full(len(seg.student.ids), -1)
+            if seg.part is not None and len(seg.student.ids):
+                teacher, s_part, t_part = self._teacher_view(i, seg.part)
+                lo, hi = seg.lo, seg.lo + len(seg.student.ids)
+                s_chunk = s_part[lo:hi].copy()
+                # a chunk the student's cut runs through has tokens in another window: none here
+                for out, inside in ((lo - 1, lo), (hi, hi - 1)):
+                    if (
+                        0 <= out < len(s_part)
+                        and s_part[out] >= 0
+                        and s_part[out] == s_part[inside]
+                    ):
+                        s_chunk[s_chunk == s_part[out]] = -1
+                kept = s_chunk[s_chunk >= 0]
+                if len(kept):
+                    c0, c1 = int(kept.min()), int(kept.max())
+                    t_in = np.flatnonzero((t_part >= c0) & (t_part <= c1))
+                    u, v = (int(t_in[0]), int(t_in[-1]) + 1) if len(t_in) else (0, 0)
+                    for w in range(u // L, (v - 1) // L + 1):  # the teacher windows it touches
+                        a, b = w * L, min((w + 1) * L, v)
+                        chunk = np.where((t_part[a:b] >= c0) & (t_part[a:b] <= c1), t_part[a:b], -1)
+                        chunk = np.where(chunk >= 0, chunk - c0 + first_free, -1)
+                        token = np.arange(a, b)
+                        pad = np.full(len(prefix), -1)
+                        ids = np.concatenate([prefix, teacher.ids[a:b]])
+                        rows.append(
+                            [ids, np.concatenate([pad, chunk]), np.concatenate([pad, token]), k]
+                        )
+                    s_chunk = np.where(s_chunk >= 0, s_chunk - c0 + first_free, -1)
+                    first_free += c1 - c0 + 1
+            s_chunks.append(s_chunk)
+            if seg.ends_document and self.eod[0] is not None:
+                s_chunks.append([-1])
+        s_chunk = np.concatenate(s_chunks).astype(np.int64)
+        ids, chunk, token, seg_of, pos = [], [], [], [], []
+        for row in rows:
+            first = row[1][0]
+            if not len(prefix) and first >= 0:  # the row's first token: no predictor
+                s_chunk[s_chunk == first] = -1
+                for other in rows:
+                    other[1] = np.where(other[1] == first, -1, other[1])
+        for row_ids, row_chunk, row_token, k in rows:  # the predictor shift, row by row
+            ids.append(row_ids)
+            chunk.append(predictor_chunks(row_chunk))
+            token.append(predictor_chunks(row_token))
+            seg_of.append(np.full(len(row_ids), k))
+            pos.append(np.arange(len(row_ids)))
+        empty = np.zeros(0, dtype=np.int64)
+        ids, chunk, token, seg_of, pos = (
+            np.concatenate(x or [empty]).astype(np.int64) for x in (ids, chunk, token, seg_of, pos)
+        )
+        if s_chunk[0] >= 0:  # the student's first token: no predictor (a student without BOS)
+            chunk[chunk == s_chunk[0]] = -1
+            s_chunk[s_chunk == s_chunk[0]] = -1
+        if len(ids) > self.teacher_cap:  # rows beyond --teacher-cap: their chunks are a gap
+            _count(issues, "teacher_truncated", f"{len(ids)} > {self.teacher_cap} tokens")
+            lost = chunk[self.teacher_cap :]
+            if (lost >= 0).any():
+                first_lost = lost[lost >= 0].min()
+                s_chunk[s_chunk >= first_lost] = -1
+                chunk[chunk >= first_lost] = -1
+            ids, chunk, token, seg_of, pos = (
+                x[: self.teacher_cap] for x in (ids, chunk, token, seg_of, pos)
+            )
+        chunk[~np.isin(chunk, s_chunk)] = -1  # a chunk with no student side: no signal, no lookup
+        s_chunk[~np.isin(s_chunk, chunk)] = -1
+        token[chunk < 0] = -1  # only the kept chunks' tokens are looked up or matched
+        out = {f"student_chunk_{i}": predictor_chunks(s_chunk), f"teacher_chunk_{i}": chunk}
+        cache = self.caches[i] if self.caches else None
+        if cache is not None:  # the cached distributions replace the teacher's forward
+            keep = chunk >= 0
+            out[f"teacher_chunk_{i}"] = chunk[keep]
+            for key, value in self._cached(i, cache, segments, token, seg_of, keep).items():
+                out[f"{key}_{i}"] = value
+            token, seg_of = token[keep], seg_of[keep]
+        else:
+            out[f"teacher_ids_{i}"], out[f"teacher_pos_{i}"] = ids, pos
+        if self.same[i]:  # KL: the teacher position that predicts the student's next token
+            out[f"teacher_at_{i}"] = self._same_positions(segments, token, seg_of)
+        return out
+
+    def _same_positions(self, segments, token, seg_of) -> np.ndarray:
+        """[T] for each student position, the teacher position that predicts the same token of the
+        same part (a same-tokenizer teacher tokenizes it as the student does), -1 where none."""
+        keys, n = {}, len(self.prefix[0])
+        for k, seg in enumerate(segments):
+            for j in range(len(seg.student.ids)):
+                keys[(k, seg.lo + j)] = n + j - 1  # the student position that predicts it
+            n += len(seg.student.ids) + (seg.ends_document and self.eod[0] is not None)
+        at = np.full(n, -1, dtype=np.int64)
+        for q in np.flatnonzero(token >= 0):
+            p = keys.get((int(seg_of[q]), int(token[q])), -1)
+            if p >= 0:
+                at[p] = q
+        return at
+
+    def _cached(self, i: int, cache, segments, token, seg_of, keep) -> dict:
+        """The cached teacher distributions of the kept positions, read part by part; the cache
+        checks that its tokens are the teacher's (cache_teacher.TeacherCache.read)."""
+        parts = {}
+        for q in np.flatnonzero(keep):
+            parts.setdefault(int(seg_of[q]), []).append(q)
+        values = []
+        for k, qs in parts.items():
+            part, qs = segments[k].part, np.array(qs)
+            teacher = self._teacher_view(i, part)[0]
+            values.append(cache.read(part.document, part.offset, token[qs], teacher.ids))
+        return cache.stack(values, int(keep.sum()))
 
     def _teacher_side(self, i: int, segments: list[_Segment]):
         """(student chunk ids, teacher ids, teacher chunk ids) of a window for teacher i, before
@@ -856,6 +1001,7 @@ def collate(batch: list[dict], pad_ids: dict[str, int]) -> dict[str, torch.Tenso
             continue
         is_ids = key in pad_ids  # student_ids, teacher_ids_i
         fill = pad_ids[key] if is_ids else -100 if key == "labels" else -1
+        fill = 0 if key.startswith(("teacher_pos", "cache_")) else fill
         out[key] = pad_sequence(rows, batch_first=True, padding_value=fill)
         if is_ids:
             ones = [torch.ones(len(r), dtype=torch.long) for r in rows]

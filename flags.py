@@ -30,17 +30,20 @@ RESUME_KEYS = (
     "grad_accum", "chunk_merge", "kd_scaling", "kd_weight", "ce_weight", "preset", "data",
     "data_config", "split", "pack", "shuffle", "shuffle_buffer", "seed", "vocab_topk", "uld_topk",
     "hkl_threshold", "temperature", "lr", "pkl_floor", "text_field",
-    "assistant_only", "student_chat_template", "teacher_chat_template",
+    "assistant_only", "student_chat_template", "teacher_chat_template", "teacher_window",
+    "teacher_cache",
 )  # fmt: skip
 # (a resume also matches the processes, the DataLoader workers, each W file's sha256 and the local
 # data's files and sizes: run_dir.fingerprint)
 # Settings added since: what a run that predates them did (so that it can still be resumed).
 OLDER_DEFAULTS = {
     "pkl_floor": "clamp", "assistant_only": True, "student_chat_template": None,
-    "teacher_chat_template": None,
+    "teacher_chat_template": None, "teacher_window": 0, "teacher_cache": None,
 }  # fmt: skip
 # Settings that name files or directories: a config file's "~/x" is expanded as a shell would
-PATH_SETTINGS = ("out_dir", "student", "teacher", "projection", "projection_cache", "data")
+PATH_SETTINGS = (
+    "out_dir", "student", "teacher", "projection", "projection_cache", "data", "teacher_cache",
+)  # fmt: skip
 # Presets build random models with the REAL tokenizers (no downloads). tiny: 2 layers, width 64,
 # for CPU tests and the demo. shapes-1b-4b: Llama-3.2-1B and Qwen3-4B shapes, for GPU throughput
 # (random weights: the speed of a step does not depend on them); 6 x 2,048 tokens per GPU per step
@@ -49,7 +52,7 @@ PRESETS = {
     "tiny": dict(
         student="pkg:llama-3.2", teacher=["pkg:qwen3"], seq_len=64, batch_size=2, grad_accum=1,
         max_steps=20, lr=1e-3, min_lr=1e-4, warmup_steps=2, log_every=1, save_every=10,
-        num_workers=1,
+        num_workers=1, teacher_window=128,
     ),
     "shapes-1b-4b": dict(
         student="pkg:llama-3.2", teacher=["pkg:qwen3"], seq_len=2048, batch_size=2, grad_accum=3,
@@ -99,6 +102,7 @@ RANGES = {
     "uld_topk": (lambda v: v >= 0, "0 (all ids) or more"),
     "hkl_threshold": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "teacher_cap": (lambda v: v >= 1, "at least 1"),
+    "teacher_window": (lambda v: v == 0 or v >= 2, "0 (the student's window) or at least 2"),
     "shuffle_buffer": (lambda v: v >= 0, "0 (no buffer) or more"),
 }
 
@@ -132,6 +136,13 @@ def _teacher_flags(p: ArgumentParser) -> None:
         help="alpha_m per teacher (default: 1 / number of teachers)",
     )
     a("--projection", action="append", help="W file per teacher (default: a cached build)")
+    a(
+        "--teacher-cache",
+        action="append",
+        metavar="DIR",
+        help="per teacher in --teacher order, its cache_teacher.py directory: the teacher is not "
+        "loaded or run ('none': it runs)",
+    )
     a(
         "--projection-cache",
         default=os.path.expanduser("~/.cache/xtoken"),
@@ -204,7 +215,19 @@ def _data_flags(p: ArgumentParser) -> None:
     )
     a("--shuffle-buffer", type=int, default=10_000, help="documents each worker shuffles")
     a("--seq-len", type=int, default=2048, help="student tokens per window")
-    a("--teacher-cap", type=int, help="teacher tokens per window (default: 2 x --seq-len)")
+    a(
+        "--teacher-window",
+        type=int,
+        default=4096,
+        help="each teacher reads each document alone, in windows of this many of its tokens "
+        "(METHOD.md 4.3: the same context whatever the student; what cache_teacher.py keeps); 0: "
+        "the student's packed window, as before",
+    )
+    a(
+        "--teacher-cap",
+        type=int,
+        help="teacher tokens per window (default: 2 x --seq-len + --teacher-window)",
+    )
     a("--num-workers", type=int, default=2, help="DataLoader workers per rank")
     # chat data (chat.py): records with messages, or prompt and completion
     a(
@@ -461,6 +484,7 @@ class Settings:
     losses: list[str]
     weights: list[float]
     projections: list[str | None]
+    caches: list[str | None]  # --teacher-cache per teacher (None: the teacher runs)
 
 
 def check_settings(args) -> Settings:
@@ -501,7 +525,20 @@ def check_settings(args) -> Settings:
             raise ValueError(f"projection file {path} is a directory: pass the W file in it")
         if path and not os.path.isfile(path):
             raise ValueError(f"projection file {path} does not exist")
-    return Settings(names, loss_names, weights, files)
+    caches = [None if c in (None, "none") else c for c in args.teacher_cache or []]
+    if len(caches) > len(names):
+        raise ValueError(
+            f"{len(caches)} --teacher-cache for {len(names)} teachers: one per teacher"
+        )
+    caches += [None] * (len(names) - len(caches))
+    for path in caches:
+        if path and not os.path.isfile(os.path.join(path, "manifest.json")):
+            raise ValueError(
+                f"--teacher-cache {path}: no manifest.json: make it with cache_teacher.py"
+            )
+    if any(caches) and not args.teacher_window:
+        raise ValueError("--teacher-cache needs the teacher's own context: --teacher-window > 0")
+    return Settings(names, loss_names, weights, files, caches)
 
 
 def per_teacher(values: list | None, n: int, default, name: str) -> list:

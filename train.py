@@ -26,6 +26,7 @@ import random
 import signal
 import sys
 import time
+import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 import blocked
+import cache_teacher
 import chat
 import losses
 import run_dir
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         job.together(attach_projections, teachers, args, student_tok, student, job.device)
         learned = [t.W for t in teachers if isinstance(t.W, losses.LearnableProjection)]
         if args.fsdp:  # each rank keeps its shard of every model (sharding.py)
-            for model in [student, *(t.model for t in teachers)]:
+            for model in [student, *(t.model for t in teachers if t.model is not None)]:
                 job.together(sharding.shard_model, model, job.cuda, model is student)
         source = job.together(data_source, args, job.master)
         # ---- what a --resume must match: the flags, each W (its content), the data's files
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         dataset = job.together(
             make_dataset, args, source, student_tok, toks, start, job.rank, job.world_size
         )
+        job.together(attach_caches, dataset, teachers, source)  # --teacher-cache
         chat.prepare_run(teachers, dataset.chat)  # chat data: W pairs the ends of turn
         job.together(lambda: job.master and run_dir.start_run(args, fingerprint))  # checks passed
         if job.master:
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         if "sharded" in resume:  # --fsdp: each rank reads its shard of weights and optimizer
             job.together(sharding.load_sharded, resume["sharded"], student, learned, optimizer)
         # ---- the forward as it runs: compiled (--compile), DDP-wrapped; the fused head
-        model = sharding.forward_model(student, [t.model for t in teachers], job, args)
+        running = [t.model for t in teachers if t.model is not None]
+        model = sharding.forward_model(student, running, job, args)
         head = None  # --fused-head: for a plain output layer, and the blocked losses only
         if args.fused_head and args.loss_impl == "blocked":
             head = FusedHead(student, job.cuda)
@@ -216,12 +220,7 @@ def train_step(args, job: Job, m: Models, micro_batches: list[dict], signalled: 
             ce = ce_term(s_logits, batch["labels"], args)  # next-token CE (METHOD.md 5.5)
             kd_terms = []
             for i, t in enumerate(m.teachers):
-                with torch.no_grad(), autocast(job):  # use_cache=False: no KV cache to drop
-                    t_logits = t.model(
-                        input_ids=batch[f"teacher_ids_{i}"],
-                        attention_mask=batch[f"teacher_mask_{i}"],
-                        use_cache=False,
-                    ).logits
+                t_logits = teacher_logits(t, batch, i, job)  # its forward, or its cache
                 kd_terms.append(kd_term(t, s_logits, t_logits, batch, i, args))
             # loss = sg(CE / KD) KD + CE (or static weights), each term times its share
             shares = [share(batch["counts"][1 + j], counts[1 + j]) for j in range(len(weights) + 1)]
@@ -276,6 +275,21 @@ def student_logits(m: Models, batch: dict, job: Job):
     return m.head(logits, job.agree) if m.head else logits
 
 
+def teacher_logits(t: Teacher, batch: dict, i: int, job: Job) -> torch.Tensor:
+    """Teacher i's logits of a micro-batch: rebuilt from its cache (cache_teacher.py, METHOD.md
+    5.7), or its forward: on rows of its own context (METHOD.md 4.3), packed, the positions
+    restarting with each row so that a row attends only to itself; with --teacher-window 0 on
+    the student's window."""
+    if t.cache is not None:
+        return cache_teacher.teacher_logits(batch, i, t.vocab)
+    if f"teacher_pos_{i}" in batch:
+        inputs = {"position_ids": batch[f"teacher_pos_{i}"]}
+    else:
+        inputs = {"attention_mask": batch[f"teacher_mask_{i}"]}
+    with torch.no_grad(), autocast(job):  # use_cache=False: no KV cache to drop
+        return t.model(input_ids=batch[f"teacher_ids_{i}"], use_cache=False, **inputs).logits
+
+
 def autocast(job: Job):
     """bf16 autocast on GPU (fp32 weights, bf16 matmuls); fp32 on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if job.cuda else nullcontext()
@@ -321,8 +335,14 @@ def kd_loss(t: Teacher, s_logits, t_logits, batch: dict, i: int, args) -> torch.
     if t.loss == "kl":  # the same tokenizer and ids: position p of both predicts one token
         if t.vocab < t_logits.shape[-1]:  # equal padded vocabularies: the padding is no target
             t_logits[..., t.vocab :] = PAD_LOGIT
+        elif t_logits.shape[-1] < t.rows:  # a cache holds the tokenizer's ids only
+            t_logits = torch.nn.functional.pad(t_logits, (0, t.rows - t.vocab), value=PAD_LOGIT)
         kl = losses.kl_loss_plain if plain else losses.kl_loss
         mask = batch["labels"] != -100
+        if f"teacher_at_{i}" in batch:  # its own context: the position that predicts the same token
+            at = batch[f"teacher_at_{i}"]
+            rows = torch.arange(len(at), device=at.device).unsqueeze(1)
+            t_logits, mask = t_logits[rows, at.clamp_min(0)], mask & (at >= 0)
         return kl(s_logits, t_logits, mask, vocab_topk=args.vocab_topk, temperature=tau)
     s_chunk, t_chunk = batch[f"student_chunk_{i}"], batch[f"teacher_chunk_{i}"]
     if t.loss == "pkl":
@@ -426,14 +446,14 @@ def load_student(args, device: torch.device):
     random.seed(args.seed)
     np.random.seed(args.seed)
     tok = load_tokenizer(args.student, trust_remote_code=args.trust_remote_code)
-    student = load_model(args.student, tok, args, torch.float32, device)
+    student = load_model(args.student, tok, args, torch.float32, device, "student")
     if args.gradient_checkpointing:
         enable = getattr(student, "activation_checkpointing_enable", None)  # transformers >= 5
         (enable or student.gradient_checkpointing_enable)()
     return tok, student
 
 
-def load_model(name: str, tok, args, dtype: torch.dtype, device: torch.device):
+def load_model(name: str, tok, args, dtype: torch.dtype, device: torch.device, role="teacher"):
     """A checkpoint directory or hub model; a random preset model for pkg: names with --preset."""
     if name.startswith("pkg:") and not os.path.isdir(name):
         if not args.preset:
@@ -441,7 +461,12 @@ def load_model(name: str, tok, args, dtype: torch.dtype, device: torch.device):
         vocab = -(-len(tok) // 64) * 64  # pad to a multiple of 64, as real models do
         arch = "qwen3" if "qwen" in name else "llama"
         shape = PRESET_SHAPES[args.preset][arch == "qwen3"]
-        with torch.device(device):  # initialised where it runs: a 4B model is slow to init on CPU
+        # initialised where it runs (a 4B model is slow to init on CPU), from its own seed: a
+        # teacher's weights do not depend on the student made before it (cache_teacher.py)
+        seed = args.seed + zlib.crc32(name.encode()) if role == "teacher" else args.seed
+        devices = [device] if device.type == "cuda" else []
+        with torch.device(device), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
             model = tiny_model(arch, vocab, args.seq_len, shape, args.attn_implementation)
             return model.to(dtype)
     model = AutoModelForCausalLM.from_pretrained(
@@ -463,6 +488,8 @@ class Teacher:
     loss: str  # a key of KD_LOSSES ("auto" until attach_projection asks the audit)
     weight: float  # alpha_m
     vocab: int  # its tokenizer's ids: output rows beyond them are padding
+    rows: int = 0  # its output rows
+    cache: cache_teacher.TeacherCache | None = None  # --teacher-cache: model is None
     w_path: str | None = None  # across tokenizers: the W file
     W: torch.Tensor | losses.LearnableProjection | None = None  # P-KL: the projection
     pairs: torch.Tensor | None = None  # GOLD, H-KL: the common set
@@ -477,11 +504,20 @@ def load_teachers(args, settings: Settings, student_tok, student, job: Job) -> l
     teachers = []
     for i, name in enumerate(settings.teachers):
         tok = load_tokenizer(name, trust_remote_code=args.trust_remote_code)
-        device = sharding.load_device(args.fsdp, job.device)
-        model = load_model(name, tok, args, dtype, device).to(device, dtype).eval()
-        model.requires_grad_(False)
-        rows = model.get_output_embeddings().weight.shape[0]
-        t = Teacher(name, tok, model, settings.losses[i], settings.weights[i], min(len(tok), rows))
+        model, cache = None, None
+        if settings.caches[i]:  # its outputs are on disk: the model is not loaded
+            cache = cache_teacher.TeacherCache(settings.caches[i], tok)
+            weights = cache_teacher.weights_identity(name, args.preset, args.seed)
+            rule = cache_teacher.rule(tok, args.teacher_window)
+            cache.check(name, tokenizer_hash(tok), weights, rule)
+            rows = cache.manifest["rows"]
+        else:
+            device = sharding.load_device(args.fsdp, job.device)
+            model = load_model(name, tok, args, dtype, device).to(device, dtype).eval()
+            model.requires_grad_(False)
+            rows = model.get_output_embeddings().weight.shape[0]
+        loss, weight = settings.losses[i], settings.weights[i]
+        t = Teacher(name, tok, model, loss, weight, min(len(tok), rows), rows, cache)
         if tokenizer_hash(tok) == tokenizer_hash(student_tok) and t.loss in ("kl", "auto"):
             if rows != student_vocab:
                 raise ValueError(
@@ -495,7 +531,8 @@ def load_teachers(args, settings: Settings, student_tok, student, job: Job) -> l
                 "another: use pkl, hkl or gold"
             )
         else:
-            trim_output_vocabulary(model, t.vocab)  # its padded rows: never a target
+            if model is not None:
+                trim_output_vocabulary(model, t.vocab)  # its padded rows: never a target
             # W: the given file, or the cache's, built by each node's first rank if missing
             t.w_path = settings.projections[i] or cached_projection(
                 args.projection_cache,
@@ -580,7 +617,8 @@ def describe(args, student, teachers: list[Teacher], world_size: int) -> None:
         f"{tokens_per_step:,} student tokens per step"
     )
     for t in teachers:
-        print(f"teacher {t.name}: loss {t.loss}, weight {t.weight}")
+        cached = f", from its cache {t.cache.directory}" if t.cache else ""
+        print(f"teacher {t.name}: loss {t.loss}, weight {t.weight}{cached}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -609,6 +647,7 @@ def make_dataset(args, source, student_tok, teacher_toks, start=None, rank=0, wo
         world_size=world_size,
         start=start,
         teacher_cap=args.teacher_cap,
+        teacher_window=args.teacher_window,
         repeat=True,
         data_config=args.data_config,
         split=args.split,
@@ -620,6 +659,19 @@ def make_dataset(args, source, student_tok, teacher_toks, start=None, rank=0, wo
     templates = args.student_chat_template, args.teacher_chat_template, args.assistant_only
     dataset.chat = chat.setup(dataset, *templates)  # None: no conversation in the data
     return dataset
+
+
+def attach_caches(dataset: AlignedWindows, teachers: list[Teacher], source: str) -> None:
+    """The cached teachers' outputs, read by the DataLoader workers with the windows: made for
+    these documents (the data's files), and documents only (conversations are read online)."""
+    if not any(t.cache for t in teachers):
+        return
+    if dataset.chat is not None:
+        raise ValueError("--teacher-cache holds documents; chat data is read with the teacher run")
+    for t in teachers:
+        if t.cache is not None:
+            t.cache.check_data(run_dir.data_files(source))
+    dataset.caches = [t.cache for t in teachers]
 
 
 def first_positions_only(chunk: torch.Tensor) -> torch.Tensor:
@@ -652,7 +704,9 @@ def prepare_batch(batch: dict, teachers: list[Teacher], chunk_merge: str) -> dic
             s_chunk, t_chunk = first_positions_only(s_chunk), first_positions_only(t_chunk)
             out[f"student_chunk_{i}"], out[f"teacher_chunk_{i}"] = s_chunk, t_chunk
         valid, union = chunk_counts(s_chunk, t_chunk)
-        counts.append(labelled if t.loss == "kl" else valid)
+        if t.loss == "kl" and f"teacher_at_{i}" in out:  # the positions KL is a mean over
+            valid = int(((out[f"teacher_at_{i}"] >= 0) & (out["labels"] != -100)).sum())
+        counts.append(labelled if t.loss == "kl" and f"teacher_at_{i}" not in out else valid)
         valid_union += [valid, union]
     out["counts"] = torch.tensor(counts, dtype=torch.float64)
     out["valid_union"] = torch.tensor(valid_union, dtype=torch.float64)
