@@ -50,16 +50,16 @@ import torch
 
 import cli
 import run_dir
+from align import token_spans
 from data import (
     DocumentSource,
     _body,
     _own_prefix,
     _parts,
     documents,
-    make_tiny_corpus,
     resolve_files,
 )
-from flags import PRESETS
+from flags import PRESETS, make_tiny_corpus
 from tokens import load_tokenizer, tokenizer_hash
 
 FORMAT = 1
@@ -309,7 +309,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--attn-implementation", help="transformers' attention kernel (default: its choice)")
     a("--trust-remote-code", action="store_true", help="run a hub model's own code")
     a("--max-documents", type=cli.int_flag(1), help="the first N documents only")
-    a("--batch-tokens", type=cli.int_flag(1), default=16384, help="teacher tokens per forward")
+    a("--batch-tokens", type=cli.int_flag(1), default=4096, help="teacher tokens per forward")
     a("--shard-documents", type=cli.int_flag(1), default=1000, help="documents per shard")
     args = p.parse_args(argv)
     if args.preset:
@@ -434,7 +434,7 @@ class Writer:
         self.args, self.manifest, self.tok, self.model, self.job = args, manifest, tok, model, job
         self.prefix = [int(x) for x in _own_prefix(tok)]
         self.dtype = record_dtype(args.topk, manifest["dtype"], manifest["vocab"])
-        self.tokens = self.bytes = 0
+        self.tokens = self.bytes = self.documents = self.forwarded = 0
 
     def run(self, source: str) -> None:
         args, job = self.args, self.job
@@ -442,7 +442,8 @@ class Writer:
             source, resolve_files(source), args.text_field, args.data_config, args.split,
             False, 0, 0,
         )  # fmt: skip
-        shard, done, batch, started, skipped = 0, 0, [], time.perf_counter(), 0
+        shard, batch, skipped = 0, [], 0
+        self.started = time.perf_counter()
         for g, (_, text) in enumerate(documents(src, 0, 0, 1, Counter())):  # in file order
             if args.max_documents and g >= args.max_documents:
                 break
@@ -455,22 +456,14 @@ class Writer:
             if len(batch) == args.shard_documents:
                 self.shard(shard, batch)
                 shard, batch = shard + 1, []
-            done += 1
-            if job.master and done % 50 == 0:
-                rate = self.tokens / max(time.perf_counter() - started, 1e-9)
-                print(
-                    f"\r{done} documents, {self.tokens:,} teacher tokens ({rate:,.0f}/s), "
-                    f"{self.bytes / 2**20:,.1f} MiB written",
-                    end="",
-                    file=sys.stderr,
-                )
         if batch:
             self.shard(shard, batch)
         if skipped:
             print(f"warning: {skipped} conversations skipped: a cache holds documents (chat data "
                   "is read online)", file=sys.stderr)  # fmt: skip
         if job.master:
-            rate = self.tokens / max(time.perf_counter() - started, 1e-9)
+            rate = self.forwarded / max(time.perf_counter() - self.started, 1e-9)
+            print(file=sys.stderr)  # after the progress line
             print(
                 f"cached {self.tokens:,} teacher tokens ({rate:,.0f}/s) into "
                 f"{self.args.out}: {self.bytes / 2**20:,.1f} MiB, "
@@ -483,21 +476,47 @@ class Writer:
         stem = os.path.join(self.args.out, f"shard-{self.job.rank:05d}-{n:06d}")
         if os.path.exists(stem + ".json"):
             return
-        docs, records, at = [], [], 0  # at: the shard's records so far
+        docs, records, rows, at = [], [], [], 0  # at: the shard's records so far
         for text in texts:
             first, parts = at, []
             for offset, part in _parts(text):
-                part_records, windows = self.part(part, text, offset)
-                crcs = [zlib.crc32(w.tobytes()) for w in windows]
-                parts.append([offset, at - first, len(part_records), crcs])
-                records.append(part_records)
+                part_records, part_rows = self.part(part, text, offset)
+                parts.append([offset, at - first, len(part_records), part_rows])
+                records.append(part_records)  # one per part, in the order of `parts`
+                rows += [(part_records, a, b) for a, b in part_rows]
                 at += len(part_records)
             docs.append([document_key(text), first, parts])
+        batch = []  # the teacher windows of the whole shard, --batch-tokens at a time
+        for row in rows:
+            batch.append(row)
+            if sum(len(self.prefix) + b - a for _, a, b in batch) >= self.args.batch_tokens:
+                self.forward(batch)
+                batch = []
+        if batch:
+            self.forward(batch)
+        parts = (part for doc in docs for part in doc[2])
+        for part, part_records in zip(parts, records):  # each teacher window's checksum
+            part[3] = [zlib.crc32(part_records[a:b].tobytes()) for a, b in part[3]]
         array = np.concatenate(records) if records else np.zeros(0, self.dtype)
         header = self.write_records(stem + ".npy", array)
         index = {"records": len(array), "header": header, "documents": docs}
         cli.atomic_write(stem + ".json", lambda f: f.write(json.dumps(index).encode()))
         self.bytes += array.nbytes
+        self.progress(len(texts))
+
+    def progress(self, documents: int = 0) -> None:
+        """The progress line (after each forward): documents done, teacher tokens through the
+        teacher and their rate, bytes written."""
+        self.documents += documents
+        if self.job.master:
+            rate = self.forwarded / max(time.perf_counter() - self.started, 1e-9)
+            print(
+                f"\r{self.documents:,} documents, {self.forwarded:,} teacher tokens ({rate:,.0f}/s "
+                f"on this rank), {self.bytes / 2**20:,.1f} MiB written",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def write_records(self, path: str, array: np.ndarray) -> int:
         """The records as a .npy file (atomically); the header's size."""
@@ -512,69 +531,69 @@ class Writer:
         return header[0]
 
     def part(self, part: str, document: str, offset: int):
-        """The records of one document part's teacher tokens, and the records of each teacher
-        window (for their checksums)."""
-        from align import token_spans
-
+        """The records of one document part's teacher tokens (ids and byte offsets filled in),
+        and its teacher windows [a, b) (METHOD.md 4.3)."""
         spans = _body(token_spans(self.tok, part))
-        ids, n, L = np.asarray(spans.ids, np.int64), len(spans.ids), self.args.teacher_window
+        n, window = len(spans.ids), self.args.teacher_window
         base = len(document[:offset].encode("utf-8", "surrogatepass"))
         records = np.zeros(n, self.dtype)
-        records["token"] = ids
+        records["token"] = spans.ids
         records["start"] = base + spans.start
         if "rest" in self.dtype.names:
             records["rest"] = np.nan  # a token no position predicts (a window's first, no prefix)
-        rows = [(w * L, min((w + 1) * L, n)) for w in range(math.ceil(n / L))]
-        budget, pending = self.args.batch_tokens, []
-        for a, b in rows:
-            pending.append((a, b))
-            if sum(len(self.prefix) + y - x for x, y in pending) >= budget:
-                self.forward(pending, ids, records)
-                pending = []
-        if pending:
-            self.forward(pending, ids, records)
         self.tokens += n
-        return records, [records[a:b] for a, b in rows]
+        return records, [(w * window, min((w + 1) * window, n)) for w in range(-(-n // window))]
+
+    def distributions(self, logits: torch.Tensor) -> dict[str, np.ndarray]:
+        """What a record keeps of the logits [n, |V_T|] of n positions (METHOD.md 5.7)."""
+        k = self.args.topk
+        if k == 0:
+            return {"logits": logits.cpu().numpy()}
+        # top-K log p, lse, and the rest's log-mass, summed over the other ids (no cancellation);
+        # in place: one exp over the vocabulary
+        top, top_ids = logits.topk(k, dim=-1)
+        e = logits.sub_(top[:, :1]).exp_()  # exp(z - max z)
+        total = e.sum(-1)
+        lse = top[:, 0] + total.log()
+        rest = e.scatter_(-1, top_ids, 0.0).sum(-1).log() - total.log()
+        top = (top - lse.unsqueeze(-1)).cpu().numpy()
+        values = {"lse": lse.cpu().numpy(), "rest": rest.cpu().numpy()}
+        if self.manifest["dtype"] == "packed":
+            return values | {"top": pack(top_ids.cpu().numpy(), top)}
+        return values | {"ids": top_ids.cpu().numpy(), "logp": top}
 
     @torch.no_grad()
-    def forward(self, rows: list[tuple[int, int]], ids: np.ndarray, records: np.ndarray) -> None:
-        """One forward over teacher windows packed into one sequence (positions restart at each:
-        a window attends only to itself, as train.py's online teacher), into their records."""
+    def forward(self, rows: list[tuple[np.ndarray, int, int]]) -> None:
+        """One forward over teacher windows (records, a, b) packed into one sequence (positions
+        restart at each: a window attends only to itself, as train.py's online teacher); each
+        position's distribution goes into the record of the token it predicts."""
         prefix, device = self.prefix, self.job.device
-        seq = np.concatenate([np.concatenate([prefix, ids[a:b]]) for a, b in rows]).astype(np.int64)
-        pos = np.concatenate([np.arange(len(prefix) + b - a) for a, b in rows])
+        seq = np.concatenate([np.concatenate([prefix, r["token"][a:b]]) for r, a, b in rows])
+        pos = np.concatenate([np.arange(len(prefix) + b - a) for _, a, b in rows])
         autocast = torch.autocast("cuda", torch.bfloat16) if self.job.cuda else nullcontext()
         with autocast:
             logits = self.model(
-                input_ids=torch.as_tensor(seq, device=device)[None],
+                input_ids=torch.as_tensor(seq.astype(np.int64), device=device)[None],
                 position_ids=torch.as_tensor(pos, device=device)[None],
                 use_cache=False,
             ).logits[0]
-        logits = logits.float()
-        at, targets, starts = 0, [], []
-        for a, b in rows:  # position (prefix + j - 1) of a row predicts its token a + j
-            first = 0 if prefix else 1
-            targets.append(np.arange(a + first, b))
-            starts.append(at + len(prefix) + first - 1 + np.arange(b - a - first))
+        first = 0 if prefix else 1  # position (prefix + j - 1) of a row predicts its token a + j
+        at, where = 0, []
+        for _, a, b in rows:
+            where.append(at + len(prefix) + first - 1 + np.arange(b - a - first))
             at += len(prefix) + b - a
-        targets, where = np.concatenate(targets), torch.as_tensor(np.concatenate(starts))
-        logits = logits[where.to(device)]
-        k = self.args.topk
-        if k == 0:
-            records["logits"][targets] = logits.cpu().numpy()
-            return
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        logp = logits - lse
-        records["lse"][targets] = lse[:, 0].cpu().numpy()
-        top, top_ids = logp.topk(k, dim=-1)
-        rest = torch.logsumexp(logp.scatter(-1, top_ids, float("-inf")), dim=-1)
-        records["rest"][targets] = rest.cpu().numpy()
-        top, top_ids = top.cpu().numpy(), top_ids.cpu().numpy()
-        if self.manifest["dtype"] == "packed":
-            records["top"][targets] = pack(top_ids, top)
-        else:
-            records["ids"][targets] = top_ids
-            records["logp"][targets] = top
+        where = torch.as_tensor(np.concatenate(where), device=device)
+        values = [self.distributions(logits[where[i : i + 1024]].float()) for i in
+                  range(0, len(where), 1024)]  # fmt: skip
+        values = {key: np.concatenate([v[key] for v in values]) for key in values[0]}
+        at = 0
+        for records, a, b in rows:
+            n = b - a - first
+            for key, value in values.items():
+                records[key][a + first : b] = value[at : at + n]
+            at += n
+        self.forwarded += len(seq)
+        self.progress()
 
 
 if __name__ == "__main__":

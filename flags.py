@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import math
 import os
+import random
 import sys
 from dataclasses import dataclass
 
@@ -563,3 +565,53 @@ def tiny_model(
     if arch == "qwen3":
         return Qwen3ForCausalLM(Qwen3Config(**config))
     return LlamaForCausalLM(LlamaConfig(**config))
+
+
+def make_tiny_corpus(path: str, n_docs: int = 300, seed: int = 0) -> str:
+    """The tiny preset's corpus (and the tests'), deterministic: path/part-000.jsonl with prose,
+    numbers, code, CJK, emoji and accents (precomposed and combining), a few long documents, and a
+    few bad records; path/note.txt, path/empty.txt and path/latin1.txt (invalid UTF-8)."""
+    rng = random.Random(seed)
+    cities = ["Paris", "Zürich", "São Paulo", "東京", "서울", "Kraków", "Reykjavík"]
+    items = ["apple", "café au lait", "résumé", "naïve idea", "jalapen\u0303o", "cre\u0300me"]
+
+    def doc(long_ok: bool = True) -> str:
+        year, n, price = rng.randint(1900, 2030), rng.randint(2, 5000), rng.uniform(0.5, 999)
+        a, b = rng.randint(0, 999), rng.randint(0, 999)
+        kind = rng.randrange(5 if long_ok else 4)
+        if kind == 0:
+            return (
+                f"In {year}, {rng.choice(cities)} sold {n} units of {rng.choice(items)} at "
+                f"${price:,.2f} each, {rng.uniform(0, 99):.1f}% more than in {year - 1}."
+            )
+        if kind == 1:
+            return (
+                f"def add_{a}(x):\n    return x + {b}  # {a} + {b} = {a + b}\n\nprint(add_{a}({n}))"
+            )
+        if kind == 2:
+            return f"{year}年、東京の人口は{n}万人でした。价格是{price:.2f}元。😀 {a}+{b}={a + b}"
+        if kind == 3:
+            family = "\U0001f469\u200d\U0001f469\u200d\U0001f467"  # a ZWJ sequence
+            return f"{family} in {rng.choice(cities)} 🇫🇷🇯🇵:\r\n\t{a} × {b} = {a * b}  "
+        return "\n\n".join(doc(False) for _ in range(rng.randint(20, 40)))  # a long document
+
+    os.makedirs(path, exist_ok=True)
+    lines = [json.dumps({"text": doc()}, ensure_ascii=False).encode() for _ in range(n_docs)]
+    bad = [
+        b'{"text": ""}',
+        b'{"text": "  \\n\\t "}',
+        b'{"title": "no text"}',
+        b"not json",
+        b'{"text": "caf\xe9 in latin-1"}',
+        b"",
+    ]
+    for k, line in enumerate(bad):
+        lines.insert((k + 1) * len(lines) // (len(bad) + 1), line)
+    with open(os.path.join(path, "part-000.jsonl"), "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+    with open(os.path.join(path, "note.txt"), "w", encoding="utf-8") as f:
+        f.write("A plain text note: 201 cats, 3.14159, naïve cafe\u0301.\n")
+    open(os.path.join(path, "empty.txt"), "wb").close()
+    with open(os.path.join(path, "latin1.txt"), "wb") as f:
+        f.write("Déjà vu in 1999: 42 €.".encode("latin-1", errors="replace"))
+    return path

@@ -44,8 +44,8 @@ import run_dir
 import sharding
 from audit import audit
 from build_projection import cached_projection, hkl_pairs, load_projection
-from data import REASONS, AlignedWindows, advance_state, collate, issue_counts, make_tiny_corpus
-from flags import PRESET_SHAPES, Settings, check_settings, parse_args, tiny_model
+from data import REASONS, AlignedWindows, advance_state, collate, issue_counts
+from flags import PRESET_SHAPES, Settings, check_settings, make_tiny_corpus, parse_args, tiny_model
 from fused_head import FusedHead
 from run_dir import STOP_SIGNALS, Job, RunError
 from tokens import load_tokenizer, tokenizer_hash

@@ -841,7 +841,8 @@ def worker(spec: dict) -> None:
     save()
 
     sys.path.insert(0, ROOT)
-    from data import AlignedWindows, collate, make_tiny_corpus
+    from data import AlignedWindows, collate
+    from flags import make_tiny_corpus
     from tokens import load_tokenizer
 
     mode = MODES[spec["mode"]]

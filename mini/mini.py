@@ -577,6 +577,9 @@ def train_job(
         "--keep-last": "1",
         "--log-every": "50",
         "--seed": str(seed),
+        # MINI.md's table was made with the teacher reading the student's packed window, before
+        # the teacher's own context (METHOD.md 4.3) became the default: kept until it is remade
+        "--teacher-window": "0",
     }
     cmd = [sys.executable, os.path.join(ROOT, "train.py")]
     cmd += [word for flag, value in flags.items() for word in (flag, value)]

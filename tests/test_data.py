@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import data
-from data import AlignedWindows, advance_state, collate, issue_counts, make_tiny_corpus
+from data import AlignedWindows, advance_state, collate, issue_counts
+from flags import make_tiny_corpus
 from tokens import end_of_document_id, token_bytes, tokenizer_hash
 
 
