@@ -157,8 +157,10 @@ def train(args, job: Job, m: Models, batches, resume: dict, fingerprint: dict) -
             scale = lr_scale(step, args)  # warm-up, then cosine
             for group in m.optimizer.param_groups:
                 group["lr"] = group["base_lr"] * scale
-            micro_batches, data_state = step_batches(batches, data_state, m.teachers, args)
-            sums, counts, grad_norm, bad = train_step(args, job, m, micro_batches, signalled)
+            micro_batches, data_state, problem = step_batches(batches, data_state, m.teachers, args)
+            sums, counts, grad_norm, bad = train_step(
+                args, job, m, micro_batches, signalled, problem
+            )
             step += 1
             if step == resume.get("step", 0) + 1:  # AdamW's state exists from here on
                 sharding.report_state_bytes(m.student, m.optimizer, job, log.note)
@@ -202,14 +204,14 @@ def train(args, job: Job, m: Models, batches, resume: dict, fingerprint: dict) -
 N_STEP_SUMS = 4  # loss, ce, kd, kd_scale; then per teacher its KD term, valid and union chunks
 
 
-def train_step(args, job: Job, m: Models, micro_batches: list[dict], signalled: list):
+def train_step(args, job: Job, m: Models, micro_batches: list[dict], signalled: list, problem=None):
     """One optimizer step over the step's micro-batches on every rank (METHOD.md 5.5). Returns the
     step's sums over all ranks (on the device: loss, CE, KD, the applied scale, each teacher's KD,
     its valid and union chunks, whether a rank was asked to stop), its counts, the gradient norm,
     and whether the update was skipped (a non-finite loss or gradient on some rank)."""
     # The objective is a mean over the whole step (every micro-batch, every rank): each micro-
     # batch's terms enter times their share of the step's targets, counted from the batches alone.
-    counts = step_counts(micro_batches, len(m.teachers), job, args)
+    counts = step_counts(micro_batches, len(m.teachers), job, args, problem)
     weights = [t.weight for t in m.teachers]
     sums = torch.zeros(N_STEP_SUMS + 3 * len(m.teachers) + 1, device=job.device)
     for micro, batch in enumerate(micro_batches):
@@ -370,29 +372,38 @@ def kd_loss(t: Teacher, s_logits, t_logits, batch: dict, i: int, args) -> torch.
 # ----------------------------------------------------------------------------- a step's batches
 
 
-def step_batches(batches, data_state, teachers: list[Teacher], args) -> tuple[list[dict], dict]:
+def step_batches(batches, data_state, teachers: list[Teacher], args):
     """The step's --grad-accum micro-batches, prepared on the host (fewer where this rank's data
-    ran out), and where the data continues after them (a checkpoint's resume point)."""
+    ran out), where the data continues after them (a checkpoint's resume point), and the line of
+    a teacher cache's error (a missing document, a damaged shard), else None."""
     micro_batches = []
     for _ in range(args.grad_accum):
-        batch = next(batches, None)
+        try:
+            batch = next(batches, None)
+        except cache_teacher.CacheError as e:  # a worker's error arrives with its traceback
+            message = str(e).strip().splitlines()[-1].removeprefix("cache_teacher.CacheError: ")
+            return micro_batches, data_state, message
         if batch is None:  # this rank's share of the data is empty
             break
         data_state = advance_state(data_state, batch)  # where to resume after this batch
         micro_batches.append(prepare_batch(batch, teachers, args.chunk_merge))
-    return micro_batches, data_state
+    return micro_batches, data_state, None
 
 
-def step_counts(micro_batches: list[dict], n_teachers: int, job: Job, args) -> torch.Tensor:
+def step_counts(micro_batches: list[dict], n_teachers: int, job: Job, args, problem=None):
     """[student tokens, labelled tokens, then per teacher the targets its KD term averages] over
-    the whole step: all micro-batches, all ranks (read from the host batches)."""
+    the whole step: all micro-batches, all ranks (read from the host batches). A rank's data
+    problem (`problem`, one line) stops every rank with it."""
     n = 2 + n_teachers
-    counts = torch.zeros(n + 1, dtype=torch.float64)
-    counts[-1] = len(micro_batches) < args.grad_accum  # a rank whose data ran out
-    counts[:-1] = sum((b["counts"] for b in micro_batches), counts[:-1])
+    counts = torch.zeros(n + 2, dtype=torch.float64)
+    counts[-2] = problem is not None
+    counts[-1] = len(micro_batches) < args.grad_accum and not problem  # its data ran out
+    counts[:-2] = sum((b["counts"] for b in micro_batches), counts[:-2])
     counts = counts.to(job.device)
     if job.ddp:
         dist.all_reduce(counts)
+    if int(counts[-2]):  # every rank knows: the one with the problem tells them what it is
+        raise RunError(job.agree(problem))
     ran_out = int(counts[-1])
     if ran_out:
         raise RunError(
@@ -400,7 +411,7 @@ def step_counts(micro_batches: list[dict], n_teachers: int, job: Job, args) -> t
             f"DataLoader workers ({job.world_size} x {max(args.num_workers, 1)}): "
             "lower --num-workers, use fewer ranks, or add documents"
         )
-    return counts[:-1]
+    return counts[:-2]
 
 
 def step_record(args, job, m: Models, step, sums, counts, grad_norm, skipped, started) -> dict:

@@ -301,3 +301,15 @@ def test_cached_windows_collate_and_rebuild_the_logits_train_reads(docs, caches,
     logits = cache_teacher.teacher_logits(batch, 0, len(qwen))
     assert logits.shape[:2] == batch["teacher_chunk_0"].shape and logits.shape[-1] == len(qwen)
     assert "teacher_ids_0" not in batch  # nothing for a forward
+
+
+def test_training_on_a_document_the_cache_lacks_stops_in_one_line(tmp_path, cache, docs, capsys):
+    """A cache of the first 2 documents, a run over all 3 (from a DataLoader worker): exit 2 with
+    the cache's line, not a traceback and not the teacher run in its place."""
+    partial = make_cache(tmp_path / "c", docs, "pkg:qwen3", "--topk", "4", "--max-documents", "2")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "run", cache, docs, "--teacher-cache", partial, "--num-workers", "1")
+    assert e.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "has no document" in err[0], err
