@@ -313,3 +313,43 @@ def test_training_on_a_document_the_cache_lacks_stops_in_one_line(tmp_path, cach
     assert e.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(err) == 1 and "has no document" in err[0], err
+
+
+def torchrun(script: str, port: int, *argv: str) -> None:
+    """A 2-process torchrun job on CPU (gloo) that must succeed."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    cmd += [f"--master_port={port}", os.path.join(ROOT, script), *argv]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+
+
+def test_two_ranks_split_the_pass_and_train_from_it_under_ddp(tmp_path, cache, docs, caches, qwen):
+    """torchrun: each rank caches its documents into its own shards (the same distributions as
+    one process's), and a 2-rank DDP run from that cache logs what the 2-rank online run logs."""
+    out = str(tmp_path / "c2")
+    torchrun("cache_teacher.py", 29531, "--preset", "tiny", "--teacher", "pkg:qwen3", "--data",
+             docs, "--out", out, "--topk", "0")  # fmt: skip
+    two, one = (
+        cache_teacher.TeacherCache(out, qwen),
+        cache_teacher.TeacherCache(caches["qwen3"], qwen),
+    )
+    assert sorted({os.path.basename(p).split("-")[1] for p, _, _ in two.shards}) == [
+        "00000",
+        "00001",
+    ]
+    for text in DOCS:
+        ids = qwen(text, add_special_tokens=False)["input_ids"]
+        tokens = np.arange(1, len(ids))
+        a, b = (c.read(text, 0, tokens, ids)["cache_logits"] for c in (one, two))
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    ddp = ["--preset", "tiny", "--data", docs, "--max-steps", "2", "--save-every", "0",
+           "--num-workers", "0", "--projection-cache", cache]  # fmt: skip
+    torchrun("train.py", 29533, *ddp, "--out-dir", str(tmp_path / "online"))
+    torchrun("train.py", 29535, *ddp, "--out-dir", str(tmp_path / "cached"), "--teacher-cache", out)
+    online, cached = read_metrics(tmp_path / "online"), read_metrics(tmp_path / "cached")
+    assert_same_run(online, cached, ["pkg:qwen3"])
