@@ -17,11 +17,15 @@ aligned with every teacher (align.py, METHOD.md section 4), tokenized inside Dat
 - A window (packing, the default): the student's own leading special tokens (Llama: BOS), then
   consecutive documents, each followed by the student's end-of-document token, up to `seq_len`
   tokens; a long document continues in the next window. Each document piece (segment) is cut where
-  the student has an exact token boundary on a character boundary. Every teacher tokenizes exactly
-  each segment's text and gets its own leading special tokens and its own end-of-document token;
-  a same-tokenizer teacher gets the student's ids. Chunks never cross a segment; separators and
-  special tokens belong to no chunk; a chunk holding a side's first token (no predictor position)
-  is dropped on both sides. `pack=False`: one document per window.
+  the student has an exact token boundary on a character boundary. `teacher_window=L` (train.py's
+  default): every teacher reads each document alone, in windows of L of its own tokens, whatever
+  the student (METHOD.md 4.3): a segment's teacher side is the rows [its prefix, the part's
+  teacher tokens from a window's start to the segment's end], and the chunk a student cut runs
+  through is dropped. `teacher_window=None` (the old rule): every teacher tokenizes exactly each
+  segment's text, with its own leading special tokens and end-of-document token, in the student's
+  window. A same-tokenizer teacher gets the student's ids. Chunks never cross a segment;
+  separators and special tokens belong to no chunk; a chunk holding a side's first token (no
+  predictor position) is dropped on both sides. `pack=False`: one document per window.
 - Chat records (`messages`, or `prompt` and `completion`) are conversations, packed as documents
   are; chat.py renders each in every side's own chat template and cuts it (METHOD.md 4.2).
 - Sharding: document i of the epoch's stream belongs to rank i % world_size and, within the rank,
@@ -608,7 +612,11 @@ class AlignedWindows(IterableDataset):
     student_chunk_i [T], teacher_ids_i [Ti], teacher_chunk_i [Ti] (chunk ids after the predictor
     shift, -1 = none); position [7] = (rank, world_size, worker, num_workers, epoch, document,
     character) where this worker's NEXT window starts (document -1: the epoch's start); issues
-    [len(REASONS)] = this worker's counts so far.
+    [len(REASONS)] = this worker's counts so far. With `teacher_window` (the teacher's own
+    context) also teacher_pos_i [Ti] (position ids, restarting with each row) and, for a
+    same-tokenizer teacher, teacher_at_i [T] (the teacher position that predicts the student's
+    next token, -1 = none); with a teacher cache (`caches`, train.py --teacher-cache) the cached
+    distributions of the positions in chunks (cache_*_i) instead of teacher_ids_i.
     `repeat=True` streams forever (epoch after epoch), as a trainer with --max-steps wants.
     Conversations (chat records) are cut and aligned by `chat`, a chat.Chat that train.py sets
     (chat.setup) when the data holds them; without it a conversation is counted and skipped.
