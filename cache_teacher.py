@@ -300,7 +300,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--topk", type=cli.int_flag(0), default=64, help="log-probs kept per token; 0: all, fp32")
     a("--dtype", choices=DTYPES, default="packed", help="how the top-K entries are stored")
     a("--teacher-window", type=cli.int_flag(2), help="teacher tokens per context window "
-      "(METHOD.md 4.3; train.py's default: 4096, the tiny preset's 128)")  # fmt: skip
+      "(METHOD.md 4.3; train.py's default: 2048, the tiny preset's 128)")  # fmt: skip
     a("--preset", choices=sorted(PRESETS), help="a random teacher with the real tokenizer")
     a("--seed", type=int, default=1337, help="a preset teacher's weights (train.py's --seed)")
     a("--text-field", default="text", help="the records' text field")
@@ -325,7 +325,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def default_window(preset: str | None) -> int:
     """--teacher-window's default, the same in train.py (flags.py)."""
-    return PRESETS.get(preset or "", {}).get("teacher_window", 4096)
+    return PRESETS.get(preset or "", {}).get("teacher_window", 2048)
 
 
 def rule(tok, window: int) -> dict:

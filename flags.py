@@ -220,7 +220,7 @@ def _data_flags(p: ArgumentParser) -> None:
     a(
         "--teacher-window",
         type=int,
-        default=4096,
+        default=2048,
         help="each teacher reads each document alone, in windows of this many of its tokens "
         "(METHOD.md 4.3: the same context whatever the student; what cache_teacher.py keeps); 0: "
         "the student's packed window, as before",
