@@ -29,9 +29,9 @@ KD_LOSS_NAMES = ("pkl", "hkl", "gold", "uld", "kl")
 # (The tables below opt out of the formatter: as sentences they read; one value a line, they don't.)
 RESUME_KEYS = (
     "student", "teacher", "loss", "teacher_weight", "learn_projection", "seq_len", "batch_size",
-    "grad_accum", "chunk_merge", "kd_scaling", "kd_weight", "ce_weight", "preset", "data",
-    "data_config", "split", "pack", "shuffle", "shuffle_buffer", "seed", "vocab_topk", "uld_topk",
-    "hkl_threshold", "temperature", "lr", "pkl_floor", "text_field",
+    "grad_accum", "chunk_merge", "kd_scaling", "kd_scale_max", "kd_weight", "ce_weight", "preset",
+    "data", "data_config", "split", "pack", "shuffle", "shuffle_buffer", "seed", "vocab_topk",
+    "uld_topk", "hkl_threshold", "temperature", "lr", "pkl_floor", "text_field",
     "assistant_only", "student_chat_template", "teacher_chat_template", "teacher_window",
     "teacher_cache",
 )  # fmt: skip
@@ -40,7 +40,7 @@ RESUME_KEYS = (
 # Settings added since: what a run that predates them did (so that it can still be resumed).
 OLDER_DEFAULTS = {
     "pkl_floor": "clamp", "assistant_only": True, "student_chat_template": None,
-    "teacher_chat_template": None, "teacher_window": 0, "teacher_cache": None,
+    "teacher_chat_template": None, "teacher_window": 0, "teacher_cache": None, "kd_scale_max": 0.0,
 }  # fmt: skip
 # Settings that name files or directories: a config file's "~/x" is expanded as a shell would
 PATH_SETTINGS = (
@@ -98,6 +98,7 @@ RANGES = {
     "num_workers": (lambda v: v >= 0, "0 or more"),
     "teacher_weight": (lambda v: v >= 0, "0 or more"),
     "kd_weight": (lambda v: v >= 0, "0 or more"),
+    "kd_scale_max": (lambda v: v >= 0, "0 (no cap) or more"),
     "ce_weight": (lambda v: v >= 0, "0 or more"),
     "temperature": (lambda v: v > 0, "positive"),
     "vocab_topk": (lambda v: v >= 0, "0 (all ids) or more"),
@@ -162,6 +163,12 @@ def _objective_flags(p: ArgumentParser) -> None:
         choices=["dynamic", "static"],
         default="dynamic",
         help="dynamic: sg(CE/KD) KD + CE; static: --kd-weight KD + --ce-weight CE",
+    )
+    a(
+        "--kd-scale-max",
+        type=float,
+        default=0.0,
+        help="dynamic scaling's cap on CE/|KD| (0: none); METHOD.md 5.5",
     )
     a("--kd-weight", type=float, default=1.0, help="static scaling's KD weight")
     a("--ce-weight", type=float, default=1.0, help="static scaling's CE weight")

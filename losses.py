@@ -30,6 +30,7 @@ The tests check the two against each other and against float64 loops written fro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -385,6 +386,7 @@ def objective(
     dynamic: bool = True,
     kd_weight: float = 1.0,
     ce_weight: float = 1.0,
+    max_scale: float = math.inf,
 ) -> tuple[Tensor, Tensor]:
     """The training loss of one micro-batch (5.5, 5.6) and the KD scale applied in it.
 
@@ -393,7 +395,8 @@ def objective(
     (every micro-batch and rank), so each term enters times its `shares` entry (CE's, then each
     teacher's): the micro-batch's part of the step's count of that term's targets (None: 1, the
     micro-batch is the step). The scale comes from this micro-batch's means: no second pass, no
-    communication.
+    communication. max_scale caps the dynamic scale (5.5: a student that nearly matches its teacher
+    has KD -> 0, and CE / KD would let KD's gradient drown CE's).
     """
     if len(kd_terms) != len(weights):
         raise ValueError(f"{len(kd_terms)} KD terms but {len(weights)} weights")
@@ -405,10 +408,12 @@ def objective(
         # loss = kd_weight * KD + ce_weight * CE
         scale = torch.as_tensor(kd_weight, dtype=kd.dtype, device=kd.device)
         return scale * kd + ce_weight * (ce * shares[0]), scale
-    # loss = sg(CE / KD) * KD + CE: its value is 2 CE, and the KD gradient is scaled by CE / KD;
-    # the scale is 1 where KD <= 0 (a negative KD would flip the sign of its gradient)
-    kd_value, ce_value = kd_mean.detach(), ce.detach()
-    scale = torch.where(kd_value > 0, ce_value / kd_value, torch.ones_like(kd_value))
+    # loss = sg(min(CE / |KD|, max_scale)) * KD + CE: the KD gradient is scaled by CE / |KD| (the
+    # absolute value: GOLD's and H-KL's unrenormalized chunk means can make KD negative, and a
+    # negative scale would flip its gradient), at most max_scale; the scale is 1 where KD = 0
+    kd_value, ce_value = kd_mean.detach().abs(), ce.detach()
+    scale = (ce_value / kd_value).clamp(max=max_scale)
+    scale = torch.where(kd_value > 0, scale, torch.ones_like(kd_value))
     return scale * kd + 1.0 * (ce * shares[0]), scale
 
 

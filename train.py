@@ -233,6 +233,7 @@ def train_step(args, job: Job, m: Models, micro_batches: list[dict], signalled: 
                 shares=shares,
                 dynamic=args.kd_scaling == "dynamic",
                 kd_weight=args.kd_weight,
+                max_scale=args.kd_scale_max or math.inf,
                 ce_weight=args.ce_weight,
             )
             (loss * job.world_size).backward()  # DDP averages gradients over ranks; we want the sum

@@ -630,14 +630,30 @@ def test_dynamic_scaling_scales_the_gradient_of_real_losses():
     torch.testing.assert_close(grads(total, s)[0], expected, rtol=1e-12, atol=1e-14)
 
 
-def test_dynamic_scale_is_one_when_kd_is_zero_or_negative():
+def test_dynamic_scale_is_one_at_zero_kd_and_ce_over_abs_kd_below_it():
     ce = torch.tensor(2.0)
-    for value in (0.0, -0.5):
-        kd = torch.tensor(value, requires_grad=True)
-        total = combined(ce, [kd], [1.0])
-        assert torch.equal(total, ce + kd.detach())
-        assert grads(total, kd)[0] == 1.0
+    kd = torch.tensor(0.0, requires_grad=True)
+    total = combined(ce, [kd], [1.0])
+    assert torch.equal(total, ce + kd.detach()) and grads(total, kd)[0] == 1.0
+    # a negative KD (GOLD's, H-KL's unrenormalized chunk means) keeps its gradient's sign: the
+    # scale is CE / |KD| = 2 / 0.5, positive
+    kd = torch.tensor(-0.5, requires_grad=True)
+    total = combined(ce, [kd], [1.0])
+    assert grads(total, kd)[0] == pytest.approx(4.0)
+    assert total.item() == pytest.approx(4.0 * -0.5 + 2.0)
     assert combined(ce, [], []) == ce
+
+
+def test_the_dynamic_scale_is_capped_at_max_scale():
+    # KD -> 0 (a student that nearly matches its teacher): CE / KD = 2 / 0.004 = 500, capped at 10
+    ce = torch.tensor(2.0)
+    for value, expected in ((0.004, 10.0), (-0.004, 10.0), (0.5, 4.0)):
+        kd = torch.tensor(value, requires_grad=True)
+        loss, scale = losses.objective(ce, [kd], [1.0], max_scale=10.0)
+        assert scale.item() == pytest.approx(expected)
+        assert grads(loss, kd)[0] == pytest.approx(expected)
+    _, scale = losses.objective(ce, [torch.tensor(0.004)], [1.0])  # no cap: the paper's formula
+    assert scale.item() == pytest.approx(500.0)
 
 
 def test_the_scale_returned_is_ce_over_kd_or_the_static_kd_weight():

@@ -418,6 +418,28 @@ def test_dynamic_scale_is_taken_per_micro_step_from_its_own_means(tmp_path, cach
     assert ratios[0] != pytest.approx(ratios[1], rel=1e-3)
     assert accumulated[0]["kd_scale"] == pytest.approx(sum(ratios) / 2, rel=1e-5)
     assert [r["kd_scale"] for r in singles] == pytest.approx(ratios, rel=1e-5)
+    # --kd-scale-max caps each micro-step's scale (METHOD.md 5.5)
+    cap = min(ratios) / 2
+    capped = run(
+        tmp_path / "c",
+        cache,
+        "--data",
+        data_path,
+        "--max-steps",
+        "1",
+        "--no-shuffle",
+        "--no-pack",
+        "--seq-len",
+        "256",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--kd-scale-max",
+        str(cap),
+        *frozen,
+    )
+    assert capped[0]["kd_scale"] == pytest.approx(cap, rel=1e-6)
 
 
 def test_metrics_count_the_real_tokens_of_packed_steps(tmp_path, cache):
