@@ -47,7 +47,8 @@ demo: venv
 		--loss pkl --max-steps 20 --out-dir out/demo-tiny-pkl --overwrite
 
 # The toy reproduction on CPU (mini/): every row of the paper's table with toy models, the real
-# tokenizers, train.py and evaluate.py; out/mini*/results.md. Rerunning resumes a stopped one.
+# tokenizers, train.py and evaluate.py, 3 seeds (MINI.md); out/mini*/results.md. Rerunning
+# resumes a stopped one.
 mini: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python mini/mini.py --out out/mini
 

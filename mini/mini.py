@@ -75,7 +75,7 @@ from transformers import (
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from audit import audit
-from build_projection import build_projection, load_projection, save_projection
+from build_projection import build_projection, hkl_pairs, load_projection, save_projection
 from cli import ArgumentParser, atomic_write, check_output_dir, int_flag, one_line_errors
 from tokens import load_tokenizer, token_bytes
 
@@ -93,12 +93,12 @@ SETTINGS = {
         student_docs=6_000,
         base_docs=15_000,
         test_items=200,  # Facts and Cont items; Arith: its ARITH_TEST held-out pairs at most
-        teacher_steps=1200,
+        teacher_steps=2000,  # on the design draw, 1,200 left the Llama teacher at 68% of its sums
         teacher_batch=8,
         base_steps=1500,
         student_steps=300,
         batch=6,
-        seeds=[0, 1],
+        seeds=[0, 1, 2],
     ),
     "quick": dict(
         teacher_docs=30_000,
@@ -127,11 +127,14 @@ SETTINGS = {
     ),
 }
 NOISE = 0.25  # share of the student corpus's answers that are wrong
-DATA_VERSION = 3  # of the document templates: data drawn by another version is not reused
+DATA_VERSION = 4  # of the document templates: data drawn by another version is not reused
 SEQ_LEN = 128  # student tokens per packed window (the teachers get up to twice as many)
 # The student (Llama architecture) and the three teachers (deeper). Vocabularies are pruned.
+# Teachers have the students' shape (on the design draw a 6-layer teacher learned sums later than
+# the 4-layer students: 20% of its own equations after 2,000 steps) and learn from 10x the data.
 STUDENT_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4)
-TEACHER_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6)
+TEACHER_MODEL = STUDENT_MODEL
+KNOWS_SUMS = 90.0  # % of its own corpus's equations a teacher must complete for claims 2 and 3
 COMMON_MODEL = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
@@ -147,13 +150,15 @@ TEACHERS = {
 STUDENT_TOKENIZER = "pkg:llama-3.2"
 # The table's rows: (label, teachers, train.py flags, the paper's row id in evaluate.PAPER_SCORES).
 # Dynamic KD scaling and the repo's defaults unless the flags say otherwise.
+SCALE_MAX = "10"  # the capped dynamic scale measured beside the default (METHOD.md 5.5)
+PKL = ["--loss", "pkl", "--learn-projection"]
 ROWS = [
     ("base", [], None, "base"),
     ("cpt", [], ["--loss", "ce"], "cpt"),
     ("kl-llama", ["llama"], ["--loss", "kl"], "kl-llama3b"),
     ("gold-qwen", ["qwen"], ["--loss", "gold"], "gold-qwen"),
-    ("pkl-qwen", ["qwen"], ["--loss", "pkl", "--learn-projection"], "pkl-qwen"),
-    ("pkl-qwen-fixed", ["qwen"], ["--loss", "pkl"], None),
+    ("pkl-qwen", ["qwen"], PKL, "pkl-qwen"),
+    ("pkl-qwen-static", ["qwen"], [*PKL, "--kd-scaling", "static"], None),
     ("gold-o200k", ["o200k"], ["--loss", "gold"], "gold-phi"),
     ("hkl-o200k", ["o200k"], ["--loss", "hkl"], "hkl-phi"),
     (
@@ -162,21 +167,14 @@ ROWS = [
         ["--loss", "hkl", "--loss", "kl", "--teacher-weight", "0.8", "--teacher-weight", "0.2"],
         "two-teachers",
     ),
-    # measurements beside the table (METHOD.md's choices), run when named with --row or --all
-    (
-        "pkl-qwen-floor-add",
-        ["qwen"],
-        ["--loss", "pkl", "--learn-projection", "--pkl-floor", "add"],
-        None,
-    ),
-    ("gold-qwen-static", ["qwen"], ["--loss", "gold", "--kd-scaling", "static"], None),
-    (
-        "pkl-qwen-static",
-        ["qwen"],
-        ["--loss", "pkl", "--learn-projection", "--kd-scaling", "static"],
-        None,
-    ),
+    # measurements beside the table (METHOD.md's choices), run when named with --row
+    ("pkl-qwen-scale-max", ["qwen"], [*PKL, "--kd-scale-max", SCALE_MAX], None),
+    ("hkl-o200k-scale-max", ["o200k"], ["--loss", "hkl", "--kd-scale-max", SCALE_MAX], None),
     ("hkl-o200k-static", ["o200k"], ["--loss", "hkl", "--kd-scaling", "static"], None),
+    ("pkl-qwen-first", ["qwen"], [*PKL, "--chunk-merge", "first"], None),  # METHOD.md 5.1
+    ("pkl-qwen-fixed", ["qwen"], ["--loss", "pkl"], None),
+    ("pkl-qwen-floor-add", ["qwen"], [*PKL, "--pkl-floor", "add"], None),
+    ("gold-qwen-static", ["qwen"], ["--loss", "gold", "--kd-scaling", "static"], None),
 ]
 TABLE_ROWS = [r[0] for r in ROWS[:9]]
 QUICK_ROWS = ["base", "cpt", "gold-qwen", "pkl-qwen"]
@@ -184,7 +182,9 @@ TASKS = {  # lm-eval task: (column, the paper's column it stands for)
     "xtoken_mini_arith": ("Arith", "GSM8k"),
     "xtoken_mini_facts": ("Facts", "MMLU"),
     "xtoken_mini_cont": ("Cont", "HellaSwag"),
+    "xtoken_mini_numeral": ("Numeral", None),  # the numeral after the words: outside Avg
 }
+AVG_TASKS = ["xtoken_mini_arith", "xtoken_mini_facts", "xtoken_mini_cont"]
 
 # ----------------------------------------------------------------------------- 1. data
 NAMES = "Mia Tom Ana Ben Zoe Sam Lily Max Ella Leo Nora Jack Ruby Omar Ivy Noah Emma Luke Rosa Paul"
@@ -193,8 +193,11 @@ ITEMS = (
     "apples books coins stamps shells cards pencils marbles stickers cookies beads stones".split()
 )
 GAINS = ["found {b} more", "bought {b} more", "got {b} more", "was given {b} more"]
-# Arith: a two-digit number plus a one-digit one. The sums are facts the corpus states ("48 + 4 =
-# 52."); a word problem's worked line writes the same words, so its answer is that fact, asked.
+# Arith: a two-digit number plus a one-digit one. The sums are facts the corpus states in words,
+# then as a numeral ("48 + 4 = fifty-two, 52."); a word problem's worked line writes the same, so
+# its answer is that fact, asked. The words are 1:1 chunks between the three tokenizers (tested): a
+# teacher's knowledge of a sum passes through them, as on web text; the numeral after them is where
+# a digit-splitting teacher gives GOLD no common token (Proposition 1) and P-KL a blur (MINI.md).
 ARITH_A, ARITH_B = range(10, 60), range(2, 6)
 ARITH_TEST = 100  # held-out (a, b) pairs: the teachers' and student's corpora state them, never ask
 # Facts: invented things, each of one of four kinds. A statement says what kind; a question asks,
@@ -205,15 +208,18 @@ FACT_TEST = 20  # held-out things per kind: the teachers' and student's corpora 
 STATEMENTS = ["A {w} is a kind of {k}.", "{p} knows that a {w} is a kind of {k}."]
 QUESTION = "Q: {p} has a {w}. Is it an animal, a tool, a food or a vehicle?\nA:"
 ANSWER = " A {w} is a kind of {k}."
-# Cont: what someone does with a thing follows from its kind (the base student knows these things).
+# Cont: what someone does with a thing follows from its kind. Asked about the held-out things, it
+# needs their kind (stated only in the teachers' and student's corpora) and the deed that kind calls
+# for. Each deed's first word is one Llama-3.2 token that o200k splits, and H-KL's widening pairs
+# it with o200k's first piece (" abducted" ~ " abduct"): GOLD leaves it uncommon, H-KL matches it.
 CONTEXTS = ["{p} took the {w} and", "{p} found a {w} and"]
 DEEDS = {
-    "animal": "fed it some grass.",
-    "tool": "fixed the old fence.",
-    "food": "ate it for lunch.",
-    "vehicle": "drove it into town.",
+    "animal": "abducted it from the zoo.",
+    "tool": "applauded how well it worked.",
+    "food": "angrily ate it for lunch.",
+    "vehicle": "resembled a pilot in it.",
 }
-KINDS = ("arith", "facts", "cont")
+KINDS = ("arith", "numeral", "facts", "cont")  # the test sets (numeral: Arith's items)
 # The share of each kind of document in every corpus (equations and statements: the facts).
 MIX = {"problem": 0.1, "equation": 0.3, "statement": 0.25, "question": 0.15, "cont": 0.2}
 
@@ -231,6 +237,19 @@ def invented_things() -> dict[str, str]:
 
 
 THINGS = invented_things()
+ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen"
+).split()
+TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def in_words(n: int) -> str:
+    """0 <= n < 100 in words: 52 -> "fifty-two"."""
+    if n < 20:
+        return ONES[n]
+    tens, ones = divmod(n, 10)
+    return TENS[tens - 2] + (f"-{ONES[ones]}" if ones else "")
 
 
 def arith_item(rng: random.Random, a: int, b: int) -> dict:
@@ -240,13 +259,13 @@ def arith_item(rng: random.Random, a: int, b: int) -> dict:
         "kind": "arith",
         "prompt": f"Q: {name} had {a} {item} and {gain}. How many now?\nA:",
         "answer": a + b,
-        "work": f" {a} + {b} = {{s}}, so {name} has {{s}} {item}.",
+        "work": f" {a} + {b} = {{w}}, {{s}}, so {name} has {{s}} {item}.",
     }
 
 
 def equation(a: int, b: int) -> dict:
     """A sum, stated."""
-    return {"kind": "arith", "prompt": "", "answer": a + b, "work": f"{a} + {b} = {{s}}."}
+    return {"kind": "arith", "prompt": "", "answer": a + b, "work": f"{a} + {b} = {{w}}, {{s}}."}
 
 
 def facts_item(rng: random.Random, word: str, question: bool) -> dict:
@@ -259,6 +278,8 @@ def facts_item(rng: random.Random, word: str, question: bool) -> dict:
         head, tail = head.format(p=name, w=word), " {k}" + tail
     return {
         "kind": "facts",
+        "word": word,
+        "question": question,
         "prompt": head,
         "choices": [tail.format(w=word, k=k) for k in KINDS_OF_THINGS],
         "label": KINDS_OF_THINGS.index(THINGS[word]),
@@ -279,7 +300,7 @@ def document(item: dict, rng: random.Random, wrong: bool) -> str:
     """A training document: the item with its right answer, or (wrong) a wrong one."""
     if item["kind"] == "arith":
         s = item["answer"] + (rng.choice([-10, -2, -1, 1, 2, 10]) if wrong else 0)
-        return item["prompt"] + item["work"].format(s=s)
+        return item["prompt"] + item["work"].format(s=s, w=in_words(s))
     label = item["label"]
     if wrong:  # another kind of thing; another deed
         label = rng.choice([i for i in range(len(item["choices"])) if i != label])
@@ -287,10 +308,10 @@ def document(item: dict, rng: random.Random, wrong: bool) -> str:
 
 
 def held_out(rng: random.Random) -> tuple[dict, dict]:
-    """({kind: test cases}, {kind: training cases}). Arith: ARITH_TEST (a, b) pairs; Facts:
-    FACT_TEST things of each kind; Cont: a third of the (thing, context) pairs over the other
-    things. The held-out sums and things are stated in the teachers' and student's corpora (not
-    the base's) and never asked; the held-out Cont pairs appear nowhere."""
+    """({kind: test cases}, {kind: training cases}). Arith: ARITH_TEST (a, b) pairs; Facts and
+    Cont: FACT_TEST things of each kind. The held-out sums and things are stated in the teachers'
+    and student's corpora (not the base's) and never asked; no deed is done with a held-out
+    thing."""
     arith = [(a, b) for a in ARITH_A for b in ARITH_B]
     rng.shuffle(arith)
     words = list(THINGS)
@@ -298,20 +319,26 @@ def held_out(rng: random.Random) -> tuple[dict, dict]:
     of_kind = {k: [w for w in words if THINGS[w] == k] for k in KINDS_OF_THINGS}
     test_words = [w for k in KINDS_OF_THINGS for w in of_kind[k][:FACT_TEST]]
     train_words = [w for w in words if w not in test_words]
-    cont = [(w, c) for w in train_words for c in range(len(CONTEXTS))]
-    rng.shuffle(cont)
-    test = {"arith": arith[:ARITH_TEST], "facts": test_words, "cont": cont[: len(cont) // 3]}
-    train = {"arith": arith[ARITH_TEST:], "facts": train_words, "cont": cont[len(cont) // 3 :]}
+    test = {"arith": arith[:ARITH_TEST], "facts": test_words}
+    train = {"arith": arith[ARITH_TEST:], "facts": train_words}
     return test, train
 
 
+# Claim 5's complementary teachers: each of the two teachers that the two-teacher row combines never
+# reads the statements of one half of the held-out things (the other half's for the other).
+UNSTATED = {"o200k": 0, "llama": 1}  # the half, of the held-out things taken alternately
+TEACHER_DATA = {"qwen": "teacher", "o200k": "teacher-o200k", "llama": "teacher-llama"}
+
+
 def make_data(out: str, s: dict, seed: int = 0) -> dict[str, str]:
-    """data/{teacher,student,base}.jsonl (documents) and data/test_{kind}.jsonl (items). No
-    training document asks a test item's question: Arith's held-out sums and Facts' held-out things
-    are stated in the teachers' and student's corpora, never asked; Cont's held-out pairs appear
-    nowhere. The student corpus is the teacher's first documents, NOISE of them answered wrongly;
-    the base corpus is separate clean documents that never state a held-out fact."""
-    names = ["teacher", "student", "base", *(f"test_{k}" for k in KINDS)]
+    """data/{teacher,teacher-o200k,teacher-llama,student,base}.jsonl (documents) and
+    data/test_{kind}.jsonl (items). No training document asks a test item's question: Arith's
+    held-out sums and Facts' held-out things are stated in the teachers' and student's corpora,
+    never asked, and no deed is done with a held-out thing. The student corpus is the teacher's
+    first documents, NOISE of them answered wrongly; the o200k and Llama teachers' corpora are the
+    teacher's without the statements of half the held-out things each (UNSTATED); the base corpus
+    is separate clean documents that never state a held-out fact."""
+    names = ["student", "base", *TEACHER_DATA.values(), *(f"test_{k}" for k in KINDS)]
     paths = {k: os.path.join(out, "data", f"{k}.jsonl") for k in names}
     draw = {"data_seed": seed, "noise": NOISE, "version": DATA_VERSION}
     draw |= {k: v for k, v in s.items() if k.endswith(("_docs", "_items"))}
@@ -328,11 +355,14 @@ def make_data(out: str, s: dict, seed: int = 0) -> dict[str, str]:
     rng = random.Random(seed)
     test, train = held_out(rng)
     n = s["test_items"]
+    arith = [arith_item(rng, a, b) for a, b in test["arith"][:n]]
     tests = {
-        "arith": [arith_item(rng, a, b) for a, b in test["arith"][:n]],
+        "arith": arith,
+        "numeral": arith,
         "facts": [facts_item(rng, rng.choice(test["facts"]), True) for _ in range(n)],
-        "cont": [cont_item(rng, *rng.choice(test["cont"])) for _ in range(n)],
+        "cont": [cont_item(rng, rng.choice(test["facts"]), rng.randrange(2)) for _ in range(n)],
     }
+    cont_pairs = [(w, c) for w in train["facts"] for c in range(len(CONTEXTS))]
 
     def train_item(base: bool) -> dict:
         """A document's item; the base corpus states only the training sums and things."""
@@ -345,29 +375,39 @@ def make_data(out: str, s: dict, seed: int = 0) -> dict[str, str]:
             return facts_item(rng, rng.choice(train["facts"] if base else list(THINGS)), False)
         if kind == "question":
             return facts_item(rng, rng.choice(train["facts"]), True)
-        return cont_item(rng, *rng.choice(train["cont"]))
+        return cont_item(rng, *rng.choice(cont_pairs))
 
     teacher_items = [train_item(False) for _ in range(s["teacher_docs"])]
     teacher = [document(i, rng, wrong=False) for i in teacher_items]
     student = [document(i, rng, rng.random() < NOISE) for i in teacher_items[: s["student_docs"]]]
     base = [document(train_item(True), rng, wrong=False) for _ in range(s["base_docs"])]
-    for key, docs in (("teacher", teacher), ("student", student), ("base", base)):
-        write_jsonl(paths[key], [{"text": d} for d in docs])
+    docs = {"teacher": teacher, "student": student, "base": base}
+    for key, half in UNSTATED.items():
+        unstated = set(test["facts"][half::2])
+        docs[TEACHER_DATA[key]] = [
+            d for i, d in zip(teacher_items, teacher) if i.get("word") not in unstated
+        ]
+    for key, texts in docs.items():
+        write_jsonl(paths[key], [{"text": d} for d in texts])
     for kind in KINDS:
-        write_jsonl(paths[f"test_{kind}"], [test_record(i) for i in tests[kind]])
+        write_jsonl(paths[f"test_{kind}"], [test_record(i, kind) for i in tests[kind]])
     write_text(draw_path, json.dumps(draw))
     return paths
 
 
-def test_record(item: dict) -> dict:
+def test_record(item: dict, kind: str) -> dict:
     """What the lm-eval task reads: the prompt and, for Arith, the right answer and its text. An
     Arith prompt runs up to the worked line's "=" (" 48 + 4 ="): what is asked is the sum, not the
     copying of the operands out of the question, which 4-layer students did not learn here
-    (measured on the design draw: each wrote one fixed problem's numbers whatever it was asked)."""
+    (measured on the design draw: each wrote one fixed problem's numbers whatever it was asked).
+    Arith's answer is the sum in words (the knowledge); numeral's, the numeral written after them
+    (a digit-splitting teacher's channel; outside Avg)."""
     if item["kind"] == "arith":
-        text = item["prompt"] + item["work"].format(s=item["answer"])
+        s = item["answer"]
+        text = item["prompt"] + item["work"].format(s=s, w=in_words(s))
         prompt = text[: text.index(" = ") + 2]
-        return {"prompt": prompt, "answer": str(item["answer"]), "text": text}
+        answer = in_words(s) if kind == "arith" else str(s)
+        return {"prompt": prompt, "answer": answer, "number": str(s), "text": text}
     return {k: item[k] for k in ("prompt", "choices", "label")}
 
 
@@ -511,10 +551,13 @@ def prune_vocabularies(out: str, paths: dict[str, str]) -> Vocabularies:
         audits[key] = {"recommended": report["recommended"]} | {
             k: f"{cats[k]['common']}/{cats[k]['total']}" for k in ("digits_2", "digits_3")
         }
+        W = load_projection(w_paths[key])  # H-KL's common set beyond GOLD's exact pairs
+        audits[key]["widened"] = len(hkl_pairs(W["W"], W["exact_pairs"])) - len(W["exact_pairs"])
         print(
             f"   llama -> {key}: vocabularies {kept['llama']} and {kept[key]} ids kept; audit: "
             f"2-digit {audits[key]['digits_2']}, 3-digit {audits[key]['digits_3']} numerals "
-            f"in the common set, recommends {audits[key]['recommended']}",
+            f"in the common set, H-KL widens it by {audits[key]['widened']} pairs, recommends "
+            f"{audits[key]['recommended']}",
             flush=True,
         )
     return Vocabularies(toks, kept, w_paths, audits)
@@ -558,6 +601,7 @@ def train_job(
     seed: int,
     extra: list[str],
     lr: float = 3e-3,
+    log_scale: bool = False,
 ) -> dict:
     """A train.py command on packed, shuffled windows; done when its last checkpoint exists."""
     flags = {
@@ -575,11 +619,8 @@ def train_job(
         "--num-workers": "0",
         "--save-every": str(steps),
         "--keep-last": "1",
-        "--log-every": "50",
+        "--log-every": "1" if log_scale else "50",  # every step's KD scale (MINI.md)
         "--seed": str(seed),
-        # MINI.md's table was made with the teacher reading the student's packed window, before
-        # the teacher's own context (METHOD.md 4.3) became the default: kept until it is remade
-        "--teacher-window": "0",
     }
     cmd = [sys.executable, os.path.join(ROOT, "train.py")]
     cmd += [word for flag, value in flags.items() for word in (flag, value)]
@@ -661,6 +702,25 @@ TASK_YAML = {
 doc_to_text: "{{prompt}}"
 doc_to_target: "{{answer}}"
 generation_kwargs:
+  until: [",", "."]
+  do_sample: false
+  max_gen_toks: 40
+filter_list:
+  - name: "number-in-words"
+    filter:
+      - function: "regex"
+        regex_pattern: "([a-z]+(?:-[a-z]+)?)"
+        group_select: 0
+      - function: "take_first"
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+""",
+    "xtoken_mini_numeral": """output_type: generate_until
+doc_to_text: "{{prompt}}"
+doc_to_target: "{{answer}}"
+generation_kwargs:
   until: ["."]
   do_sample: false
   max_gen_toks: 40
@@ -705,7 +765,8 @@ def write_tasks(out: str, paths: dict[str, str]) -> str:
     os.makedirs(task_dir, exist_ok=True)
     for task, body in TASK_YAML.items():
         data = os.path.abspath(paths["test_" + task.rsplit("_", 1)[1]])
-        head = f"""# Written by mini.py: the toy's held-out items ({TASKS[task][1]}-like).
+        like = f" ({TASKS[task][1]}-like)" if TASKS[task][1] else ""
+        head = f"""# Written by mini.py: the toy's held-out items{like}.
 task: {task}
 dataset_path: json
 dataset_kwargs:
@@ -732,6 +793,7 @@ def evaluate_all(models: dict[str, str], task_dir: str, out: str) -> dict[str, d
     for label, path in models.items():  # evaluate.py labels: letters, digits, . _ -
         cmd += ["--model", f"{slug(label)}={path}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
+    env["OMP_NUM_THREADS"] = "1"  # pinned like the training runs: the numbers must not vary
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
         why = (done.stdout[-1500:] + done.stderr[-1500:]).strip()
@@ -747,7 +809,7 @@ def sum_positions(tok, items: list[dict]) -> list[tuple[list[int], int, int]]:
     found = []
     for d in items:
         e = tok(d["text"], return_offsets_mapping=True)
-        at = d["text"].index(" = " + d["answer"]) + 3  # the sum's first digit
+        at = d["text"].index(", " + d["number"]) + 2  # the sum's first digit
         pos = next(i for i, (a, b) in enumerate(e["offset_mapping"]) if a <= at < b)
         found.append((e["input_ids"], pos - 1, e["input_ids"][pos]))
     return found
@@ -784,12 +846,67 @@ def numeral_mass(model_dir: str, items: list[dict]) -> dict[str, float]:
             p = probs[row - start, pos]
             masses.append(float(p[multi].sum()))
             correct.append(float(p[target]))
-            first.append(float(p[led_by[items[row]["answer"][0]]].sum()))
+            first.append(float(p[led_by[items[row]["number"][0]]].sum()))
     return {
         "multi_digit_mass": statistics.mean(masses),
         "p_correct": statistics.mean(correct),
         "p_first_digit": statistics.mean(first),
     }
+
+
+EQUATIONS_CHECKED = 150
+
+
+def knows_sums(model_dir: str, data: str) -> float:
+    """% of the first EQUATIONS_CHECKED equations of the model's own training corpus whose whole
+    answer (" fifty-two, 52") its greedy decoding writes after "a + b =": every token of it the
+    argmax given the ones before (teacher-forced greedy is greedy while it is right)."""
+    texts = [d["text"] for d in read_jsonl(data) if not d["text"].startswith("Q:")]
+    texts = [t for t in texts if " + " in t][:EQUATIONS_CHECKED]
+    tok = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    enc = tok(texts, return_offsets_mapping=True)
+    width = max(map(len, enc["input_ids"]))
+    ids = torch.zeros((len(texts), width), dtype=torch.long)
+    mask = torch.zeros((len(texts), width), dtype=torch.long)
+    for row, item_ids in enumerate(enc["input_ids"]):  # right-padded: positions are unchanged
+        ids[row, : len(item_ids)], mask[row, : len(item_ids)] = torch.tensor(item_ids), 1
+    with torch.no_grad():
+        guess = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+    right = 0
+    for row, text in enumerate(texts):
+        start, end = text.index(" = ") + 2, len(text) - 1  # the answer, without the final "."
+        offsets = enc["offset_mapping"][row]
+        span = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+        right += all(int(guess[row, i - 1]) == int(ids[row, i]) for i in span)
+    return 100.0 * right / len(texts)
+
+
+def kd_scales(run_dir: str) -> list[float]:
+    """The KD scale train.py applied at each logged step (metrics.jsonl's kd_scale)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r["kd_scale"] for r in map(json.loads, f) if "kd_scale" in r]
+
+
+def versions() -> dict[str, str]:
+    """What changes the toy's numbers: the libraries, the commit, the threads (MINI.md)."""
+    import importlib.metadata as meta
+
+    found = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "tokenizers", "lm_eval", "numpy", "accelerate"):
+        try:
+            found[name] = meta.version(name.replace("_", "-"))
+        except meta.PackageNotFoundError:
+            found[name] = "absent"
+    try:
+        head = subprocess.run(
+            ["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True, text=True
+        )
+        found["commit"] = head.stdout.strip() or "unknown"
+    except OSError:
+        found["commit"] = "unknown"
+    found["threads"] = "1 per train.py run (OMP_NUM_THREADS=1); evaluate.py: 2 processes, 1 each"
+    return found
 
 
 # ----------------------------------------------------------------------------- 6. report
@@ -811,40 +928,49 @@ def per_seed(results: dict, row: str, seeds: list[int], key: str) -> list[float]
     values = []
     for seed in seeds:
         r = results[f"{row} / seed {seed}"]
-        values.append(statistics.mean(r[t] for t in TASKS) if key == "Avg" else r[key])
+        values.append(statistics.mean(r[t] for t in AVG_TASKS) if key == "Avg" else r[key])
     return values
 
 
-# The five claims of the paper's table: (text, row A, relation, row B, column). "above": A's mean
-# exceeds B's by more than the seeds' spread; "at least": A is not below B by more than it; "below":
-# A is under B by more than it. The spread: sqrt(sd_A^2 + sd_B^2) over seeds.
+# The five claims of the paper's table: (text, [(variant, [(row A, relation, row B, column)])], the
+# teacher that must know its sums). "above": A's mean exceeds B's by more than the seeds' spread;
+# "at least": A is not below B by more than it; "below": A is under B by more than it. The spread:
+# sqrt(sd_A^2 + sd_B^2) over seeds. Claim 1 is read on the numeral (where the paper's GSM8k cliff
+# comes from), claim 2 under dynamic and static KD weights.
 CLAIMS = [
     (
-        "GOLD with the digit-splitting teacher falls below CE-only on Arith (the cliff)",
-        [("gold-qwen", "below", "cpt", "xtoken_mini_arith")],
+        "GOLD with the digit-splitting teacher falls below CE-only on the numeral (the cliff)",
+        [("", [("gold-qwen", "below", "cpt", "xtoken_mini_numeral")])],
+        None,
     ),
     (
         "P-KL with the same teacher is at least CE-only on Arith and above it on Avg",
-        [("pkl-qwen", "at least", "cpt", "xtoken_mini_arith"), ("pkl-qwen", "above", "cpt", "Avg")],
+        [
+            (
+                variant,
+                [(row, "at least", "cpt", "xtoken_mini_arith"), (row, "above", "cpt", "Avg")],
+            )
+            for variant, row in (("dynamic", "pkl-qwen"), ("static", "pkl-qwen-static"))
+        ],
+        "qwen",
     ),
-    ("Same-tokenizer KL is above CE-only on Avg", [("kl-llama", "above", "cpt", "Avg")]),
+    (
+        "Same-tokenizer KL is above CE-only on Avg",
+        [("", [("kl-llama", "above", "cpt", "Avg")])],
+        "llama",
+    ),
     (
         "H-KL with the numeral-keeping teacher is at least GOLD with it on Avg",
-        [("hkl-o200k", "at least", "gold-o200k", "Avg")],
+        [("", [("hkl-o200k", "at least", "gold-o200k", "Avg")])],
+        None,
     ),
     (
-        "Two teachers are at least the best single teacher on Avg",
-        [("two-teachers", "at least", "best single", "Avg")],
+        "Two teachers are at least the best single teacher of the two on Avg",
+        [("", [("two-teachers", "at least", "best single", "Avg")])],
+        None,
     ),
 ]
-SINGLE_TEACHER_ROWS = [
-    "kl-llama",
-    "gold-qwen",
-    "pkl-qwen",
-    "pkl-qwen-fixed",
-    "gold-o200k",
-    "hkl-o200k",
-]
+SINGLE_TEACHER_ROWS = ["hkl-o200k", "kl-llama"]  # the two teachers two-teachers combines
 
 
 def judge(results: dict, seeds: list[int], a: str, relation: str, b: str, key: str) -> tuple:
@@ -866,22 +992,47 @@ def judge(results: dict, seeds: list[int], a: str, relation: str, b: str, key: s
     return holds, text
 
 
-def claim_lines(results: dict, rows: list[str], seeds: list[int]) -> list[str]:
+def claim_lines(results: dict, rows: list[str], seeds: list[int], audits: dict) -> list[str]:
+    """One line per claim: holds / does not hold / not testable / not measured, and its figures."""
     lines = []
-    for n, (claim, tests) in enumerate(CLAIMS, 1):
+    for n, (claim, variants, teacher) in enumerate(CLAIMS, 1):
+        tests = [t for _, ts in variants for t in ts]
         needed = {r for t in tests for r in (t[0], t[2])} - {"best single"}
         if tests[0][2] == "best single":
             needed |= set(SINGLE_TEACHER_ROWS)
         if not needed <= set(rows):
             lines.append(f"{n}. {claim}: not measured (rows {sorted(needed - set(rows))} not run)")
             continue
-        verdicts = [judge(results, seeds, *t) for t in tests]
-        holds = all(v[0] for v in verdicts)
-        word = "holds" if holds else "does not hold"
-        if len(seeds) < 2:  # no spread to measure: a difference of any size decides
-            word += " (one seed: no spread)"
-        lines.append(f"{n}. {claim}: **{word}**; " + "; ".join(v[1] for v in verdicts))
+        knows = results.get(f"teacher {teacher}", {}).get("knows_sums") if teacher else None
+        if knows is not None and knows < KNOWS_SUMS:
+            lines.append(
+                f"{n}. {claim}: **not testable**: teacher {teacher} completes {knows:.0f}% of its "
+                f"own corpus's equations (< {KNOWS_SUMS:.0f}%)"
+            )
+            continue
+        if n == 4 and not audits.get("o200k", {}).get("widened"):
+            lines.append(f"{n}. {claim}: **not tested**: H-KL's widening adds no pair here")
+            continue
+        parts = []
+        for variant, group in variants:
+            verdicts = [judge(results, seeds, *t) for t in group]
+            word = "holds" if all(v[0] for v in verdicts) else "does not hold"
+            if len(seeds) < 2:  # no spread to measure: a difference of any size decides
+                word += " (one seed: no spread)"
+            head = f"{variant}: " if variant else ""
+            parts.append(f"{head}**{word}**; " + "; ".join(v[1] for v in verdicts))
+        lines.append(f"{n}. {claim}: " + ". ".join(parts))
     return lines
+
+
+def scale_cell(results: dict, row: str, seeds: list[int]) -> str:
+    """The applied KD scale's median / 90th percentile over every step of every seed."""
+    values = [v for seed in seeds for v in results[f"{row} / seed {seed}"].get("kd_scale", [])]
+    if not values or row == "cpt":
+        return "-"
+    values.sort()
+    p90 = values[min(len(values) - 1, math.ceil(0.9 * len(values)) - 1)]
+    return f"{statistics.median(values):.3g} / {p90:.3g}"
 
 
 def write_report(
@@ -892,22 +1043,26 @@ def write_report(
     results: dict,
     vocab: Vocabularies,
     minutes: float,
+    parallel: int,
 ) -> str:
     """Stage 6: results.md (returned), results.json and results.png."""
     from evaluate import PAPER_COLUMNS, PAPER_SCORES, render_chart
 
     seeds = s["seeds"]
     paper_of = {r[0]: r[3] for r in ROWS}
-    head = [TASKS[t][0] for t in TASKS] + ["Avg", "numeral mass", "p(sum) / p(first digit)"]
-    paper_cols = [TASKS[t][1] for t in TASKS] + ["Avg"]
+    head = [*(TASKS[t][0] for t in AVG_TASKS), "Avg", "Numeral", "numeral mass"]
+    head += ["p(sum) / p(first digit)", "KD scale median / p90"]
+    paper_cols = [TASKS[t][1] for t in AVG_TASKS] + ["Avg"]
     lines = ["| row | " + " | ".join(head) + " | paper: " + " / ".join(paper_cols) + " |"]
     lines.append("|---" * (len(head) + 2) + "|")
     means = {}
     for row in rows:
-        cells = [cell(per_seed(results, row, seeds, t)) for t in TASKS]
+        cells = [cell(per_seed(results, row, seeds, t)) for t in AVG_TASKS]
         cells.append(cell(per_seed(results, row, seeds, "Avg")))
+        cells.append(cell(per_seed(results, row, seeds, "xtoken_mini_numeral")))
         probe = [statistics.mean(per_seed(results, row, seeds, k)) for k in PROBE_KEYS]
         cells += [f"{probe[0]:.2f}", f"{probe[1]:.2f} / {probe[2]:.2f}"]
+        cells.append(scale_cell(results, row, seeds) if row != "base" else "-")
         paper = PAPER_SCORES.get(paper_of[row]) if paper_of[row] else None
         if paper:
             scores = dict(zip([*PAPER_COLUMNS, "Avg"], paper))
@@ -916,38 +1071,53 @@ def write_report(
             cells.append("-")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
         means[row] = {TASKS[t][0]: statistics.mean(per_seed(results, row, seeds, t)) for t in TASKS}
+    knows = []
     for key in TEACHERS:
         r = results.get(f"teacher {key}")
         if r:
-            scores = [f"{r[t]:.1f}" for t in TASKS]
-            avg = statistics.mean(r[t] for t in TASKS)
+            scores = [f"{r[t]:.1f}" for t in AVG_TASKS]
+            avg = statistics.mean(r[t] for t in AVG_TASKS)
             probe = [r[k] for k in PROBE_KEYS]
             lines.append(
-                f"| teacher {key} | "
-                + " | ".join(scores)
-                + f" | {avg:.1f} | {probe[0]:.2f} | {probe[1]:.2f} / {probe[2]:.2f} | |"
+                f"| teacher {key} | " + " | ".join(scores) + f" | {avg:.1f} | "
+                f"{r['xtoken_mini_numeral']:.1f} | {probe[0]:.2f} | {probe[1]:.2f} / "
+                f"{probe[2]:.2f} | - | |"
             )
-    claims = claim_lines(results, rows, seeds)
+            if "knows_sums" in r:
+                knows.append(f"{key} {r['knows_sums']:.0f}%")
+    claims = claim_lines(results, rows, seeds, vocab.audits)
     audits = "; ".join(
         f"llama -> {k}: {a['digits_2']} two-digit and {a['digits_3']} three-digit numerals in the "
-        f"common set, audit recommends {a['recommended']}"
+        f"common set, H-KL's widening adds {a['widened']} pairs, audit recommends "
+        f"{a['recommended']}"
         for k, a in vocab.audits.items()
     )
+    found = versions()
     md = (
         f"# Mini reproduction ({setting}, seeds {','.join(map(str, seeds))})\n\n"
         + "\n".join(lines)
-        + "\n\nMean ± sd over seeds, percent. Arith: exact match on the final number (generative); "
-        "Facts: acc; Cont: acc_norm (lm-eval through evaluate.py, 0-shot). Where an Arith answer's "
-        'worked line writes the sum (" = 52"), the model\'s probability on multi-digit numerals '
-        "(numeral mass), on the sum's token (p(sum)) and on every numeral led by the sum's first "
-        "digit (p(first digit); a Qwen3 teacher's first digit says no more). The paper's "
-        "row (Llama-3.2-1B, 3-shot) is its GSM8k / MMLU / HellaSwag / five-benchmark Avg. "
-        f"Pruned W: {audits}. {minutes:.1f} min.\n\n## Claims\n\n" + "\n".join(claims) + "\n"
+        + "\n\nMean ± sd over seeds, percent. Arith: exact match on the sum in words (generative); "
+        "Facts: acc; Cont: acc_norm (lm-eval through evaluate.py, 0-shot); Avg: their mean. "
+        "Numeral: exact match on the numeral written after the words (outside Avg). Where the "
+        'worked line writes the numeral (", 52"), the model\'s probability on multi-digit '
+        "numerals (numeral mass), on the sum's token (p(sum)) and on every numeral led by the "
+        "sum's first digit (p(first digit); a Qwen3 teacher's first digit says no more). KD "
+        "scale: the applied scale over every step and seed. The paper's row (Llama-3.2-1B, "
+        "3-shot) is its GSM8k / MMLU / HellaSwag / five-benchmark Avg. Teachers complete "
+        f"{', '.join(knows) or '-'} of their own corpus's first {EQUATIONS_CHECKED} equations "
+        f"(claims 2 and 3 need {KNOWS_SUMS:.0f}%). Pruned W: {audits}. {minutes:.1f} min, "
+        f"{parallel} train.py runs at a time.\n\nVersions: "
+        + ", ".join(f"{k} {v}" for k, v in found.items())
+        + ".\n\n## Claims\n\n"
+        + "\n".join(claims)
+        + "\n"
     )
     write_text(os.path.join(out, "results.md"), md)
     summary = {
         "setting": setting,
         "settings": s,
+        "parallel": parallel,
+        "versions": found,
         "rows": rows,
         "results": results,
         "audits": vocab.audits,
@@ -997,9 +1167,9 @@ def main(argv: list[str] | None = None) -> int:
         "--row",
         action="append",
         help=f"a row, repeatable (default: the table's; the measurements {MEASUREMENT_ROWS} run "
-        "only when named)",
+        "when named or with --all)",
     )
-    p.add_argument("--all", action="store_true", help="the table's rows and the measurements")
+    p.add_argument("--all", action="store_true", help="the table's rows and every measurement")
     p.add_argument(
         "--seeds", type=parse_seeds, help="comma-separated student seeds (default: the setting's)"
     )
@@ -1050,7 +1220,7 @@ def _run(args: argparse.Namespace) -> int:
 
     spec = {r[0]: r for r in ROWS}
     needed = [t for t in TEACHERS if any(t in spec[r][1] for r in rows)]
-    teachers = teacher_jobs(out, s, needed, vocab, paths["teacher"])
+    teachers = teacher_jobs(out, s, needed, vocab, paths)
     bases = base_jobs(out, s, vocab, paths["base"])
     students = student_jobs(out, s, rows, spec, vocab, paths["student"], teachers, bases)
     print(
@@ -1070,14 +1240,18 @@ def _run(args: argparse.Namespace) -> int:
     models |= {job["label"]: job["final"] for job in students}
     scores = evaluate_all(models, write_tasks(out, paths), out)
     results = {k: scores[k] | numeral_mass(path, tests["arith"]) for k, path in models.items()}
+    for key, job in teachers.items():  # claims 2 and 3 need teachers that know their sums
+        results[f"teacher {key}"]["knows_sums"] = knows_sums(job["final"], paths[TEACHER_DATA[key]])
+    for job in students:  # the applied KD scale at every step
+        results[job["label"]]["kd_scale"] = kd_scales(os.path.dirname(job["final"]))
 
     print("6. results", flush=True)
     minutes = (time.perf_counter() - started) / 60
-    print(write_report(out, setting, s, rows, results, vocab, minutes))
+    print(write_report(out, setting, s, rows, results, vocab, minutes, args.parallel))
     return 0
 
 
-def teacher_jobs(out: str, s: dict, needed: list[str], vocab: Vocabularies, data: str) -> dict:
+def teacher_jobs(out: str, s: dict, needed: list[str], vocab: Vocabularies, paths: dict) -> dict:
     """{key: its train.py job} for the teachers the rows need, their models initialized."""
     jobs = {}
     for key in needed:
@@ -1088,7 +1262,7 @@ def teacher_jobs(out: str, s: dict, needed: list[str], vocab: Vocabularies, data
         jobs[key] = train_job(
             f"teacher {key}",
             init,
-            data,
+            paths[TEACHER_DATA[key]],
             run_dir,
             s["teacher_steps"],
             s["teacher_batch"],
@@ -1144,6 +1318,7 @@ def student_jobs(out, s, rows, spec, vocab, data, teachers, bases) -> list[dict]
                 s["batch"],
                 seed,
                 extra + flags,
+                log_scale=True,
             )
             jobs.append(stamp(job, [bases[seed], *(teachers[k] for k in row_teachers)]))
     return jobs

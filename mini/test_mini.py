@@ -32,17 +32,32 @@ def corpus(tmp_path_factory):
 
 
 PROBLEM = r"^Q: \w+ had (\d+) \w+ and [a-z ]+ (\d+) more\. How many now\?\nA: "
-PROBLEM += r"(\d+) \+ (\d+) = (-?\d+), so \w+ has (-?\d+) \w+\.$"
-EQUATION = r"^(\d+) \+ (\d+) = (-?\d+)\.$"
+PROBLEM += r"(\d+) \+ (\d+) = ([a-z-]+), (\d+), so \w+ has (\d+) \w+\.$"
+EQUATION = r"^(\d+) \+ (\d+) = ([a-z-]+), (\d+)\.$"
+# numbers in words, written out here, not read from mini.py
+ONES = "zero one two three four five six seven eight nine".split()
+TEENS = "ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
+TENS = {"twenty": 2, "thirty": 3, "forty": 4, "fifty": 5, "sixty": 6, "seventy": 7, "eighty": 8}
+
+
+def from_words(text: str) -> int:
+    """ "fifty-two" -> 52; an AssertionError for anything else."""
+    if text in ONES + TEENS:
+        return (ONES + TEENS).index(text)
+    tens, _, ones = text.partition("-")
+    assert tens in TENS and (ones in ONES[1:] or not ones), text
+    return 10 * TENS[tens] + (ONES.index(ones) if ones else 0)
+
+
 STATEMENT = r"^(?:A|\w+ knows that a) ([a-z]+) is a kind of (animal|tool|food|vehicle)\.$"
 QUESTION = r"^Q: \w+ has a ([a-z]+)\. Is it an animal, a tool, a food or a vehicle\?\nA: "
 QUESTION += r"A ([a-z]+) is a kind of (animal|tool|food|vehicle)\.$"
 # Cont: what is done with each kind of thing, written out here, not read from mini.py
 DEEDS = {
-    "fed it some grass.": "animal",
-    "fixed the old fence.": "tool",
-    "ate it for lunch.": "food",
-    "drove it into town.": "vehicle",
+    "abducted it from the zoo.": "animal",
+    "applauded how well it worked.": "tool",
+    "angrily ate it for lunch.": "food",
+    "resembled a pilot in it.": "vehicle",
 }
 CONT = r"^\w+ (took the|found a) ([a-z]+) and (.+)$"
 
@@ -53,11 +68,13 @@ def parse(text: str) -> tuple[str, str, tuple, bool | str]:
     subject (thing,), says its kind; Cont: subject (thing, context), says the kind its deed calls
     for."""
     if m := re.match(PROBLEM, text):
-        a, b, a2, b2, s, s2 = (int(x) for x in m.groups())
-        assert (a2, b2) == (a, b), text
-        return "arith", "problem", (a, b), s == s2 == a + b
+        a, b, a2, b2 = (int(x) for x in m.groups()[:4])
+        w, s, s2 = from_words(m[5]), int(m[6]), int(m[7])
+        assert (a2, b2) == (a, b) and w == s == s2, text  # a wrong sum is wrong everywhere
+        return "arith", "problem", (a, b), s == a + b
     if m := re.match(EQUATION, text):
-        a, b, s = (int(x) for x in m.groups())
+        a, b, s = int(m[1]), int(m[2]), int(m[4])
+        assert from_words(m[3]) == s, text
         return "arith", "equation", (a, b), s == a + b
     if m := re.match(STATEMENT, text):
         return "facts", "statement", (m[1],), m[2]
@@ -88,13 +105,20 @@ def is_right(text: str, kind_of: dict[str, str]) -> bool:
     return says if kind == "arith" else says == kind_of[subj[0]]
 
 
-def test_the_invented_things(kind_of, llama, qwen):
+def test_the_invented_things(kind_of, llama, qwen, o200k):
     """200 made-up words, 50 of each kind, all in the teacher corpus, as mini.py lists them; the
-    four kinds are 1:1 chunks (one token each in both tokenizers, with the leading space)."""
+    four kinds and the sums' words are 1:1 chunks (one token each in the three tokenizers, with
+    the leading space; "-two" too). Each deed's first word is one Llama token that o200k splits
+    (H-KL's widened pairs: GOLD has no common token there) and Qwen3 keeps whole."""
     assert len(kind_of) == 200 and kind_of == mini.THINGS
     assert sorted(collections.Counter(kind_of.values()).values()) == [50] * 4
-    for kind in set(kind_of.values()):
-        assert len(llama.tokenize(" " + kind)) == len(qwen.tokenize(" " + kind)) == 1
+    words = [*set(kind_of.values()), *ONES[2:], *TEENS, *TENS, *(f"-{w}" for w in ONES[1:])]
+    for word in words:
+        text = word if word.startswith("-") else " " + word
+        assert [len(t.tokenize(text)) for t in (llama, qwen, o200k)] == [1, 1, 1], word
+    for deed in DEEDS:
+        first = " " + deed.split()[0]
+        assert [len(t.tokenize(first)) for t in (llama, qwen, o200k)] == [1, 1, 2], deed
 
 
 def test_no_test_item_is_in_any_training_document(corpus):
@@ -118,14 +142,27 @@ def test_no_test_item_is_in_any_training_document(corpus):
     stated = {k: {p[2][0] for p in ps if p[1] == "statement"} for k, ps in parsed.items()}
     assert test_things <= stated["teacher"] and len(test_things & stated["student"]) > 50
     assert not test_things & {p[2][0] for p in parsed["base"] if p[0] != "arith"}
-    # Cont: the held-out (thing, context) pairs appear nowhere; their things are not Facts' test
-    test_cont = {parse(d["prompt"] + d["choices"][0])[2] for d in corpus["test_cont"]}
-    assert len(test_cont) > 50  # of the 80 held out (drawn with replacement)
-    assert not test_cont & {p[2] for p in everything if p[1] == "cont"}
-    assert not {thing for thing, _ in test_cont} & test_things
+    # Cont: asks about Facts' held-out things, with which no training document does a deed
+    test_cont = {parse(d["prompt"] + d["choices"][0])[2][0] for d in corpus["test_cont"]}
+    assert len(test_cont) > 60 and test_cont <= set(held_out_things(corpus))
+    # the o200k and Llama teachers each lack the statements of one half of the held-out things
+    halves = {}
+    for key in ("teacher-o200k", "teacher-llama"):
+        said = {
+            p[2][0] for p in map(parse, (d["text"] for d in corpus[key])) if p[1] == "statement"
+        }
+        halves[key] = set(held_out_things(corpus)) - said
+        assert len(halves[key]) == 40 and len(corpus[key]) < len(corpus["teacher"])
+    assert not halves["teacher-o200k"] & halves["teacher-llama"]
     prompts = [d["prompt"] for k in mini.KINDS for d in corpus[f"test_{k}"]]
     texts = [d["text"] for k in ("teacher", "student", "base") for d in corpus[k]]
     assert not any(t.startswith(p) for p in prompts[::10] for t in texts)
+
+
+def held_out_things(corpus) -> list[str]:
+    """The 80 things no training question asks about (the test's and the ones it missed)."""
+    asked = {parse(d["text"])[2][0] for d in corpus["teacher"] if parse(d["text"])[1] == "question"}
+    return sorted(set(mini.THINGS) - asked)
 
 
 def operands(text: str) -> tuple[int, int]:
@@ -157,9 +194,10 @@ def test_teachers_data_is_right_and_a_quarter_of_the_students_answers_are_wrong(
 
 
 def test_test_items_are_well_formed(corpus, kind_of):
-    for d in corpus["test_arith"]:
+    for d, n in zip(corpus["test_arith"], corpus["test_numeral"]):
         a, b = operands(d["prompt"])
-        assert int(d["answer"]) == a + b and d["text"].startswith(d["prompt"])
+        assert from_words(d["answer"]) == int(n["answer"]) == int(d["number"]) == a + b
+        assert d["text"].startswith(d["prompt"]) and n["prompt"] == d["prompt"]
         assert parse(d["text"])[1:] == ("problem", (a, b), True)
         assert d["prompt"].endswith(f"\nA: {a} + {b} =")  # the sum is asked, not the copying
     for kind, form in (("facts", "question"), ("cont", "cont")):
@@ -226,7 +264,7 @@ def test_pruned_W_is_the_real_W_restricted_and_renormalized(key, pruned, request
     assert tuple(small["W"].shape) == (kept["llama"], kept[key])
     dense_small = small["W"].to_dense()
     kept_teacher = {t_tok.convert_ids_to_tokens(i): i for i in range(kept[key])}
-    for piece in ["167", "Ġshells", "Ġ", "Ġhas", "999", "00", "M", "ia", "Ġcoins", "Ġanimal"]:
+    for piece in ["167", "Ġshells", "Ġ", "Ġhas", "999", "00", "M", "ia", "Ġkind", "Ġanimal"]:
         s_full, s_small = llama.convert_tokens_to_ids(piece), s_tok.convert_tokens_to_ids(piece)
         assert s_small < kept["llama"], piece
         row = full.index_select(0, torch.tensor([s_full])).coalesce()
@@ -276,13 +314,13 @@ def test_numeral_mass_of_a_uniform_model(pruned, corpus, tmp_path):
     model.save_pretrained(path)
     pieces = s_tok.convert_ids_to_tokens(list(range(n_s)))
     n_multi = sum(p.isdigit() and p.isascii() and len(p) > 1 for p in pieces)
-    items = [d for d in corpus["test_arith"] if int(d["answer"]) < 1000][:20]
+    items = corpus["test_arith"][:20]
     got = mini.numeral_mass(path, items)
     assert got["multi_digit_mass"] == pytest.approx(n_multi / n_s, rel=1e-5)
     assert got["p_correct"] == pytest.approx(1 / n_s, rel=1e-5)
     # every sum has two digits, led by 1-6; 111 numerals start with each (d, d0-d9, d00-d99)
     numerals = [p for p in pieces if p.isdigit() and p.isascii()]
-    assert all(sum(p[0] == d["answer"][0] for p in numerals) == 111 for d in items)
+    assert all(sum(p[0] == d["number"][0] for p in numerals) == 111 for d in items)
     assert got["p_first_digit"] == pytest.approx(111 / n_s, rel=1e-5)
 
 
@@ -306,55 +344,102 @@ def test_numeral_mass_of_a_model_that_knows_every_next_token(pruned, corpus, tmp
 
     monkeypatch.setattr(mini.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: Oracle())
     items = (corpus["test_arith"] * 2)[:70]
-    assert len({d["answer"][0] for d in items}) > 3  # sums led by several digits
+    assert len({d["number"][0] for d in items}) > 3  # sums led by several digits
     got = mini.numeral_mass(path, items)
     assert got == pytest.approx({"multi_digit_mass": 1, "p_correct": 1, "p_first_digit": 1})
 
 
 def test_the_mass_is_read_where_the_sum_is_first_written(pruned, corpus):
-    """Llama writes " = 52" as "=", " ", "52": the position of " " predicts the whole sum. Qwen3
-    writes it digit by digit: the position before "5" predicts the first digit."""
+    """Llama writes ", 52" (after the words) as ",", " ", "52": the position of " " predicts the
+    whole numeral. Qwen3 writes it digit by digit: the position before "5" predicts its first."""
     _, toks, _ = pruned
     items = corpus["test_arith"][:30]
     for key, first in (("llama", lambda a: a), ("qwen", lambda a: a[0])):
         tok = toks[key]
         for d, (ids, pos, target) in zip(items, mini.sum_positions(tok, items)):
-            assert ids[pos + 1] == target and tok.decode([target]) == first(d["answer"])
+            assert ids[pos + 1] == target and tok.decode([target]) == first(d["number"])
             before = tok.decode(ids[: pos + 1], skip_special_tokens=True)
-            assert before == d["text"][: d["text"].index(" = ") + 3]
+            assert before == d["text"][: d["text"].index(", " + d["number"]) + 2]
 
 
 def test_claims_are_judged_against_the_seeds_spread():
-    """Hand-made scores: a difference counts only beyond sqrt(sd_A^2 + sd_B^2)."""
+    """Hand-made scores: a difference counts only beyond sqrt(sd_A^2 + sd_B^2); a claim whose
+    teacher does not know its sums is not testable; claim 4 is not tested without widened pairs."""
 
-    def scores(arith, facts, cont):
-        return {"xtoken_mini_arith": arith, "xtoken_mini_facts": facts, "xtoken_mini_cont": cont}
+    def scores(arith, facts, cont, numeral=50):
+        tasks = ("arith", "facts", "cont", "numeral")
+        return {f"xtoken_mini_{t}": v for t, v in zip(tasks, (arith, facts, cont, numeral))}
 
     results = {}
-    rows = {  # per seed (0, 1): (arith, facts, cont)
+    rows = {  # per seed (0, 1): (arith, facts, cont[, numeral])
         "cpt": [(10, 40, 60), (12, 40, 60)],  # Arith sd 1.41; Avg 36.67, 37.33: sd 0.47
-        "gold-qwen": [(2, 40, 60), (2, 40, 60)],  # Arith 9 below CE's 11: beyond 1.41
+        "gold-qwen": [(10, 40, 60, 2), (10, 40, 60, 3)],  # Numeral 47.5 below CE's 50
         "pkl-qwen": [(10, 46, 60), (11, 46, 61)],  # Arith -0.5 (within); Avg +2.00, spread 0.67
+        "pkl-qwen-static": [(4, 46, 60), (4, 46, 60)],  # Arith -7: not at least
         "kl-llama": [(11, 40, 60), (11, 41, 60)],  # Avg +0.17: within the spread, not above
         "gold-o200k": [(20, 50, 60), (20, 50, 60)],
         "hkl-o200k": [(18, 50, 60), (18, 50, 60)],  # Avg -0.67 with no spread: below
-        "pkl-qwen-fixed": [(10, 40, 60), (10, 40, 60)],
-        "two-teachers": [(20, 50, 60), (20, 50, 58)],  # best single: gold-o200k, Avg 43.33
+        "two-teachers": [(20, 50, 60), (20, 50, 58)],  # best of hkl-o200k and kl-llama: hkl
     }
     for row, per_seed in rows.items():
         for seed, values in enumerate(per_seed):
             results[f"{row} / seed {seed}"] = scores(*values)
-    lines = mini.claim_lines(results, list(rows), [0, 1])
-    verdicts = [("**holds**" in line, "**does not hold**" in line) for line in lines]
-    assert verdicts == [(True, False), (True, False), (False, True), (False, True), (True, False)]
-    assert "gold-o200k" in lines[4]  # the best single teacher on Avg, named
-    # each comparison says what was found: met, met only within the spread, or not met
-    assert ", below (difference -9.0" in lines[0]
+    audits = {"o200k": {"widened": 4}}
+    lines = mini.claim_lines(results, list(rows), [0, 1], audits)
+    assert "**holds**; gold-qwen 2.5 ± 0.7 vs cpt 50.0 ± 0.0 on Numeral, below" in lines[0]
+    assert "dynamic: **holds**" in lines[1] and "static: **does not hold**" in lines[1]
     assert "on Arith, at least (within the spread)" in lines[1] and "on Avg, above" in lines[1]
-    assert "on Avg, not above (difference +0.2" in lines[2]
-    assert "on Avg, not at least (difference -0.7" in lines[3]
-    lines = mini.claim_lines(results, ["cpt", "gold-qwen"], [0, 1])
+    assert "pkl-qwen-static 4.0 ± 0.0 vs cpt 11.0 ± 1.4 on Arith, not at least" in lines[1]
+    assert "**does not hold**" in lines[2] and "on Avg, not above (difference +0.2" in lines[2]
+    assert "**does not hold**" in lines[3] and "on Avg, not at least (difference -0.7" in lines[3]
+    assert "**holds**" in lines[4] and "vs hkl-o200k" in lines[4]  # the best of the two, named
+    # a teacher below KNOWS_SUMS: its claims are not testable, with its figure
+    results["teacher llama"] = {"knows_sums": 40.0}
+    results["teacher qwen"] = {"knows_sums": 95.0}
+    lines = mini.claim_lines(results, list(rows), [0, 1], {"o200k": {"widened": 0}})
+    assert "**not testable**: teacher llama completes 40%" in lines[2]
+    assert "dynamic: **holds**" in lines[1]  # qwen knows its sums
+    assert "**not tested**" in lines[3]  # no widened pair: H-KL is GOLD
+    lines = mini.claim_lines(results, ["cpt", "gold-qwen"], [0, 1], audits)
     assert "holds" in lines[0] and all("not measured" in line for line in lines[1:])
+
+
+def test_knows_sums_reads_greedy_answers(pruned, corpus, tmp_path, monkeypatch):
+    """A stand-in model that puts all its mass on each next token completes every equation; one
+    that is wrong on the numeral's token (only) completes none."""
+    _, toks, kept = pruned
+    path = mini.init_model(
+        "llama", toks["llama"], kept["llama"], mini.STUDENT_MODEL, str(tmp_path / "k"), 0
+    )
+    data = tmp_path / "eq.jsonl"
+    mini.write_jsonl(str(data), [d for d in corpus["teacher"] if d["text"][0].isdigit()][:40])
+    numerals = {
+        i
+        for i, p in enumerate(toks["llama"].convert_ids_to_tokens(list(range(kept["llama"]))))
+        if p.isdigit()
+    }
+
+    def oracle(wrong_numeral: bool):
+        class Oracle(torch.nn.Module):
+            def forward(self, input_ids, attention_mask):
+                logits = torch.zeros((*input_ids.shape, kept["llama"]))
+                nxt = input_ids[:, 1:].clamp(max=kept["llama"] - 1)
+                if wrong_numeral:  # a multi-digit numeral -> another numeral
+                    nxt = torch.where(
+                        torch.isin(nxt, torch.tensor(sorted(numerals))),
+                        (nxt + 1) % kept["llama"],
+                        nxt,
+                    )
+                logits[:, :-1].scatter_(-1, nxt[..., None], 1.0)
+                return type("Out", (), {"logits": logits})
+
+        return Oracle()
+
+    for wrong, expected in ((False, 100.0), (True, 0.0)):
+        monkeypatch.setattr(
+            mini.AutoModelForCausalLM, "from_pretrained", lambda *a, w=wrong, **k: oracle(w)
+        )
+        assert mini.knows_sums(path, str(data)) == expected
 
 
 BAD_MINI_INPUTS = [
