@@ -1,8 +1,8 @@
 """The paper's results table at toy scale on CPU: every row through train.py, every number through
-evaluate.py (lm-eval), three toy benchmarks and their average.
+evaluate.py (lm-eval), three toy benchmarks and their average (MINI.md).
 
-    python mini/mini.py --out out/mini                # make mini: every row, seeds 0, 1 (<= 30 min)
-    python mini/mini.py --out out/mini --seeds 0,1,2  # the table in MINI.md (resumes the run above)
+    python mini/mini.py --out out/mini                # make mini: every row, seeds 0, 1, 2
+    python mini/mini.py --out out/mini --all          # and every measurement row beside it
     python mini/mini.py --out out/mini-quick --quick  # make mini-quick: the GOLD cliff (<= 5 min)
 
 The paper distils Llama-3.2-1B from teachers with other tokenizers on web text, where most positions
@@ -11,32 +11,34 @@ distribution there) and numerals are rare but decide GSM8k (a digit-splitting te
 common numeral: METHOD.md 5.3, Proposition 1). The toy keeps that shape, with the REAL tokenizers:
 
   1. data: documents mostly of words, with numerals where arithmetic needs them. Facts: sums
-     stated ("48 + 4 = 52.") and what kind of thing each of 200 invented words names ("A varan is a
-     kind of tool."). Questions about them: word problems answered after a worked line ("Q: Ella
-     had 48 stamps and got 4 more. How many now?\nA: 48 + 4 = 52, so Ella has 52 stamps.") and
-     "Q: Tom has a varan. Is it an animal, a tool, a food or a vehicle?\nA: A varan is a kind of
-     tool."; and what someone does with a thing ("Tom took the varan and fixed the old fence.").
-     The teachers learn from a large clean corpus; the student from a smaller one where a quarter of
-     the answers are wrong (as a strong model knows better than web text). A separate clean corpus
-     makes the base student. The test asks about held-out sums and things, which the teachers' and
-     student's corpora state but never ask about (the base corpus never names them), and holds out
-     (thing, context) pairs for the continuations: no training document asks a test question.
+     stated in words, then as a numeral ("48 + 4 = fifty-two, 52.") and what kind of thing each of
+     200 invented words names ("A varan is a kind of tool."). Questions about them: word problems
+     answered by a worked line ("Q: Ella had 48 stamps and got 4 more. How many now?\nA: 48 + 4 =
+     fifty-two, 52, so Ella has 52 stamps.") and "Q: Tom has a varan. Is it an animal, a tool, a
+     food or a vehicle?\nA: A varan is a kind of tool."; and what someone does with a thing, which
+     its kind decides ("Tom took the varan and applauded how well it worked."). The teachers learn
+     from a large clean corpus (two of them each without half the held-out things); the student
+     from a smaller one where a quarter of the answers are wrong (as a strong model knows better
+     than web text). A separate clean corpus makes the base student. The test asks about held-out
+     sums and things, which the teachers' and student's corpora state but never ask about (the
+     base corpus never names them).
   2. vocabularies: each model keeps the token ids the corpus uses, every all-digit token and every
      special token; the tokenizers are the real ones with ids renumbered (kept ids first). W is the
      real W over the renumbered ids, cut to the kept ids, rows renormalized; the audit of each pair
      says what it says of the full vocabularies (pkl for Qwen3, hkl for o200k).
   3. teachers, trained with train.py (CE): a digit-splitting one (Qwen3 architecture and tokenizer),
      a numeral-keeping one (Phi-3 architecture, o200k tokenizer: Phi-4-mini's), and a same-tokenizer
-     one (Llama architecture and tokenizer). Each is deeper than the student (6 layers to 4).
+     one (Llama architecture and tokenizer); each must know its own sums (KNOWS_SUMS).
   4. students (Llama architecture and tokenizer): a base per seed (pre-trained on the base
      corpus), then one train.py run per row and seed, each continuing from its seed's base on the
-     student corpus.
-  5. evaluate.py on three local lm-eval tasks: Arith (generative, exact match on the last number),
-     Facts (multiple choice, acc), Cont (multiple choice, acc_norm); and, where an Arith sum is
-     first written ("= 52"), each model's probability on multi-digit numerals, on the sum's token
-     and on the numerals led by the sum's first digit.
+     student corpus, its KD scale logged at every step.
+  5. evaluate.py on four local lm-eval tasks: Arith (generative, exact match on the sum in words),
+     Facts (multiple choice, acc), Cont (multiple choice, acc_norm), Numeral (the numeral after the
+     words; outside Avg); and, where an Arith numeral is first written (", 52"), each model's
+     probability on multi-digit numerals, on the sum's token and on the numerals led by the sum's
+     first digit.
   6. results.md / results.json / results.png: mean ± sd over seeds, the paper's numbers beside each
-     row, and the five claims the table tests.
+     row, the KD scale's median and p90, the five claims the table tests, the library versions.
 
 A finished stage is not redone: rerunning resumes, and adding a seed trains only that seed.
 """
