@@ -548,12 +548,13 @@ def prune_vocabularies(out: str, paths: dict[str, str]) -> Vocabularies:
         if not os.path.exists(w_paths[key]):
             W = pruned_projection(toks["llama"], toks[key], kept["llama"], kept[key])
             save_projection(W, w_paths[key])
-        report = audit(toks["llama"], load_projection(w_paths[key], toks["llama"], toks[key]))
+        W = load_projection(w_paths[key], toks["llama"], toks[key])
+        report = audit(toks["llama"], W)
         cats = report["categories"]
         audits[key] = {"recommended": report["recommended"]} | {
             k: f"{cats[k]['common']}/{cats[k]['total']}" for k in ("digits_2", "digits_3")
         }
-        W = load_projection(w_paths[key])  # H-KL's common set beyond GOLD's exact pairs
+        # H-KL's common set beyond GOLD's exact pairs
         audits[key]["widened"] = len(hkl_pairs(W["W"], W["exact_pairs"])) - len(W["exact_pairs"])
         print(
             f"   llama -> {key}: vocabularies {kept['llama']} and {kept[key]} ids kept; audit: "
@@ -817,6 +818,16 @@ def sum_positions(tok, items: list[dict]) -> list[tuple[list[int], int, int]]:
     return found
 
 
+def right_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token-id lists padded on the right: positions are unchanged."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, item_ids in enumerate(rows):
+        ids[row, : len(item_ids)], mask[row, : len(item_ids)] = torch.tensor(item_ids), 1
+    return ids, mask
+
+
 def numeral_mass(model_dir: str, items: list[dict]) -> dict[str, float]:
     """Where each Arith item's sum is first written (sum_positions; all sums have 2 digits), the
     model's total probability on multi-digit numeral tokens, on the sum's token, and on every
@@ -836,12 +847,7 @@ def numeral_mass(model_dir: str, items: list[dict]) -> dict[str, float]:
     found = sum_positions(tok, items)
     for start in range(0, len(found), 64):
         batch = found[start : start + 64]
-        width = max(len(ids) for ids, _, _ in batch)
-        ids = torch.full((len(batch), width), tok.pad_token_id or 0)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (item_ids, _, _) in enumerate(batch):
-            ids[row, : len(item_ids)] = torch.tensor(item_ids)
-            mask[row, : len(item_ids)] = 1
+        ids, mask = right_padded([item_ids for item_ids, _, _ in batch], tok.pad_token_id or 0)
         with torch.no_grad():
             probs = model(input_ids=ids, attention_mask=mask).logits.float().softmax(-1)
         for row, (_, pos, target) in enumerate(batch, start):
@@ -868,11 +874,7 @@ def knows_sums(model_dir: str, data: str) -> float:
     tok = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     enc = tok(texts, return_offsets_mapping=True)
-    width = max(map(len, enc["input_ids"]))
-    ids = torch.zeros((len(texts), width), dtype=torch.long)
-    mask = torch.zeros((len(texts), width), dtype=torch.long)
-    for row, item_ids in enumerate(enc["input_ids"]):  # right-padded: positions are unchanged
-        ids[row, : len(item_ids)], mask[row, : len(item_ids)] = torch.tensor(item_ids), 1
+    ids, mask = right_padded(enc["input_ids"], 0)
     with torch.no_grad():
         guess = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
     right = 0

@@ -382,38 +382,10 @@ def test_two_ranks_give_the_update_of_one_rank_over_the_same_windows(tmp_path, c
 def test_dynamic_scale_is_taken_per_micro_step_from_its_own_means(tmp_path, cache):
     data_path = short_corpus(tmp_path)
     frozen = ("--lr", "1e-30", "--min-lr", "1e-30")  # two steps that see the same weights
-    singles = run(
-        tmp_path / "a",
-        cache,
-        "--data",
-        data_path,
-        "--max-steps",
-        "2",
-        "--no-shuffle",
-        "--no-pack",
-        "--seq-len",
-        "256",
-        "--batch-size",
-        "2",
-        *frozen,
-    )
-    accumulated = run(
-        tmp_path / "b",
-        cache,
-        "--data",
-        data_path,
-        "--max-steps",
-        "1",
-        "--no-shuffle",
-        "--no-pack",
-        "--seq-len",
-        "256",
-        "--batch-size",
-        "2",
-        "--grad-accum",
-        "2",
-        *frozen,
-    )
+    same = ("--data", data_path, "--no-shuffle", "--no-pack", "--seq-len", "256")
+    same += ("--batch-size", "2", *frozen)
+    singles = run(tmp_path / "a", cache, *same, "--max-steps", "2")
+    accumulated = run(tmp_path / "b", cache, *same, "--max-steps", "1", "--grad-accum", "2")
     ratios = [r["ce"] / r["kd"] for r in singles]  # each micro-batch's own CE / KD
     assert ratios[0] != pytest.approx(ratios[1], rel=1e-3)
     assert accumulated[0]["kd_scale"] == pytest.approx(sum(ratios) / 2, rel=1e-5)
@@ -423,21 +395,13 @@ def test_dynamic_scale_is_taken_per_micro_step_from_its_own_means(tmp_path, cach
     capped = run(
         tmp_path / "c",
         cache,
-        "--data",
-        data_path,
+        *same,
         "--max-steps",
         "1",
-        "--no-shuffle",
-        "--no-pack",
-        "--seq-len",
-        "256",
-        "--batch-size",
-        "2",
         "--grad-accum",
         "2",
         "--kd-scale-max",
         str(cap),
-        *frozen,
     )
     assert capped[0]["kd_scale"] == pytest.approx(cap, rel=1e-6)
 
