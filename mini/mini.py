@@ -1238,7 +1238,7 @@ def _run(args: argparse.Namespace) -> int:
     jobs += list(teachers.values())[1:] + [j for j in students if j not in no_teacher]
     run_jobs(jobs, args.parallel, os.path.join(out, "logs"))
 
-    print("5. evaluate.py (3 tasks) and the numeral mass", flush=True)
+    print("5. evaluate.py (4 tasks), the numeral mass and the teachers' sums", flush=True)
     models = {f"teacher {k}": job["final"] for k, job in teachers.items()}
     models |= {f"base / seed {seed}": job["final"] for seed, job in bases.items() if "base" in rows}
     models |= {job["label"]: job["final"] for job in students}
