@@ -3,7 +3,7 @@ evaluate.py (lm-eval), three toy benchmarks and their average (MINI.md).
 
     python mini/mini.py --out out/mini                # make mini: every row, seeds 0, 1, 2
     python mini/mini.py --out out/mini --all          # and every measurement row beside it
-    python mini/mini.py --out out/mini-quick --quick  # make mini-quick: the GOLD cliff (<= 5 min)
+    python mini/mini.py --out out/mini-quick --quick  # make mini-quick: the GOLD cliff (8 min)
 
 The paper distils Llama-3.2-1B from teachers with other tokenizers on web text, where most positions
 are ordinary words (their chunks are 1:1 across tokenizers, so P-KL carries the teacher's whole
