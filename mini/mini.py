@@ -79,6 +79,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from audit import audit
 from build_projection import build_projection, hkl_pairs, load_projection, save_projection
 from cli import ArgumentParser, atomic_write, check_output_dir, int_flag, one_line_errors
+from data import collate
 from tokens import load_tokenizer, token_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # train.py, evaluate.py
@@ -819,13 +820,10 @@ def sum_positions(tok, items: list[dict]) -> list[tuple[list[int], int, int]]:
 
 
 def right_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) of token-id lists padded on the right: positions are unchanged."""
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, item_ids in enumerate(rows):
-        ids[row, : len(item_ids)], mask[row, : len(item_ids)] = torch.tensor(item_ids), 1
-    return ids, mask
+    """(ids, attention mask) of token-id lists padded on the right, so positions are unchanged:
+    train.py's own collate."""
+    batch = collate([{"student_ids": ids} for ids in rows], {"student_ids": pad})
+    return batch["student_ids"], batch["student_mask"]
 
 
 def numeral_mass(model_dir: str, items: list[dict]) -> dict[str, float]:
